@@ -1,0 +1,310 @@
+//! The built-in demo agent: answers each input message with
+//! `echo: <content>`, streamed one delta per word, then stored as one
+//! assistant message (several messages: one line each).
+//!
+//! Directives at the start of a message make it misbehave on purpose, for
+//! tests and demos (the echo leaves the directive out):
+//! - `/sleep MS` — the turn takes at least MS milliseconds, streaming slowly;
+//! - `/fail` — streams one delta, then the turn fails and nothing is stored;
+//! - `/hang` — never finishes until cancelled (honours cancel);
+//! - `/stubborn` — never finishes and ignores cancel: only a forced stop ends it.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use baton_core::turn::{AgentOutput, StopReason};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep, Instant};
+
+use crate::{AgentDriver, AgentError, AgentEvent, TurnControl, TurnHandle, TurnInput};
+
+/// The demo agent.
+#[derive(Clone, Debug)]
+pub struct DemoAgent {
+    /// Pause between two deltas (the pace of a plain echo).
+    pub word_delay: Duration,
+}
+
+impl Default for DemoAgent {
+    fn default() -> Self {
+        Self {
+            word_delay: Duration::from_millis(20),
+        }
+    }
+}
+
+/// Long enough to outlast any test or demo, short enough not to overflow `Instant`.
+const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Directive {
+    None,
+    Sleep(Duration),
+    Fail,
+    Hang,
+    Stubborn,
+}
+
+/// Splits a leading directive off `text`.
+fn parse(text: &str) -> (Directive, &str) {
+    let trimmed = text.trim_start();
+    let (word, rest) = trimmed
+        .split_once(char::is_whitespace)
+        .unwrap_or((trimmed, ""));
+    match word {
+        "/fail" => (Directive::Fail, rest.trim_start()),
+        "/hang" => (Directive::Hang, rest.trim_start()),
+        "/stubborn" => (Directive::Stubborn, rest.trim_start()),
+        "/sleep" => {
+            let rest = rest.trim_start();
+            let (ms, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            match ms.parse::<u64>() {
+                Ok(ms) => (
+                    Directive::Sleep(Duration::from_millis(ms)),
+                    after.trim_start(),
+                ),
+                Err(_) => (Directive::None, text),
+            }
+        }
+        _ => (Directive::None, text),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Signal {
+    Run,
+    Cancel,
+    Kill,
+}
+
+struct Control(watch::Sender<Signal>);
+
+impl TurnControl for Control {
+    fn cancel(&self) {
+        self.0.send_if_modified(|s| {
+            let was_running = *s == Signal::Run;
+            if was_running {
+                *s = Signal::Cancel;
+            }
+            was_running
+        });
+    }
+
+    fn force_stop(&self) {
+        self.0.send_replace(Signal::Kill);
+    }
+}
+
+#[async_trait]
+impl AgentDriver for DemoAgent {
+    async fn start(&self, input: TurnInput) -> Result<TurnHandle, AgentError> {
+        let (tx, rx) = mpsc::channel(64);
+        let (signal_tx, signal_rx) = watch::channel(Signal::Run);
+        tokio::spawn(run(self.word_delay, input, tx, signal_rx));
+        Ok(TurnHandle {
+            events: rx,
+            control: Box::new(Control(signal_tx)),
+        })
+    }
+}
+
+/// Why the turn's script stopped early.
+enum Stop {
+    Cancelled,
+    Killed,
+}
+
+/// Waits `d`, or less if a signal that applies arrives.
+async fn pause(
+    d: Duration,
+    signal: &mut watch::Receiver<Signal>,
+    stubborn: bool,
+) -> Result<(), Stop> {
+    let deadline = Instant::now() + d;
+    loop {
+        match *signal.borrow_and_update() {
+            Signal::Kill => return Err(Stop::Killed),
+            Signal::Cancel if !stubborn => return Err(Stop::Cancelled),
+            _ => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Ok(()),
+            changed = signal.changed() => {
+                // The control was dropped: the engine moved on; stop quietly.
+                if changed.is_err() {
+                    return Err(Stop::Killed);
+                }
+            }
+        }
+    }
+}
+
+async fn run(
+    word_delay: Duration,
+    input: TurnInput,
+    tx: mpsc::Sender<AgentEvent>,
+    mut signal: watch::Receiver<Signal>,
+) {
+    let outcome = script(word_delay, &input, &tx, &mut signal).await;
+    let last = match outcome {
+        Ok(Some(reply)) => {
+            let _ = tx
+                .send(AgentEvent::Output(AgentOutput::Message(reply)))
+                .await;
+            AgentEvent::Stopped(StopReason::Completed)
+        }
+        Ok(None) => AgentEvent::Stopped(StopReason::Failed(
+            "the demo agent failed on purpose (/fail)".into(),
+        )),
+        Err(Stop::Cancelled) => AgentEvent::Stopped(StopReason::Cancelled),
+        Err(Stop::Killed) => return,
+    };
+    let _ = tx.send(last).await;
+}
+
+/// Streams the echo; `Ok(None)` is a deliberate failure.
+async fn script(
+    word_delay: Duration,
+    input: &TurnInput,
+    tx: &mpsc::Sender<AgentEvent>,
+    signal: &mut watch::Receiver<Signal>,
+) -> Result<Option<String>, Stop> {
+    let mut lines = Vec::with_capacity(input.messages.len());
+    for message in &input.messages {
+        let (directive, text) = parse(message);
+        let line = format!("echo: {text}");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let started = Instant::now();
+        let (delay, min_total) = match directive {
+            Directive::Sleep(total) => (total / words.len().max(1) as u32, total),
+            _ => (word_delay, Duration::ZERO),
+        };
+        for (i, word) in words.iter().enumerate() {
+            let chunk = if i == 0 {
+                (*word).to_owned()
+            } else {
+                format!(" {word}")
+            };
+            if tx.send(AgentEvent::Delta(chunk)).await.is_err() {
+                return Err(Stop::Killed);
+            }
+            if directive == Directive::Fail {
+                return Ok(None);
+            }
+            pause(delay, signal, directive == Directive::Stubborn).await?;
+        }
+        match directive {
+            Directive::Hang => pause(FOREVER, signal, false).await?,
+            Directive::Stubborn => pause(FOREVER, signal, true).await?,
+            _ => {}
+        }
+        if let Some(rest) = min_total.checked_sub(started.elapsed()) {
+            pause(rest, signal, false).await?;
+        }
+        lines.push(line);
+    }
+    // Let a cancel that raced the last word win: nothing is stored then.
+    sleep(Duration::ZERO).await;
+    if *signal.borrow() != Signal::Run {
+        return Err(if *signal.borrow() == Signal::Kill {
+            Stop::Killed
+        } else {
+            Stop::Cancelled
+        });
+    }
+    Ok(Some(lines.join("\n")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_core::{SessionId, TurnId};
+
+    fn input(messages: &[&str]) -> TurnInput {
+        TurnInput {
+            session_id: SessionId::new(),
+            turn_id: TurnId::new(),
+            messages: messages.iter().map(|m| (*m).to_owned()).collect(),
+            agent_session: None,
+        }
+    }
+
+    async fn collect(handle: &mut TurnHandle) -> Vec<AgentEvent> {
+        let mut out = Vec::new();
+        while let Some(e) = handle.events.recv().await {
+            out.push(e);
+        }
+        out
+    }
+
+    #[test]
+    fn directives_parse_and_are_left_out() {
+        assert_eq!(
+            parse("/sleep 50 hi there"),
+            (Directive::Sleep(Duration::from_millis(50)), "hi there")
+        );
+        assert_eq!(parse("/fail"), (Directive::Fail, ""));
+        assert_eq!(parse("/sleep x"), (Directive::None, "/sleep x"));
+        assert_eq!(parse("hello /hang"), (Directive::None, "hello /hang"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn echoes_word_by_word_then_stores_one_message() -> Result<(), AgentError> {
+        let agent = DemoAgent::default();
+        let mut h = agent.start(input(&["hi there", "/sleep 10 again"])).await?;
+        let events = collect(&mut h).await;
+        let deltas: String = events
+            .iter()
+            .filter_map(|e| match e {
+                AgentEvent::Delta(d) => Some(d.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deltas, "echo: hi thereecho: again");
+        let n = events.len();
+        assert_eq!(
+            events[n - 2],
+            AgentEvent::Output(AgentOutput::Message("echo: hi there\necho: again".into()))
+        );
+        assert_eq!(events[n - 1], AgentEvent::Stopped(StopReason::Completed));
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hang_honours_cancel_and_stubborn_only_dies() -> Result<(), AgentError> {
+        let agent = DemoAgent::default();
+        let mut h = agent.start(input(&["/hang"])).await?;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        h.control.cancel();
+        let events = collect(&mut h).await;
+        assert_eq!(
+            events.last(),
+            Some(&AgentEvent::Stopped(StopReason::Cancelled))
+        );
+
+        let mut h = agent.start(input(&["/stubborn"])).await?;
+        h.control.cancel();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(matches!(h.events.try_recv(), Ok(AgentEvent::Delta(_))));
+        assert!(
+            h.events.try_recv().is_err(),
+            "a stubborn agent ignores cancel"
+        );
+        h.control.force_stop();
+        let events = collect(&mut h).await;
+        assert!(events.iter().all(|e| matches!(e, AgentEvent::Delta(_))));
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fail_streams_one_delta_and_stores_nothing() -> Result<(), AgentError> {
+        let mut h = DemoAgent::default().start(input(&["/fail now"])).await?;
+        let events = collect(&mut h).await;
+        assert_eq!(events.len(), 2);
+        assert!(matches!(
+            events[1],
+            AgentEvent::Stopped(StopReason::Failed(_))
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! Request extraction with the API's own errors: the owner from the bearer
+//! token, JSON bodies (size judged on the bytes actually read), path ids,
+//! strict query integers and the `Idempotency-Key` header.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use baton_core::SessionId;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// The authenticated owner of the request.
+#[derive(Clone, Debug)]
+pub struct Owner(pub String);
+
+impl FromRequestParts<AppState> for Owner {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        state.auth.owner(&parts.headers).map(Owner)
+    }
+}
+
+/// Maps bearer secrets to owners. Empty: every request is owner `local`.
+#[derive(Clone, Debug, Default)]
+pub struct Auth {
+    tokens: Vec<(String, String)>,
+}
+
+impl Auth {
+    /// From `(owner, secret)` pairs.
+    pub fn new(tokens: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self {
+            tokens: tokens.into_iter().collect(),
+        }
+    }
+
+    fn owner(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        if self.tokens.is_empty() {
+            return Ok("local".to_owned());
+        }
+        let header = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <token>"))?;
+        // Compare against every secret without stopping early, so timing
+        // does not reveal which prefix matched.
+        let mut found = None;
+        for (owner, secret) in &self.tokens {
+            if constant_eq(secret.as_bytes(), token.as_bytes()) {
+                found = Some(owner.clone());
+            }
+        }
+        found.ok_or_else(|| ApiError::unauthorized("unknown token"))
+    }
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A JSON body, rejected with the API's errors.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let content_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !content_type.is_empty() && !content_type.starts_with("application/json") {
+            return Err(ApiError::invalid(format!(
+                "Content-Type must be application/json, not {content_type:?}"
+            )));
+        }
+        let limit = state.cfg.max_body;
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large(limit)
+            } else {
+                ApiError::invalid(format!("could not read the body: {rejection}"))
+            }
+        })?;
+        if bytes.is_empty() {
+            return Err(ApiError::invalid(
+                "the body is empty; expected a JSON object",
+            ));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Parses a session id from the path.
+pub fn session_id(raw: &str) -> Result<SessionId, ApiError> {
+    SessionId::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// A non-negative integer query parameter; anything else is a `400`.
+pub fn query_u64(q: &HashMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
+    q.get(name).map(|v| parse_u64(name, v)).transpose()
+}
+
+/// Parses a non-negative decimal integer strictly (no sign, no spaces).
+pub fn parse_u64(name: &str, v: &str) -> Result<u64, ApiError> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::invalid(format!(
+            "{name} must be a non-negative integer, got {v:?}"
+        )));
+    }
+    v.parse()
+        .map_err(|_| ApiError::invalid(format!("{name} is out of range: {v:?}")))
+}
+
+/// The `Idempotency-Key` header, if any: 1–255 visible ASCII characters.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII"))?;
+    if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::invalid(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(Some(s.to_owned()))
+}

@@ -1,0 +1,158 @@
+//! Prometheus metrics: request counts and latencies by route, message
+//! dispositions, open streams, and live actors (read at scrape time).
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use baton_core::DispositionType;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::AppState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DispositionLabels {
+    disposition: String,
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RouteLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+    messages: Family<DispositionLabels, Counter>,
+    streams: Gauge,
+    actors: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("baton");
+        let requests = Family::<RouteLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        let messages = Family::<DispositionLabels, Counter>::default();
+        let streams = Gauge::default();
+        let actors = Gauge::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP latency until the response head",
+            latency.clone(),
+        );
+        registry.register(
+            "messages",
+            "User messages accepted, by disposition",
+            messages.clone(),
+        );
+        registry.register("open_streams", "SSE streams open", streams.clone());
+        registry.register(
+            "session_actors",
+            "Sessions with a turn running on this node",
+            actors.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            messages,
+            streams,
+            actors,
+        }
+    }
+}
+
+/// Decrements the open-streams gauge when dropped.
+pub struct StreamGauge(Gauge);
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Metrics {
+    /// Counts an accepted message (retries count as `replayed`).
+    pub fn message(&self, kind: DispositionType, replayed: bool) {
+        let disposition = if replayed {
+            "replayed".to_owned()
+        } else {
+            serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        };
+        self.messages
+            .get_or_create(&DispositionLabels { disposition })
+            .inc();
+    }
+
+    /// Counts an open stream until the guard drops.
+    pub fn stream_opened(&self) -> StreamGauge {
+        self.streams.inc();
+        StreamGauge(self.streams.clone())
+    }
+}
+
+/// Records every request's route, status and latency.
+pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().to_string();
+    let start = Instant::now();
+    let response = next.run(req).await;
+    let labels = RouteLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    state.metrics.requests.get_or_create(&labels).inc();
+    state
+        .metrics
+        .latency
+        .get_or_create(&labels)
+        .observe(start.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics`.
+pub async fn render(State(state): State<AppState>) -> Response {
+    state
+        .metrics
+        .actors
+        .set(state.engine.active_actors() as i64);
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &state.metrics.registry) {
+        Ok(()) => (
+            [(
+                CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(e) => crate::error::ApiError::invalid(format!("encoding metrics: {e}")).into_response(),
+    }
+}

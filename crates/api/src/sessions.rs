@@ -1,0 +1,277 @@
+//! `/v1/sessions` and everything under a session except the stream.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use baton_core::{Disposition, Entry, Policy, Seq, Session, Turn, TurnId};
+use baton_store::{CreateSession, PostMessage};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{idempotency_key, query_u64, session_id, JsonBody, Owner};
+use crate::AppState;
+
+/// `POST /v1/sessions` body.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSessionBody {
+    /// The agent (default: the server's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The busy policy (default: the server's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    /// Free-form JSON object kept with the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+    /// A first message: stored as entry 1, and the first turn starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `POST /v1/sessions/{id}/messages` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostMessageBody {
+    /// The message; a non-empty string.
+    pub content: String,
+    /// Overrides the session's policy for this message.
+    #[serde(default)]
+    pub policy: Option<Policy>,
+}
+
+/// `201` (or `200` on a retry) for a message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Posted {
+    pub entry: Entry,
+    pub disposition: Disposition,
+}
+
+/// `GET /v1/sessions`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionList {
+    pub sessions: Vec<Session>,
+}
+
+/// `GET /v1/sessions/{id}/entries`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntryPage {
+    pub entries: Vec<Entry>,
+    pub last_seq: Seq,
+}
+
+/// `GET /v1/sessions/{id}/turns`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TurnList {
+    pub turns: Vec<Turn>,
+}
+
+/// `POST /v1/sessions/{id}/cancel`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Cancelled {
+    /// The turn being cancelled; `null` when the session was idle.
+    pub turn_id: Option<TurnId>,
+}
+
+fn non_empty(content: &str) -> ApiResult<()> {
+    if content.trim().is_empty() {
+        return Err(ApiError::invalid("content must be a non-empty string"));
+    }
+    Ok(())
+}
+
+/// Create a session.
+#[utoipa::path(post, path = "/v1/sessions", request_body = CreateSessionBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the create idempotent per owner")),
+    responses((status = 201, body = Session), (status = 200, description = "An idempotent retry", body = Session),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<CreateSessionBody>,
+) -> ApiResult<Response> {
+    let key = idempotency_key(&headers)?;
+    let agent = body
+        .agent
+        .clone()
+        .unwrap_or_else(|| state.cfg.default_agent.clone());
+    if state.engine.agents().get(&agent).is_none() {
+        let known: Vec<&str> = state.engine.agents().names().collect();
+        return Err(ApiError::invalid(format!(
+            "unknown agent {agent:?}; this server has {known:?}"
+        )));
+    }
+    let metadata = body
+        .metadata
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({}));
+    if !metadata.is_object() {
+        return Err(ApiError::invalid("metadata must be a JSON object"));
+    }
+    if let Some(m) = &body.message {
+        non_empty(m)?;
+    }
+    let fingerprint = serde_json::to_string(&body).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let created = state
+        .engine
+        .create_session(CreateSession {
+            owner,
+            agent,
+            policy: body.policy.unwrap_or(state.cfg.default_policy),
+            metadata,
+            idempotency_key: key,
+            fingerprint,
+            message: body.message,
+            node: state.engine.node().to_owned(),
+        })
+        .await?;
+    let status = if created.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(created.session)).into_response())
+}
+
+/// List the caller's sessions.
+#[utoipa::path(get, path = "/v1/sessions", responses((status = 200, body = SessionList)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+) -> ApiResult<Json<SessionList>> {
+    let sessions = state.engine.store().sessions(&owner).await?;
+    Ok(Json(SessionList { sessions }))
+}
+
+/// Get a session.
+#[utoipa::path(get, path = "/v1/sessions/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Session), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Session>> {
+    let id = session_id(&id)?;
+    Ok(Json(state.engine.session(&owner, id).await?))
+}
+
+/// Cancel the session's turn, then delete it and all its entries.
+#[utoipa::path(delete, path = "/v1/sessions/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let id = session_id(&id)?;
+    state.engine.delete(&owner, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Post a user message; its disposition says what happened to it.
+#[utoipa::path(post, path = "/v1/sessions/{id}/messages", request_body = PostMessageBody,
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Makes the post idempotent per session")),
+    responses((status = 201, body = Posted), (status = 200, description = "An idempotent retry", body = Posted),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn post_message(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<PostMessageBody>,
+) -> ApiResult<Response> {
+    let id = session_id(&id)?;
+    let key = idempotency_key(&headers)?;
+    non_empty(&body.content)?;
+    let posted = state
+        .engine
+        .post_message(PostMessage {
+            owner,
+            session_id: id,
+            content: body.content,
+            policy: body.policy,
+            idempotency_key: key,
+            node: state.engine.node().to_owned(),
+        })
+        .await?;
+    state
+        .metrics
+        .message(posted.disposition.kind, posted.replayed);
+    let status = if posted.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let body = Posted {
+        entry: posted.entry,
+        disposition: posted.disposition,
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// Read a session's entries in seq order.
+#[utoipa::path(get, path = "/v1/sessions/{id}/entries",
+    params(("id" = String, Path), ("after" = Option<u64>, Query), ("limit" = Option<u32>, Query, description = "1 to 1000, default 100")),
+    responses((status = 200, body = EntryPage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn entries(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<EntryPage>> {
+    let id = session_id(&id)?;
+    let after = query_u64(&q, "after")?.unwrap_or(0);
+    let limit = query_u64(&q, "limit")?.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit must be between 1 and 1000"));
+    }
+    state.engine.session(&owner, id).await?;
+    let page = state
+        .engine
+        .store()
+        .entries(id, after, limit as u32)
+        .await?;
+    Ok(Json(EntryPage {
+        entries: page.entries,
+        last_seq: page.last_seq,
+    }))
+}
+
+/// The session's turns, oldest first.
+#[utoipa::path(get, path = "/v1/sessions/{id}/turns", params(("id" = String, Path)),
+    responses((status = 200, body = TurnList), (status = 404, body = ErrorBody)))]
+pub async fn turns(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TurnList>> {
+    let id = session_id(&id)?;
+    state.engine.session(&owner, id).await?;
+    let turns = state.engine.store().turns(id).await?;
+    Ok(Json(TurnList { turns }))
+}
+
+/// Cancel the running (or starting) turn, if any.
+#[utoipa::path(post, path = "/v1/sessions/{id}/cancel", params(("id" = String, Path)),
+    responses((status = 202, body = Cancelled), (status = 200, description = "Idle: nothing to cancel", body = Cancelled),
+        (status = 404, body = ErrorBody)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let id = session_id(&id)?;
+    let turn_id = state.engine.cancel(&owner, id).await?;
+    let status = if turn_id.is_some() {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(Cancelled { turn_id })).into_response())
+}

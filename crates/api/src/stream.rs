@@ -1,0 +1,210 @@
+//! `GET /v1/sessions/{id}/stream`: Server-Sent Events with gapless resume (I9).
+//!
+//! The order of operations is what makes resume gapless: subscribe to the
+//! live bus first, then read the backlog from the store, then follow the
+//! live events, dropping any entry already sent (`seq <= last`) and filling
+//! any hole (`seq > last + 1`, or a lagged receiver) from the store. Every
+//! entry on the bus is committed, and so is everything before it, so the
+//! store can always fill the hole. Deltas carry no id and are dropped once
+//! their turn's `turn_ended` has been sent (I8).
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use baton_core::{Entry, EntryType, Seq, SessionId, TurnId};
+use baton_engine::BusEvent;
+use baton_store::{SharedStore, StoreError};
+use futures_util::Stream;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{parse_u64, session_id, Owner};
+use crate::AppState;
+
+/// How many entries one store read fetches while catching up.
+const PAGE: u32 = 500;
+
+/// A delta as sent on the stream.
+#[derive(Serialize)]
+struct Delta<'a> {
+    turn_id: TurnId,
+    text: &'a str,
+}
+
+/// Follow a session live, resuming after `Last-Event-ID` or `?after=N`.
+#[utoipa::path(get, path = "/v1/sessions/{id}/stream",
+    params(("id" = String, Path), ("after" = Option<u64>, Query, description = "Resume after this seq"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Wins over ?after")),
+    responses((status = 200, description = "text/event-stream: `entry` events with id = seq, `delta` events without id"),
+        (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn stream(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let id = session_id(&id)?;
+    let session = state.engine.session(&owner, id).await?;
+    let after = match headers.get("last-event-id") {
+        Some(v) => {
+            let v = v
+                .to_str()
+                .map_err(|_| ApiError::invalid("Last-Event-ID must be an integer"))?;
+            parse_u64("Last-Event-ID", v.trim())?
+        }
+        None => match q.get("after") {
+            Some(v) => parse_u64("after", v)?,
+            None => 0,
+        },
+    };
+    if after > session.last_seq {
+        return Err(ApiError::invalid(format!(
+            "cannot resume after seq {after}: the session's last_seq is {}",
+            session.last_seq
+        )));
+    }
+    // Subscribe before reading the backlog: nothing committed from here on
+    // can be missed.
+    let live = state.engine.bus().subscribe(id);
+    let (tx, rx) = mpsc::channel(256);
+    let store = state.engine.store().clone();
+    let gauge = state.metrics.stream_opened();
+    let mut shutdown = state.engine.shutdown_signal();
+    tokio::spawn(async move {
+        let _gauge = gauge;
+        // Streams end when the server shuts down, so graceful shutdown does
+        // not wait on them; clients resume elsewhere with Last-Event-ID.
+        tokio::select! {
+            r = follow(store, id, after, live, &tx) => if let Err(e) = r {
+                tracing::debug!(session = %id, error = %e, "stream ended");
+            },
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+    });
+    Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(
+        KeepAlive::new()
+            .interval(Duration::from_secs(15))
+            .text("keep-alive"),
+    ))
+}
+
+/// Why a stream stopped.
+#[derive(Debug)]
+enum Stop {
+    Disconnected,
+    Store(StoreError),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Disconnected => f.write_str("client disconnected"),
+            Self::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+struct Cursor<'a> {
+    tx: &'a mpsc::Sender<Result<Event, Infallible>>,
+    last: Seq,
+    ended: HashSet<TurnId>,
+}
+
+impl Cursor<'_> {
+    async fn send_entry(&mut self, e: &Entry) -> Result<(), Stop> {
+        if e.seq <= self.last {
+            return Ok(());
+        }
+        let data = serde_json::to_string(e)
+            .map_err(|err| Stop::Store(StoreError::Internal(err.to_string())))?;
+        let event = Event::default()
+            .event("entry")
+            .id(e.seq.to_string())
+            .data(data);
+        self.tx
+            .send(Ok(event))
+            .await
+            .map_err(|_| Stop::Disconnected)?;
+        self.last = e.seq;
+        if e.kind == EntryType::TurnEnded {
+            if let Some(t) = e.turn_id {
+                self.ended.insert(t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every stored entry after `last`, up to `upto` (or the end).
+    async fn catch_up(
+        &mut self,
+        store: &SharedStore,
+        id: SessionId,
+        upto: Option<Seq>,
+    ) -> Result<(), Stop> {
+        loop {
+            let page = store
+                .entries(id, self.last, PAGE)
+                .await
+                .map_err(Stop::Store)?;
+            let target = upto.unwrap_or(page.last_seq).min(page.last_seq);
+            for e in page.entries.iter().take_while(|e| e.seq <= target) {
+                self.send_entry(e).await?;
+            }
+            if self.last >= target || page.entries.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn follow(
+    store: SharedStore,
+    id: SessionId,
+    after: Seq,
+    mut live: broadcast::Receiver<BusEvent>,
+    tx: &mpsc::Sender<Result<Event, Infallible>>,
+) -> Result<(), Stop> {
+    let mut cur = Cursor {
+        tx,
+        last: after,
+        ended: HashSet::new(),
+    };
+    cur.catch_up(&store, id, None).await?;
+    loop {
+        let event = tokio::select! {
+            ev = live.recv() => ev,
+            _ = tx.closed() => return Err(Stop::Disconnected),
+        };
+        match event {
+            Ok(BusEvent::Entry(e)) => {
+                if e.seq > cur.last + 1 {
+                    cur.catch_up(&store, id, Some(e.seq - 1)).await?;
+                }
+                cur.send_entry(&e).await?;
+            }
+            Ok(BusEvent::Delta { turn_id, text }) => {
+                if cur.ended.contains(&turn_id) {
+                    continue;
+                }
+                let data = serde_json::to_string(&Delta {
+                    turn_id,
+                    text: &text,
+                })
+                .map_err(|err| Stop::Store(StoreError::Internal(err.to_string())))?;
+                tx.send(Ok(Event::default().event("delta").data(data)))
+                    .await
+                    .map_err(|_| Stop::Disconnected)?;
+            }
+            Ok(BusEvent::Cancel { .. }) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => cur.catch_up(&store, id, None).await?,
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! `baton serve` configuration: every flag also reads an environment variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use baton_core::Policy;
+use clap::Args;
+
+/// `baton serve` flags.
+#[derive(Clone, Debug, Args)]
+pub struct ServeConfig {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(long, env = "BATON_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// The embedded store's file (SQLite).
+    #[arg(long, env = "BATON_DB", default_value = "./baton.db")]
+    pub db: String,
+    /// A PostgreSQL URL; when set, it is used instead of the embedded store.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// The agent of sessions created without one.
+    #[arg(long, env = "BATON_DEFAULT_AGENT", default_value = "demo")]
+    pub default_agent: String,
+    /// Bearer tokens as OWNER:SECRET (repeatable; env: comma-separated).
+    /// With none, every request is owner `local`.
+    #[arg(long = "token", env = "BATON_TOKENS", value_delimiter = ',', value_parser = parse_token)]
+    pub tokens: Vec<(String, String)>,
+    /// The busy policy of sessions created without one.
+    #[arg(long, env = "BATON_POLICY", default_value = "queue")]
+    pub policy: Policy,
+    /// How long an agent gets to stop after a cancel before it is forced.
+    #[arg(long, env = "BATON_CANCEL_DRAIN_MS", default_value_t = 5_000)]
+    pub cancel_drain_ms: u64,
+    /// A turn's time budget.
+    #[arg(long, env = "BATON_TURN_TIMEOUT_MS", default_value_t = 600_000)]
+    pub turn_timeout_ms: u64,
+    /// Lease lifetime without renewal.
+    #[arg(long, env = "BATON_LEASE_MS", default_value_t = 10_000)]
+    pub lease_ms: u64,
+    /// Lease renewal period.
+    #[arg(long, env = "BATON_HEARTBEAT_MS", default_value_t = 3_000)]
+    pub heartbeat_ms: u64,
+    /// How often to look for sessions whose worker vanished.
+    #[arg(long, env = "BATON_SWEEP_MS", default_value_t = 2_000)]
+    pub sweep_ms: u64,
+    /// Messages that may wait for a turn per session.
+    #[arg(long, env = "BATON_QUEUE_CAPACITY", default_value_t = 1_000)]
+    pub queue_capacity: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "BATON_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub max_body_bytes: usize,
+    /// The demo agent's pause between streamed words.
+    #[arg(long, env = "BATON_DEMO_WORD_DELAY_MS", default_value_t = 20)]
+    pub demo_word_delay_ms: u64,
+}
+
+fn parse_token(s: &str) -> Result<(String, String), String> {
+    match s.split_once(':') {
+        Some((owner, secret)) if !owner.is_empty() && !secret.is_empty() => {
+            Ok((owner.to_owned(), secret.to_owned()))
+        }
+        _ => Err(format!("expected OWNER:SECRET, got {s:?}")),
+    }
+}
+
+impl ServeConfig {
+    /// A configuration with every default, on the embedded store at `db`.
+    pub fn embedded(db: impl Into<String>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            db: db.into(),
+            database_url: None,
+            default_agent: "demo".into(),
+            tokens: Vec::new(),
+            policy: Policy::Queue,
+            cancel_drain_ms: 5_000,
+            turn_timeout_ms: 600_000,
+            lease_ms: 10_000,
+            heartbeat_ms: 3_000,
+            sweep_ms: 2_000,
+            queue_capacity: 1_000,
+            max_body_bytes: 256 * 1024,
+            demo_word_delay_ms: 20,
+        }
+    }
+
+    /// The store to open: the PostgreSQL URL if set, else the file.
+    pub fn store_target(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| self.db.clone())
+    }
+
+    /// The store, for messages (no password).
+    pub fn store_display(&self) -> String {
+        match &self.database_url {
+            Some(url) => match url.split_once('@') {
+                Some((_, host)) => format!("postgres://…@{host}"),
+                None => url.clone(),
+            },
+            None => self.db.clone(),
+        }
+    }
+
+    pub fn cancel_drain(&self) -> Duration {
+        Duration::from_millis(self.cancel_drain_ms)
+    }
+    pub fn turn_timeout(&self) -> Duration {
+        Duration::from_millis(self.turn_timeout_ms)
+    }
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_millis(self.sweep_ms)
+    }
+}

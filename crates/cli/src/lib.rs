@@ -1,0 +1,160 @@
+//! The `baton` binary's library: configuration and the composition root.
+//!
+//! [`App::build`] opens the store, binds the listener, recovers what a
+//! previous process left, and wires store → engine → API; [`App::run_until`]
+//! serves until a shutdown signal, then stops accepting, cancels running
+//! turns (reason `shutdown`), drains them and returns. Tests embed servers
+//! through the same two calls on `127.0.0.1:0`.
+
+pub mod bench;
+pub mod chat;
+pub mod config;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use baton_agent::{Agents, DemoAgent};
+use baton_api::{ApiConfig, AppState, Auth, Metrics};
+use baton_engine::{Bus, Engine, EngineConfig};
+use baton_store::{SharedStore, SqlStore, StoreConfig};
+use tokio::net::TcpListener;
+
+pub use config::ServeConfig;
+
+/// A built server, listening but not yet serving.
+pub struct App {
+    listener: TcpListener,
+    addr: SocketAddr,
+    engine: Engine,
+    state: AppState,
+}
+
+impl App {
+    /// Opens the store, recovers, binds; ready to serve.
+    pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Self> {
+        let store_cfg = StoreConfig {
+            lease_ttl: cfg.lease_ttl(),
+            queue_capacity: cfg.queue_capacity,
+            ..StoreConfig::default()
+        };
+        let target = cfg.store_target();
+        let sql = SqlStore::open(&target, store_cfg)
+            .await
+            .with_context(|| format!("opening the store at {}", cfg.store_display()))?;
+        let sole_owner = sql.is_embedded();
+        let store: SharedStore = Arc::new(sql);
+        let mut agents = Agents::with_demo(DemoAgent {
+            word_delay: std::time::Duration::from_millis(cfg.demo_word_delay_ms),
+        });
+        if !cfg.default_agent.is_empty() && agents.get(&cfg.default_agent).is_none() {
+            anyhow::bail!(
+                "--default-agent {:?} is not a configured agent",
+                cfg.default_agent
+            );
+        }
+        let engine_cfg = EngineConfig {
+            cancel_drain: cfg.cancel_drain(),
+            turn_timeout: cfg.turn_timeout(),
+            heartbeat: cfg.heartbeat(),
+            lease_ttl: cfg.lease_ttl(),
+            sweep_interval: cfg.sweep_interval(),
+            sole_owner,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(
+            store,
+            Bus::default(),
+            std::mem::take(&mut agents),
+            engine_cfg,
+        );
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let addr = listener.local_addr().context("reading the bound address")?;
+        engine
+            .start()
+            .await
+            .context("recovering sessions left by a previous run")?;
+        let state = AppState {
+            engine: engine.clone(),
+            auth: Arc::new(Auth::new(cfg.tokens.iter().cloned())),
+            cfg: Arc::new(ApiConfig {
+                max_body: cfg.max_body_bytes,
+                default_agent: cfg.default_agent.clone(),
+                default_policy: cfg.policy,
+            }),
+            metrics: Arc::new(Metrics::default()),
+        };
+        Ok(Self {
+            listener,
+            addr,
+            engine,
+            state,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The engine (for tests).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Serves until `signal` resolves, then shuts down gracefully.
+    pub async fn run_until(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let engine = self.engine.clone();
+        let router = baton_api::router(self.state);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+        });
+        let server = tokio::spawn(async move { server.await });
+        signal.await;
+        tracing::info!("shutting down: no new connections; cancelling running turns");
+        let _ = stop_tx.send(());
+        // Ends streams and turns; in-flight requests finish meanwhile.
+        engine.shutdown().await;
+        server
+            .await
+            .context("the HTTP server task panicked")?
+            .context("serving HTTP")?;
+        tracing::info!("shut down cleanly");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

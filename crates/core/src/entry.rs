@@ -1,0 +1,225 @@
+//! Entries: the records of a session's log, ordered by `seq`.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{Seq, SessionId, Timestamp, TurnId, TurnStatus};
+
+/// What an entry records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryType {
+    /// A message from the user, the assistant or the system.
+    Message,
+    /// The agent called a tool.
+    ToolCall,
+    /// A tool call's result (synthetic `cancelled` ones included).
+    ToolResult,
+    /// A turn began; carries the input range it consumes.
+    TurnStarted,
+    /// A turn's single terminal entry (I7), with its status and reason.
+    TurnEnded,
+}
+
+impl EntryType {
+    /// The name stored in the database and shown on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Message => "message",
+            Self::ToolCall => "tool_call",
+            Self::ToolResult => "tool_result",
+            Self::TurnStarted => "turn_started",
+            Self::TurnEnded => "turn_ended",
+        }
+    }
+
+    /// The inverse of [`EntryType::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "message" => Self::Message,
+            "tool_call" => Self::ToolCall,
+            "tool_result" => Self::ToolResult,
+            "turn_started" => Self::TurnStarted,
+            "turn_ended" => Self::TurnEnded,
+            _ => return None,
+        })
+    }
+}
+
+/// Who wrote a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    User,
+    Assistant,
+    System,
+}
+
+impl Role {
+    /// The name stored in the database and shown on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::System => "system",
+        }
+    }
+
+    /// The inverse of [`Role::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "user" => Self::User,
+            "assistant" => Self::Assistant,
+            "system" => Self::System,
+            _ => return None,
+        })
+    }
+}
+
+/// The seq range of the user messages a turn consumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub struct InputRange {
+    pub from: Seq,
+    pub to: Seq,
+}
+
+/// A tool call or tool result's identity and arguments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ToolInfo {
+    /// The agent's id for the call; a result names the call it answers.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<serde_json::Value>,
+}
+
+/// A committed entry of a session's log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Entry {
+    pub seq: Seq,
+    pub session_id: SessionId,
+    #[serde(rename = "type")]
+    pub kind: EntryType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_id: Option<TurnId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<TurnStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<InputRange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<ToolInfo>,
+    pub created_at: Timestamp,
+}
+
+/// An entry before the store gives it a `seq` and a time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEntry {
+    pub kind: EntryType,
+    pub role: Option<Role>,
+    pub turn_id: Option<TurnId>,
+    pub content: Option<String>,
+    pub status: Option<TurnStatus>,
+    pub reason: Option<String>,
+    pub input: Option<InputRange>,
+    pub tool: Option<ToolInfo>,
+}
+
+impl NewEntry {
+    fn bare(kind: EntryType) -> Self {
+        Self {
+            kind,
+            role: None,
+            turn_id: None,
+            content: None,
+            status: None,
+            reason: None,
+            input: None,
+            tool: None,
+        }
+    }
+
+    /// A user's message (no turn: user input belongs to the session).
+    pub fn user_message(content: impl Into<String>) -> Self {
+        Self {
+            role: Some(Role::User),
+            content: Some(content.into()),
+            ..Self::bare(EntryType::Message)
+        }
+    }
+
+    /// A message the agent produced in `turn`.
+    pub fn assistant_message(turn: TurnId, content: impl Into<String>) -> Self {
+        Self {
+            role: Some(Role::Assistant),
+            turn_id: Some(turn),
+            content: Some(content.into()),
+            ..Self::bare(EntryType::Message)
+        }
+    }
+
+    /// The agent called a tool.
+    pub fn tool_call(turn: TurnId, tool: ToolInfo) -> Self {
+        Self {
+            turn_id: Some(turn),
+            tool: Some(tool),
+            ..Self::bare(EntryType::ToolCall)
+        }
+    }
+
+    /// A tool call's result.
+    pub fn tool_result(turn: TurnId, call_id: String, content: impl Into<String>) -> Self {
+        Self {
+            turn_id: Some(turn),
+            content: Some(content.into()),
+            tool: Some(ToolInfo {
+                id: call_id,
+                name: None,
+                arguments: None,
+            }),
+            ..Self::bare(EntryType::ToolResult)
+        }
+    }
+
+    /// A turn began with `input`.
+    pub fn turn_started(turn: TurnId, input: InputRange) -> Self {
+        Self {
+            turn_id: Some(turn),
+            input: Some(input),
+            ..Self::bare(EntryType::TurnStarted)
+        }
+    }
+
+    /// A turn's terminal entry.
+    pub fn turn_ended(turn: TurnId, status: TurnStatus, reason: Option<String>) -> Self {
+        Self {
+            turn_id: Some(turn),
+            status: Some(status),
+            reason,
+            ..Self::bare(EntryType::TurnEnded)
+        }
+    }
+
+    /// This entry as committed at `seq`.
+    pub fn committed(self, session_id: SessionId, seq: Seq, created_at: Timestamp) -> Entry {
+        Entry {
+            seq,
+            session_id,
+            kind: self.kind,
+            role: self.role,
+            turn_id: self.turn_id,
+            content: self.content,
+            status: self.status,
+            reason: self.reason,
+            input: self.input,
+            tool: self.tool,
+            created_at,
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Sessions and turns as the API shows them.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{InputRange, Policy, Seq, SessionId, Timestamp, TurnId};
+
+/// Whether a session has a turn starting or running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    Idle,
+    Running,
+}
+
+/// A conversation: one ordered log, one turn at a time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    pub id: SessionId,
+    pub owner: String,
+    pub agent: String,
+    pub policy: Policy,
+    pub status: SessionStatus,
+    /// The turn starting or running, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_id: Option<TurnId>,
+    pub last_seq: Seq,
+    /// User messages waiting for a turn.
+    pub queued: u64,
+    pub created_at: Timestamp,
+    pub metadata: serde_json::Value,
+}
+
+/// A turn's lifecycle. `starting → running → ended`; every ended status is
+/// absorbing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnStatus {
+    Starting,
+    Running,
+    Completed,
+    Cancelled,
+    Failed,
+    TimedOut,
+    Lost,
+}
+
+impl TurnStatus {
+    /// Whether the turn has ended (I7: exactly one terminal entry).
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Starting | Self::Running)
+    }
+
+    /// The name stored in the database and shown on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+            Self::Lost => "lost",
+        }
+    }
+
+    /// The inverse of [`TurnStatus::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "starting" => Self::Starting,
+            "running" => Self::Running,
+            "completed" => Self::Completed,
+            "cancelled" => Self::Cancelled,
+            "failed" => Self::Failed,
+            "timed_out" => Self::TimedOut,
+            "lost" => Self::Lost,
+            _ => return None,
+        })
+    }
+}
+
+/// One agent turn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Turn {
+    pub id: TurnId,
+    pub session_id: SessionId,
+    pub status: TurnStatus,
+    pub input: InputRange,
+    pub started_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

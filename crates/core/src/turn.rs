@@ -1,0 +1,383 @@
+//! The lifecycle of one turn, sans I/O: events in, actions out.
+//!
+//! The engine's session actor feeds every event (the store marked the turn
+//! running, agent output, cancel requests, timers, lease loss) into a
+//! [`TurnMachine`] and performs exactly the returned [`Action`]s. The machine
+//! guarantees, whatever the interleaving:
+//! - the prompt is sent at most once, and never after a cancel that arrived
+//!   while the turn was still `starting` (a cancelled turn never runs);
+//! - exactly one [`Action::End`] or [`Action::Abandon`] (I7), after which
+//!   every event is dropped, so nothing of the turn is stored or streamed
+//!   after its terminal entry (I8);
+//! - a cancel is idempotent and wins over a late completion (ended is
+//!   absorbing);
+//! - tool calls still open at the end get a synthetic `cancelled` result, so
+//!   the transcript replays validly to a model.
+
+use crate::{NewEntry, ToolInfo, TurnId, TurnStatus};
+
+/// What the agent produced that is stored (deltas are not).
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentOutput {
+    Message(String),
+    ToolCall(ToolInfo),
+    ToolResult { id: String, content: String },
+}
+
+/// Why the agent says it stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Completed,
+    Cancelled,
+    Failed(String),
+}
+
+/// An input to the machine.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The store moved the turn `starting → running`: the prompt may go out.
+    Started,
+    /// Someone asked to end the turn (user cancel, interrupt, shutdown,
+    /// delete). `reason` is recorded on the terminal entry.
+    CancelRequested { reason: String },
+    /// A transient chunk of output.
+    AgentDelta(String),
+    /// Output to store.
+    AgentOutput(AgentOutput),
+    /// The agent finished the prompt.
+    AgentStopped(StopReason),
+    /// The turn's time budget ran out.
+    TurnDeadline,
+    /// The agent did not stop within the drain deadline after a cancel.
+    DrainDeadline,
+    /// The lease could not be renewed: another worker may own the session.
+    LeaseLost,
+}
+
+/// An effect for the engine to perform, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send the turn's input to the agent.
+    SendPrompt,
+    /// Arm the turn-timeout timer.
+    ArmTurnDeadline,
+    /// Ask the agent to stop.
+    SendCancel,
+    /// Arm the drain-deadline timer.
+    ArmDrainDeadline,
+    /// Stream a delta to subscribers (never stored, I9).
+    PublishDelta(String),
+    /// Store an entry of this turn.
+    Append(NewEntry),
+    /// Kill the agent's work on this turn without waiting.
+    ForceStop,
+    /// Store `entries` (synthetic tool results, then the single `turn_ended`)
+    /// and end the turn with `status`.
+    End {
+        status: TurnStatus,
+        reason: Option<String>,
+        entries: Vec<NewEntry>,
+    },
+    /// Stop without writing: the lease is gone, so the new owner records the
+    /// end (`lost`).
+    Abandon,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum State {
+    Starting {
+        pending: Option<(TurnStatus, String)>,
+    },
+    Running,
+    Draining {
+        status: TurnStatus,
+        reason: String,
+    },
+    Ended,
+}
+
+/// One turn's state.
+#[derive(Clone, Debug)]
+pub struct TurnMachine {
+    turn: TurnId,
+    state: State,
+    open_tools: Vec<String>,
+}
+
+impl TurnMachine {
+    /// A turn in `starting`.
+    pub fn new(turn: TurnId) -> Self {
+        Self {
+            turn,
+            state: State::Starting { pending: None },
+            open_tools: Vec::new(),
+        }
+    }
+
+    /// Whether the machine has ended or abandoned the turn.
+    pub fn is_ended(&self) -> bool {
+        self.state == State::Ended
+    }
+
+    /// Whether a cancel is under way (the agent was told to stop).
+    pub fn is_draining(&self) -> bool {
+        matches!(self.state, State::Draining { .. })
+    }
+
+    /// Feeds one event; returns the actions to perform, in order.
+    pub fn handle(&mut self, event: Event) -> Vec<Action> {
+        match (&mut self.state, event) {
+            (State::Ended, _) => Vec::new(),
+            (_, Event::LeaseLost) => {
+                self.state = State::Ended;
+                vec![Action::ForceStop, Action::Abandon]
+            }
+            (State::Starting { pending }, Event::Started) => match pending.take() {
+                Some((status, reason)) => self.end(status, Some(reason)),
+                None => {
+                    self.state = State::Running;
+                    vec![Action::SendPrompt, Action::ArmTurnDeadline]
+                }
+            },
+            (State::Starting { pending }, Event::CancelRequested { reason }) => {
+                pending.get_or_insert((TurnStatus::Cancelled, reason));
+                Vec::new()
+            }
+            // Nothing reaches an agent before the prompt; anything else that
+            // arrives in `starting` is stale and dropped.
+            (State::Starting { .. }, _) => Vec::new(),
+            (State::Running, Event::CancelRequested { reason }) => {
+                self.drain(TurnStatus::Cancelled, reason)
+            }
+            (State::Running, Event::TurnDeadline) => {
+                self.drain(TurnStatus::TimedOut, "turn timed out".to_owned())
+            }
+            (State::Running | State::Draining { .. }, Event::AgentDelta(text)) => {
+                vec![Action::PublishDelta(text)]
+            }
+            (State::Running | State::Draining { .. }, Event::AgentOutput(out)) => {
+                vec![Action::Append(self.record(out))]
+            }
+            (State::Running, Event::AgentStopped(stop)) => match stop {
+                StopReason::Completed => self.end(TurnStatus::Completed, None),
+                // An agent that cancels on its own (no cancel was asked for).
+                StopReason::Cancelled => self.end(
+                    TurnStatus::Cancelled,
+                    Some("agent cancelled the turn".into()),
+                ),
+                StopReason::Failed(why) => self.end(TurnStatus::Failed, Some(why)),
+            },
+            (State::Draining { status, reason }, Event::AgentStopped(_)) => {
+                // The cancel wins over whatever the agent says it did.
+                let (status, reason) = (*status, std::mem::take(reason));
+                self.end(status, Some(reason))
+            }
+            (State::Draining { status, reason }, Event::DrainDeadline) => {
+                let (status, reason) = (*status, std::mem::take(reason));
+                let mut actions = vec![Action::ForceStop];
+                actions.extend(self.end(
+                    status,
+                    Some(format!(
+                        "{reason}; forced: the agent did not stop within the drain deadline"
+                    )),
+                ));
+                actions
+            }
+            // Idempotent cancel; stale timers; a second `Started`.
+            (State::Running | State::Draining { .. }, _) => Vec::new(),
+        }
+    }
+
+    fn drain(&mut self, status: TurnStatus, reason: String) -> Vec<Action> {
+        self.state = State::Draining { status, reason };
+        vec![Action::SendCancel, Action::ArmDrainDeadline]
+    }
+
+    fn record(&mut self, out: AgentOutput) -> NewEntry {
+        match out {
+            AgentOutput::Message(text) => NewEntry::assistant_message(self.turn, text),
+            AgentOutput::ToolCall(tool) => {
+                self.open_tools.push(tool.id.clone());
+                NewEntry::tool_call(self.turn, tool)
+            }
+            AgentOutput::ToolResult { id, content } => {
+                self.open_tools.retain(|open| *open != id);
+                NewEntry::tool_result(self.turn, id, content)
+            }
+        }
+    }
+
+    fn end(&mut self, status: TurnStatus, reason: Option<String>) -> Vec<Action> {
+        self.state = State::Ended;
+        let mut entries: Vec<NewEntry> = std::mem::take(&mut self.open_tools)
+            .into_iter()
+            .map(|id| {
+                NewEntry::tool_result(
+                    self.turn,
+                    id,
+                    format!("tool call cancelled: the turn ended {}", status.as_str()),
+                )
+            })
+            .collect();
+        entries.push(NewEntry::turn_ended(self.turn, status, reason.clone()));
+        vec![Action::End {
+            status,
+            reason,
+            entries,
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ends(actions: &[Action]) -> usize {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::End { .. } | Action::Abandon))
+            .count()
+    }
+
+    #[test]
+    fn cancel_while_starting_means_the_turn_never_runs() {
+        let mut m = TurnMachine::new(TurnId::new());
+        assert!(m
+            .handle(Event::CancelRequested {
+                reason: "user".into()
+            })
+            .is_empty());
+        let actions = m.handle(Event::Started);
+        assert!(!actions.contains(&Action::SendPrompt));
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::End {
+                status: TurnStatus::Cancelled,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn cancel_wins_over_a_late_completion() {
+        let mut m = TurnMachine::new(TurnId::new());
+        m.handle(Event::Started);
+        assert_eq!(
+            m.handle(Event::CancelRequested {
+                reason: "user".into()
+            }),
+            vec![Action::SendCancel, Action::ArmDrainDeadline]
+        );
+        assert!(m
+            .handle(Event::CancelRequested {
+                reason: "again".into()
+            })
+            .is_empty());
+        let actions = m.handle(Event::AgentStopped(StopReason::Completed));
+        assert!(matches!(
+            actions.as_slice(),
+            [Action::End { status: TurnStatus::Cancelled, reason: Some(r), .. }] if r == "user"
+        ));
+        assert!(m.handle(Event::AgentDelta("late".into())).is_empty());
+        assert!(m.handle(Event::DrainDeadline).is_empty());
+    }
+
+    #[test]
+    fn a_stubborn_agent_is_forced_at_the_drain_deadline() {
+        let mut m = TurnMachine::new(TurnId::new());
+        m.handle(Event::Started);
+        m.handle(Event::CancelRequested {
+            reason: "user".into(),
+        });
+        let actions = m.handle(Event::DrainDeadline);
+        assert_eq!(actions.first(), Some(&Action::ForceStop));
+        assert!(matches!(
+            actions.get(1),
+            Some(Action::End { status: TurnStatus::Cancelled, reason: Some(r), .. }) if r.contains("forced")
+        ));
+    }
+
+    #[test]
+    fn open_tool_calls_get_synthetic_results() {
+        let t = TurnId::new();
+        let mut m = TurnMachine::new(t);
+        m.handle(Event::Started);
+        for id in ["a", "b"] {
+            m.handle(Event::AgentOutput(AgentOutput::ToolCall(ToolInfo {
+                id: id.into(),
+                name: Some("grep".into()),
+                arguments: None,
+            })));
+        }
+        m.handle(Event::AgentOutput(AgentOutput::ToolResult {
+            id: "a".into(),
+            content: "ok".into(),
+        }));
+        let actions = m.handle(Event::AgentStopped(StopReason::Failed("boom".into())));
+        let [Action::End { entries, .. }] = actions.as_slice() else {
+            panic!("one end: {actions:?}");
+        };
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].tool.as_ref().map(|t| t.id.as_str()), Some("b"));
+        assert_eq!(
+            entries[1],
+            NewEntry::turn_ended(t, TurnStatus::Failed, Some("boom".into()))
+        );
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            Just(Event::Started),
+            Just(Event::CancelRequested {
+                reason: "user".into()
+            }),
+            Just(Event::AgentDelta("tok".into())),
+            Just(Event::AgentOutput(AgentOutput::Message("hi".into()))),
+            Just(Event::AgentOutput(AgentOutput::ToolCall(ToolInfo {
+                id: "t".into(),
+                name: None,
+                arguments: None
+            }))),
+            Just(Event::AgentStopped(StopReason::Completed)),
+            Just(Event::AgentStopped(StopReason::Cancelled)),
+            Just(Event::AgentStopped(StopReason::Failed("x".into()))),
+            Just(Event::TurnDeadline),
+            Just(Event::DrainDeadline),
+            Just(Event::LeaseLost),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_turn_ends_once_and_nothing_follows(events in proptest::collection::vec(event(), 0..40)) {
+            let mut m = TurnMachine::new(TurnId::new());
+            let mut ended = 0;
+            let mut prompts = 0;
+            let mut cancelled_before_start = false;
+            for e in events.into_iter().chain([
+                // Whatever happened, a cancel followed by the drain deadline
+                // must bring the turn to its end.
+                Event::Started,
+                Event::CancelRequested { reason: "finish".into() },
+                Event::DrainDeadline,
+            ]) {
+                let was_starting = matches!(m.state, State::Starting { .. });
+                if was_starting && matches!(e, Event::CancelRequested { .. }) {
+                    cancelled_before_start = true;
+                }
+                let actions = m.handle(e);
+                if ended > 0 {
+                    prop_assert!(actions.is_empty(), "actions after the end: {actions:?}");
+                }
+                prompts += actions.iter().filter(|a| **a == Action::SendPrompt).count();
+                ended += ends(&actions);
+            }
+            prop_assert_eq!(ended, 1);
+            prop_assert!(prompts <= 1);
+            if cancelled_before_start {
+                prop_assert_eq!(prompts, 0);
+            }
+        }
+    }
+}

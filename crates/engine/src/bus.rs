@@ -1,0 +1,93 @@
+//! Live fan-out of committed entries and transient deltas to subscribers.
+//!
+//! The bus is best-effort by design: a subscriber that lags or misses an
+//! event recovers from the store, because every stored entry has a `seq` and
+//! the stream reader fills gaps from the log (I9). Deltas are never stored;
+//! a missed delta is superseded by the stored message that ends it.
+//!
+//! One node: an in-process broadcast channel per session. Several nodes: a
+//! [`Relay`] forwards every local publish to the other nodes and feeds theirs
+//! back in with [`Bus::deliver`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use baton_core::{Entry, SessionId, TurnId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// Something subscribers of a session see live.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BusEvent {
+    /// A committed entry.
+    Entry(Entry),
+    /// A transient chunk of a turn's output.
+    Delta { turn_id: TurnId, text: String },
+    /// A cancel was requested for a turn (wakes the node running it).
+    Cancel { turn_id: TurnId, reason: String },
+}
+
+/// Forwards local events to other nodes.
+pub trait Relay: Send + Sync + 'static {
+    /// Sends `event` of `session` to the other nodes (best effort).
+    fn forward(&self, session: SessionId, event: &BusEvent);
+}
+
+/// Capacity of a session's channel; a slower subscriber lags and refills
+/// from the store.
+const CHANNEL_CAPACITY: usize = 1024;
+
+/// The bus. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Bus {
+    // A std mutex: held only to look up or insert a sender, never across an
+    // await.
+    channels: Arc<Mutex<HashMap<SessionId, broadcast::Sender<BusEvent>>>>,
+    relay: Option<Arc<dyn Relay>>,
+}
+
+impl Bus {
+    /// A bus that also forwards to other nodes through `relay`.
+    pub fn with_relay(relay: Arc<dyn Relay>) -> Self {
+        Self {
+            channels: Arc::default(),
+            relay: Some(relay),
+        }
+    }
+
+    /// Subscribes to a session's live events.
+    pub fn subscribe(&self, session: SessionId) -> broadcast::Receiver<BusEvent> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        channels
+            .entry(session)
+            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+            .subscribe()
+    }
+
+    /// Publishes a local event: to local subscribers and other nodes.
+    pub fn publish(&self, session: SessionId, event: BusEvent) {
+        if let Some(relay) = &self.relay {
+            relay.forward(session, &event);
+        }
+        self.deliver(session, event);
+    }
+
+    /// Publishes committed entries in order.
+    pub fn publish_entries(&self, entries: &[Entry]) {
+        for e in entries {
+            self.publish(e.session_id, BusEvent::Entry(e.clone()));
+        }
+    }
+
+    /// Delivers an event to local subscribers only (events from other nodes).
+    pub fn deliver(&self, session: SessionId, event: BusEvent) {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = channels.get(&session) {
+            if tx.send(event).is_err() {
+                // Nobody listens any more: forget the channel.
+                channels.remove(&session);
+            }
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The session engine: runs turns, one at a time per session, on whichever
+//! node holds the session's lease.
+//!
+//! - The [`Engine`] is what the API calls. Every state change goes through a
+//!   store transaction first (policy decisions included); the engine then
+//!   publishes what was committed and, if the transaction handed this node a
+//!   lease, spawns the session's actor. There is no check-then-act across an
+//!   await: the guard is the transaction itself.
+//! - One actor (a tokio task, [`actor`]) per session with work on this node;
+//!   idle sessions cost no task. It executes the `baton_core::turn`
+//!   machine's actions: prompt, stream, store, cancel, drain, end.
+//! - Heartbeats renew the lease; an actor that cannot renew stops its turn at
+//!   once and writes nothing more (self-fencing; the store refuses stale
+//!   epochs anyway).
+//! - A sweeper takes over sessions whose lease expired with a turn active
+//!   (crash recovery: the dead worker's turn ends `lost`, the queue goes on).
+
+mod actor;
+pub mod bus;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_agent::Agents;
+use baton_core::TurnId;
+use baton_core::{Session, SessionId};
+use baton_store::{CreateSession, Created, Lease, PostMessage, Posted, Result, SharedStore};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+pub use bus::{Bus, BusEvent, Relay};
+
+/// How the engine runs turns.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// This node's name in leases; unique per process.
+    pub node: String,
+    /// How long an agent gets to stop after a cancel before it is forced.
+    pub cancel_drain: Duration,
+    /// A turn's time budget.
+    pub turn_timeout: Duration,
+    /// How often a running turn renews its lease.
+    pub heartbeat: Duration,
+    /// How long a lease lasts unrenewed (the store's setting; an actor that
+    /// cannot renew for this long stops itself).
+    pub lease_ttl: Duration,
+    /// How often the sweeper looks for sessions whose worker vanished.
+    pub sweep_interval: Duration,
+    /// Whether this process owns the store alone (the embedded store): then
+    /// at start-up every lease not its own is a dead process's.
+    pub sole_owner: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            node: format!("node-{}", uuid::Uuid::new_v4().simple()),
+            cancel_drain: Duration::from_secs(5),
+            turn_timeout: Duration::from_secs(600),
+            heartbeat: Duration::from_secs(3),
+            lease_ttl: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(2),
+            sole_owner: true,
+        }
+    }
+}
+
+struct ActorSlot {
+    epoch: i64,
+    task: JoinHandle<()>,
+}
+
+pub(crate) struct Inner {
+    pub store: SharedStore,
+    pub bus: Bus,
+    pub agents: Agents,
+    pub cfg: EngineConfig,
+    /// Actors on this node by session. A std mutex: held only to insert or
+    /// remove, never across an await. An entry is replaced by a newer epoch's
+    /// actor and removed by its own actor as it exits.
+    actors: Mutex<HashMap<SessionId, ActorSlot>>,
+    /// Flips to true once: actors cancel their turns and exit.
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// The engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// An engine over `store`, publishing to `bus`, running `agents`.
+    pub fn new(store: SharedStore, bus: Bus, agents: Agents, cfg: EngineConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                bus,
+                agents,
+                cfg,
+                actors: Mutex::new(HashMap::new()),
+                shutdown: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// Recovers what a previous process left behind and starts the sweeper.
+    pub async fn start(&self) -> Result<()> {
+        self.sweep(self.inner.cfg.sole_owner).await?;
+        let engine = self.clone();
+        let mut stop = self.inner.shutdown.subscribe();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(engine.inner.cfg.sweep_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = engine.sweep(false).await {
+                            tracing::warn!(error = %e, "sweep failed; will retry");
+                        }
+                    }
+                    _ = stopped(&mut stop) => break,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Takes over sessions whose worker vanished and runs their queues.
+    pub async fn sweep(&self, all_foreign: bool) -> Result<()> {
+        for r in self
+            .inner
+            .store
+            .recover(&self.inner.cfg.node, all_foreign)
+            .await?
+        {
+            tracing::info!(session = %r.lease.session_id, epoch = r.lease.epoch, "took over a session");
+            self.inner.bus.publish_entries(&r.committed);
+            self.spawn_actor(r.lease);
+        }
+        Ok(())
+    }
+
+    /// The store.
+    pub fn store(&self) -> &SharedStore {
+        &self.inner.store
+    }
+
+    /// The live bus.
+    pub fn bus(&self) -> &Bus {
+        &self.inner.bus
+    }
+
+    /// The agents this node can run.
+    pub fn agents(&self) -> &Agents {
+        &self.inner.agents
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.inner.cfg.node
+    }
+
+    /// Creates a session; with a first message, its turn starts here.
+    pub async fn create_session(&self, req: CreateSession) -> Result<Created> {
+        let created = self.inner.store.create_session(req).await?;
+        self.inner.bus.publish_entries(&created.committed);
+        if let Some(lease) = created.lease.clone() {
+            self.spawn_actor(lease);
+        }
+        Ok(created)
+    }
+
+    /// Stores a message and carries out its disposition.
+    pub async fn post_message(&self, req: PostMessage) -> Result<Posted> {
+        let posted = self.inner.store.post_message(req).await?;
+        self.inner.bus.publish_entries(&posted.committed);
+        if let Some(turn_id) = posted.cancel {
+            self.announce_cancel(
+                posted.entry.session_id,
+                turn_id,
+                format!("interrupted by message {}", posted.entry.seq),
+            );
+        }
+        if let Some(lease) = posted.lease.clone() {
+            self.spawn_actor(lease);
+        }
+        Ok(posted)
+    }
+
+    /// Cancels the session's starting or running turn, if any.
+    pub async fn cancel(&self, owner: &str, id: SessionId) -> Result<Option<TurnId>> {
+        let reason = "cancelled by user";
+        let turn = self.inner.store.request_cancel(owner, id, reason).await?;
+        if let Some(turn_id) = turn {
+            self.announce_cancel(id, turn_id, reason.to_owned());
+        }
+        Ok(turn)
+    }
+
+    /// Cancels the session's turn, then deletes the session.
+    pub async fn delete(&self, owner: &str, id: SessionId) -> Result<()> {
+        let reason = "session deleted";
+        if let Some(turn_id) = self.inner.store.request_cancel(owner, id, reason).await? {
+            self.announce_cancel(id, turn_id, reason.to_owned());
+        }
+        self.inner.store.delete_session(owner, id).await
+    }
+
+    /// The owner's session.
+    pub async fn session(&self, owner: &str, id: SessionId) -> Result<Session> {
+        self.inner.store.session(owner, id).await
+    }
+
+    /// Tells whichever node runs `turn_id` (this one included) to cancel it.
+    /// The request is already durable; this only makes it prompt.
+    fn announce_cancel(&self, session: SessionId, turn_id: TurnId, reason: String) {
+        self.inner
+            .bus
+            .publish(session, BusEvent::Cancel { turn_id, reason });
+    }
+
+    /// Runs the session's turns on this node under `lease`.
+    fn spawn_actor(&self, lease: Lease) {
+        let mut actors = self.inner.actors.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = actors.get(&lease.session_id) {
+            if slot.epoch >= lease.epoch && !slot.task.is_finished() {
+                return;
+            }
+        }
+        let session = lease.session_id;
+        let epoch = lease.epoch;
+        // Subscribe before the task starts so no cancel announced from now on
+        // can be missed.
+        let events = self.inner.bus.subscribe(session);
+        let span = tracing::info_span!("session", %session, epoch);
+        let task = tokio::spawn(actor::run(self.inner.clone(), lease, events).instrument(span));
+        actors.insert(session, ActorSlot { epoch, task });
+    }
+
+    /// Stops: running turns are cancelled (reason `shutdown`), drained and
+    /// ended; leases are released; returns once every actor has exited or
+    /// the drain deadline (plus a margin) has passed.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut actors = self.inner.actors.lock().unwrap_or_else(|p| p.into_inner());
+            actors.drain().map(|(_, slot)| slot.task).collect()
+        };
+        let wait = futures_util::future::join_all(tasks);
+        let limit = self.inner.cfg.cancel_drain + Duration::from_secs(5);
+        if tokio::time::timeout(limit, wait).await.is_err() {
+            tracing::warn!("some turns did not finish within the shutdown deadline");
+        }
+    }
+
+    /// Becomes true when shutdown begins (streams end on it).
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
+    }
+
+    /// Number of actors running on this node.
+    pub fn active_actors(&self) -> usize {
+        let actors = self.inner.actors.lock().unwrap_or_else(|p| p.into_inner());
+        actors.values().filter(|s| !s.task.is_finished()).count()
+    }
+}
+
+/// Resolves once shutdown has begun.
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`; drop it here.
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+impl Inner {
+    /// Called by an actor as it exits: forget it unless a newer one replaced it.
+    pub(crate) fn actor_exited(&self, session: SessionId, epoch: i64) {
+        let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
+        if actors.get(&session).is_some_and(|s| s.epoch == epoch) {
+            actors.remove(&session);
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Baton's durable log: the [`Store`] trait and its SQL implementation for
+//! SQLite (embedded, one file) and PostgreSQL (several nodes).
+//!
+//! The store is where the contract becomes physical:
+//! - **I1** `seq` comes from the session row's counter, bumped in the same
+//!   transaction as the insert; `PRIMARY KEY (session_id, seq)` is the backstop.
+//! - **I2** a write returns only after its transaction commits (SQLite:
+//!   WAL, `synchronous=FULL`, group commit; PostgreSQL: its own WAL).
+//! - **I3** `UNIQUE (session_id, idempotency_key)`; a retry returns the stored
+//!   entry and disposition, a different body is a conflict.
+//! - **I4** the session row names its single active turn and carries the lease
+//!   (owner, epoch, expiry); every write of a turn is fenced by its epoch.
+//! - **I6** the session's `consumed_seq` cursor advances only when a turn is
+//!   created, in the same transaction.
+//!
+//! Policy decisions are made by `baton_core::policy` inside the transaction
+//! that stores the message, with the session row locked.
+
+mod sql;
+mod writer;
+
+pub mod contract;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use baton_core::{
+    Disposition, Entry, Epoch, NewEntry, Policy, Seq, Session, SessionId, Turn, TurnId, TurnStatus,
+};
+
+pub use sql::{SqlStore, StoreConfig};
+
+/// What a store operation can answer besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such session for this owner (also: another owner's session, I10).
+    #[error("session not found")]
+    NotFound,
+    /// The policy is `reject` and a turn is running.
+    #[error("session is busy with turn {turn_id}")]
+    SessionBusy { turn_id: TurnId },
+    /// The session's queue is at capacity.
+    #[error("the session's queue is full ({capacity} messages waiting)")]
+    QueueFull { capacity: usize },
+    /// The idempotency key was used with a different request.
+    #[error("idempotency key already used with a different request")]
+    IdempotencyConflict,
+    /// The lease moved on: this writer was fenced off (I4).
+    #[error("stale lease epoch {epoch}: the session's lease is held by someone else")]
+    StaleEpoch { epoch: Epoch },
+    /// The turn is not the session's active turn any more (it ended).
+    #[error("turn {turn_id} is not active")]
+    TurnNotActive { turn_id: TurnId },
+    /// The database cannot be reached right now.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else, with context.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+/// A store `Result`.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The right to run a session's turns: held by one node, fenced by `epoch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub session_id: SessionId,
+    pub owner: String,
+    pub epoch: Epoch,
+}
+
+/// `POST /v1/sessions`.
+#[derive(Clone, Debug)]
+pub struct CreateSession {
+    pub owner: String,
+    pub agent: String,
+    pub policy: Policy,
+    pub metadata: serde_json::Value,
+    pub idempotency_key: Option<String>,
+    /// The request body in canonical form, compared on a retry (I3).
+    pub fingerprint: String,
+    pub message: Option<String>,
+    /// The node creating it, which takes the lease if a turn starts.
+    pub node: String,
+}
+
+/// The result of creating a session.
+#[derive(Clone, Debug)]
+pub struct Created {
+    pub session: Session,
+    /// False when an idempotent retry returned the existing session.
+    pub created: bool,
+    /// Entries committed by this call, in order (for the live bus).
+    pub committed: Vec<Entry>,
+    /// The lease this node took, if a turn started.
+    pub lease: Option<Lease>,
+}
+
+/// `POST /v1/sessions/{id}/messages`.
+#[derive(Clone, Debug)]
+pub struct PostMessage {
+    pub owner: String,
+    pub session_id: SessionId,
+    pub content: String,
+    /// A per-message override of the session's policy.
+    pub policy: Option<Policy>,
+    pub idempotency_key: Option<String>,
+    pub node: String,
+}
+
+/// The result of posting a message.
+#[derive(Clone, Debug)]
+pub struct Posted {
+    /// The stored user message.
+    pub entry: Entry,
+    pub disposition: Disposition,
+    /// True when an idempotent retry returned the original.
+    pub replayed: bool,
+    /// Entries committed by this call, in order (for the live bus).
+    pub committed: Vec<Entry>,
+    /// The lease this node took, if a turn started and the lease was free.
+    pub lease: Option<Lease>,
+    /// The turn asked to cancel (interrupt), for a prompt wake-up.
+    pub cancel: Option<TurnId>,
+}
+
+/// A page of a session's log.
+#[derive(Clone, Debug)]
+pub struct Page {
+    pub entries: Vec<Entry>,
+    pub last_seq: Seq,
+}
+
+/// A turn handed to a worker.
+#[derive(Clone, Debug)]
+pub struct TurnToRun {
+    pub turn: Turn,
+    pub agent: String,
+    /// The user messages it consumes, in order.
+    pub inputs: Vec<Entry>,
+    /// The agent's own id for this conversation, if it has one.
+    pub agent_session: Option<String>,
+}
+
+/// What `begin_turn` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Begin {
+    /// The turn is now `running`: send the prompt.
+    Run,
+    /// A cancel arrived while it was `starting`: it must not run.
+    Cancelled(String),
+}
+
+/// What a lease renewal learned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Renewal {
+    /// A cancel requested for the active turn (possibly from another node).
+    pub cancel: Option<(TurnId, String)>,
+}
+
+/// A session taken over from a worker that vanished.
+#[derive(Clone, Debug)]
+pub struct Recovered {
+    pub lease: Lease,
+    /// Entries committed by the takeover (`lost` ends, next `turn_started`).
+    pub committed: Vec<Entry>,
+}
+
+/// The result of ending a turn.
+#[derive(Clone, Debug)]
+pub struct Ended {
+    /// The terminal entries and, if messages were waiting, the next
+    /// `turn_started`.
+    pub committed: Vec<Entry>,
+    /// Whether a next turn was started in the same transaction.
+    pub next: Option<TurnId>,
+}
+
+/// Baton's durable log. Every method is one transaction.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<()>;
+    /// Creates a session (idempotent per owner and key); with a `message`,
+    /// stores it as entry 1 and starts the first turn in the same transaction.
+    async fn create_session(&self, req: CreateSession) -> Result<Created>;
+    /// The owner's session, or `NotFound` (I10).
+    async fn session(&self, owner: &str, id: SessionId) -> Result<Session>;
+    /// The owner's sessions, oldest first.
+    async fn sessions(&self, owner: &str) -> Result<Vec<Session>>;
+    /// Deletes a session and all it holds; `NotFound` if not the owner's.
+    async fn delete_session(&self, owner: &str, id: SessionId) -> Result<()>;
+    /// Stores a user message and applies the busy policy atomically.
+    async fn post_message(&self, req: PostMessage) -> Result<Posted>;
+    /// Entries with `seq > after`, at most `limit`, in order. No owner check:
+    /// callers check ownership first.
+    async fn entries(&self, id: SessionId, after: Seq, limit: u32) -> Result<Page>;
+    /// The session's turns, oldest first.
+    async fn turns(&self, id: SessionId) -> Result<Vec<Turn>>;
+    /// Asks the active turn to cancel; returns it, or `None` when idle.
+    async fn request_cancel(
+        &self,
+        owner: &str,
+        id: SessionId,
+        reason: &str,
+    ) -> Result<Option<TurnId>>;
+
+    /// The session's turn waiting to start under this lease, if any.
+    async fn next_turn(&self, lease: &Lease) -> Result<Option<TurnToRun>>;
+    /// Moves a turn `starting → running` unless a cancel is pending.
+    async fn begin_turn(&self, lease: &Lease, turn: TurnId) -> Result<Begin>;
+    /// Stores a running turn's output (fenced by the lease epoch).
+    async fn append_output(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        entries: Vec<NewEntry>,
+    ) -> Result<Vec<Entry>>;
+    /// Ends a turn with its terminal entries and starts the next turn if
+    /// messages wait, in one transaction (fenced).
+    async fn end_turn(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        status: TurnStatus,
+        reason: Option<String>,
+        entries: Vec<NewEntry>,
+    ) -> Result<Ended>;
+    /// Extends the lease; `StaleEpoch` if it was lost.
+    async fn renew_lease(&self, lease: &Lease) -> Result<Renewal>;
+    /// Gives the lease up. Without `force` it refuses (returns false) while a
+    /// turn is active, so a turn created concurrently is never orphaned.
+    async fn release_lease(&self, lease: &Lease, force: bool) -> Result<bool>;
+    /// Records the agent's own id for the session (fenced).
+    async fn set_agent_session(&self, lease: &Lease, agent_session: &str) -> Result<()>;
+    /// Takes over sessions with an active turn whose lease is free or expired
+    /// (or, with `all_foreign`, held by anyone but `node`: the embedded store
+    /// at start-up). A `running` turn of a vanished worker ends `lost` and the
+    /// queue continues.
+    async fn recover(&self, node: &str, all_foreign: bool) -> Result<Vec<Recovered>>;
+}
+
+/// A shared store.
+pub type SharedStore = Arc<dyn Store>;

@@ -1,0 +1,1306 @@
+//! [`SqlStore`]: the one implementation of [`Store`] over SQLite and
+//! PostgreSQL. The schema and every statement are shared (both accept `$N`
+//! placeholders and the same DDL); what differs is how a write transaction is
+//! run — the embedded store's single writer with group commit
+//! ([`crate::writer`]), or a pooled PostgreSQL transaction with the session
+//! row locked `FOR UPDATE` and retried on serialization failures — and whose
+//! clock stamps it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use baton_core::policy::{decide, next_input, ActiveTurn, Decision};
+use baton_core::{
+    Disposition, Entry, EntryType, InputRange, NewEntry, Policy, Role, Seq, Session, SessionId,
+    SessionStatus, Timestamp, ToolInfo, Turn, TurnId, TurnStatus, Waiting,
+};
+use futures_util::future::BoxFuture;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::AnyConnection;
+use sqlx::{AnyPool, Connection, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::writer::{self, Clock, Completion, Job};
+use crate::{
+    Begin, CreateSession, Created, Ended, Lease, Page, PostMessage, Posted, Recovered, Renewal,
+    Result, Store, StoreError, TurnToRun,
+};
+
+/// Tunables that the store applies inside its transactions.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// How long a lease lasts without renewal.
+    pub lease_ttl: Duration,
+    /// How many user messages may wait for a turn (`429 queue_full` past it).
+    pub queue_capacity: usize,
+    /// How often a `starting` turn may be handed to a worker that vanishes
+    /// before running it, before it is ended `failed` (bounded recovery).
+    pub max_recoveries: i64,
+    /// PostgreSQL pool size.
+    pub max_connections: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(10),
+            queue_capacity: 1000,
+            max_recoveries: 3,
+            max_connections: 16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// Row locking: SQLite has one writer, so a plain read is already exclusive.
+    fn for_update(self) -> &'static str {
+        match self {
+            Self::Sqlite => "",
+            Self::Postgres => " FOR UPDATE",
+        }
+    }
+}
+
+enum Exec {
+    Sqlite(mpsc::Sender<Job>),
+    Postgres(AnyPool),
+}
+
+/// The SQL store. Cheap to share behind an `Arc`.
+pub struct SqlStore {
+    dialect: Dialect,
+    read: AnyPool,
+    exec: Exec,
+    cfg: Arc<StoreConfig>,
+    clock: Arc<Clock>,
+    // Held for the store's lifetime: the embedded store is owned by one process.
+    _lock: Option<std::fs::File>,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A failure inside an operation: a store outcome, or a database error that
+/// the executor classifies (retry, unavailable, internal).
+enum Fail {
+    Store(StoreError),
+    Db(sqlx::Error),
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<sqlx::Error> for Fail {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+type R<T> = std::result::Result<T, Fail>;
+
+fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("57P01") => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+/// Whether PostgreSQL asks for the transaction to be tried again: a
+/// serialization failure, a deadlock, or a unique violation from a concurrent
+/// insert of the same idempotency key (the retry then finds the winner's row).
+fn retryable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01" | "23505")))
+}
+
+fn unfail(f: Fail) -> StoreError {
+    match f {
+        Fail::Store(e) => e,
+        Fail::Db(e) => classify(e),
+    }
+}
+
+impl SqlStore {
+    /// Opens (creating if needed) the embedded store at `path`, taking an
+    /// exclusive lock on `PATH.lock` for the life of the store.
+    pub async fn open_sqlite(path: &Path, cfg: StoreConfig) -> Result<Self> {
+        let lock_path = {
+            let mut p = path.as_os_str().to_owned();
+            p.push(".lock");
+            std::path::PathBuf::from(p)
+        };
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Internal(format!("opening {}: {e}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Internal(format!(
+                    "{} is in use by another baton process (lock held on {})",
+                    path.display(),
+                    lock_path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Internal(format!(
+                    "locking {}: {e}",
+                    lock_path.display()
+                )))
+            }
+        }
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let mut conn = AnyConnection::connect(&url)
+            .await
+            .map_err(|e| StoreError::Internal(format!("opening {}: {e}", path.display())))?;
+        sqlx::raw_sql(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000;",
+        )
+        .execute(&mut conn)
+        .await
+        .map_err(|e| StoreError::Internal(format!("configuring {}: {e}", path.display())))?;
+        MIGRATOR
+            .run(&mut conn)
+            .await
+            .map_err(|e| StoreError::Internal(format!("migrating {}: {e}", path.display())))?;
+        let read = AnyPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await
+            .map_err(|e| {
+                StoreError::Internal(format!("opening readers on {}: {e}", path.display()))
+            })?;
+        let clock = Arc::new(Clock::default());
+        let (tx, rx) = mpsc::channel(4 * writer::MAX_BATCH);
+        tokio::spawn(writer::run(conn, rx, clock.clone()));
+        Ok(Self {
+            dialect: Dialect::Sqlite,
+            read,
+            exec: Exec::Sqlite(tx),
+            cfg: Arc::new(cfg),
+            clock,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Connects to PostgreSQL at `url` and migrates it (migrations take an
+    /// advisory lock, so several nodes may start at once).
+    pub async fn open_postgres(url: &str, cfg: StoreConfig) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(cfg.max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("connecting to PostgreSQL: {e}")))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Internal(format!("migrating PostgreSQL: {e}")))?;
+        Ok(Self {
+            dialect: Dialect::Postgres,
+            read: pool.clone(),
+            exec: Exec::Postgres(pool),
+            cfg: Arc::new(cfg),
+            clock: Arc::new(Clock::default()),
+            _lock: None,
+        })
+    }
+
+    /// Opens `target`: a `postgres://` URL, or a path to the embedded store.
+    pub async fn open(target: &str, cfg: StoreConfig) -> Result<Self> {
+        if target.starts_with("postgres://") || target.starts_with("postgresql://") {
+            Self::open_postgres(target, cfg).await
+        } else {
+            Self::open_sqlite(Path::new(target), cfg).await
+        }
+    }
+
+    /// Whether this store is the embedded (single-process) one.
+    pub fn is_embedded(&self) -> bool {
+        self.dialect == Dialect::Sqlite
+    }
+
+    /// The store's clock, in microseconds.
+    pub async fn now(&self) -> Result<i64> {
+        match self.dialect {
+            Dialect::Sqlite => Ok(self.clock.now()),
+            Dialect::Postgres => pg_now(&self.read).await.map_err(classify),
+        }
+    }
+
+    /// Runs `f` as one write transaction and returns its result once committed.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'c> Fn(&'c mut AnyConnection, i64) -> BoxFuture<'c, R<T>> + Send + Sync + 'static,
+    {
+        match &self.exec {
+            Exec::Sqlite(jobs) => {
+                let (tx, rx) = oneshot::channel::<Result<T>>();
+                let job: Job = Box::new(move |conn, now| {
+                    Box::pin(async move {
+                        let result = f(conn, now).await.map_err(unfail);
+                        Completion {
+                            ok: result.is_ok(),
+                            finish: Box::new(move |commit_error| {
+                                let _ = tx.send(match commit_error {
+                                    None => result,
+                                    Some(e) => {
+                                        Err(StoreError::Unavailable(format!("commit failed: {e}")))
+                                    }
+                                });
+                            }),
+                        }
+                    })
+                });
+                jobs.send(job)
+                    .await
+                    .map_err(|_| StoreError::Unavailable("the store is shut down".into()))?;
+                rx.await.map_err(|_| {
+                    StoreError::Unavailable(
+                        "the write was not committed: its transaction failed".into(),
+                    )
+                })?
+            }
+            Exec::Postgres(pool) => {
+                let mut attempt = 0u32;
+                loop {
+                    attempt += 1;
+                    let result: R<T> = async {
+                        let mut tx = pool.begin().await?;
+                        let now = pg_now(&mut *tx).await?;
+                        let v = f(&mut tx, now).await?;
+                        tx.commit().await?;
+                        Ok(v)
+                    }
+                    .await;
+                    match result {
+                        Ok(v) => return Ok(v),
+                        Err(Fail::Db(e)) if retryable(&e) && attempt < 20 => {
+                            tokio::time::sleep(Duration::from_millis(fastrand::u64(
+                                1..=(5 * attempt as u64),
+                            )))
+                            .await;
+                        }
+                        Err(e) => return Err(unfail(e)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn pg_now<'e, E>(e: E) -> std::result::Result<i64, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query_scalar("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)")
+        .fetch_one(e)
+        .await
+}
+
+// ---------------------------------------------------------------------------
+// Rows
+
+const SESSION_COLS: &str = "id, owner, agent, policy, metadata, created_at, last_seq, consumed_seq, \
+     active_turn, lease_owner, lease_epoch, lease_expires_at, idempotency_key, request_fingerprint, agent_session";
+
+const ENTRY_COLS: &str =
+    "session_id, seq, kind, role, turn_id, content, status, reason, input_from, input_to, tool, created_at";
+
+const TURN_COLS: &str =
+    "id, session_id, status, input_from, input_to, started_at, ended_at, reason";
+
+#[derive(Clone, Debug)]
+struct SessionRow {
+    id: SessionId,
+    owner: String,
+    agent: String,
+    policy: Policy,
+    metadata: String,
+    created_at: i64,
+    last_seq: i64,
+    consumed_seq: i64,
+    active_turn: Option<TurnId>,
+    lease_owner: Option<String>,
+    lease_epoch: i64,
+    lease_expires_at: Option<i64>,
+    fingerprint: Option<String>,
+    agent_session: Option<String>,
+}
+
+fn corrupt(what: &str, value: &str) -> Fail {
+    Fail::Store(StoreError::Internal(format!(
+        "corrupt {what} in the store: {value:?}"
+    )))
+}
+
+fn parse_turn_id(s: Option<String>) -> R<Option<TurnId>> {
+    s.map(|s| TurnId::parse(&s).map_err(|_| corrupt("turn id", &s)))
+        .transpose()
+}
+
+fn session_row(r: &AnyRow) -> R<SessionRow> {
+    let id: String = r.try_get("id")?;
+    let policy: String = r.try_get("policy")?;
+    Ok(SessionRow {
+        id: SessionId::parse(&id).map_err(|_| corrupt("session id", &id))?,
+        owner: r.try_get("owner")?,
+        agent: r.try_get("agent")?,
+        policy: policy.parse().map_err(|_| corrupt("policy", &policy))?,
+        metadata: r.try_get("metadata")?,
+        created_at: r.try_get("created_at")?,
+        last_seq: r.try_get("last_seq")?,
+        consumed_seq: r.try_get("consumed_seq")?,
+        active_turn: parse_turn_id(r.try_get("active_turn")?)?,
+        lease_owner: r.try_get("lease_owner")?,
+        lease_epoch: r.try_get("lease_epoch")?,
+        lease_expires_at: r.try_get("lease_expires_at")?,
+        fingerprint: r.try_get("request_fingerprint")?,
+        agent_session: r.try_get("agent_session")?,
+    })
+}
+
+fn entry_row(r: &AnyRow) -> R<Entry> {
+    let sid: String = r.try_get("session_id")?;
+    let kind: String = r.try_get("kind")?;
+    let role: Option<String> = r.try_get("role")?;
+    let status: Option<String> = r.try_get("status")?;
+    let from: Option<i64> = r.try_get("input_from")?;
+    let to: Option<i64> = r.try_get("input_to")?;
+    let tool: Option<String> = r.try_get("tool")?;
+    Ok(Entry {
+        seq: r.try_get::<i64, _>("seq")? as Seq,
+        session_id: SessionId::parse(&sid).map_err(|_| corrupt("session id", &sid))?,
+        kind: EntryType::parse(&kind).ok_or_else(|| corrupt("entry kind", &kind))?,
+        role: role
+            .map(|s| Role::parse(&s).ok_or_else(|| corrupt("role", &s)))
+            .transpose()?,
+        turn_id: parse_turn_id(r.try_get("turn_id")?)?,
+        content: r.try_get("content")?,
+        status: status
+            .map(|s| TurnStatus::parse(&s).ok_or_else(|| corrupt("turn status", &s)))
+            .transpose()?,
+        reason: r.try_get("reason")?,
+        input: from.zip(to).map(|(f, t)| InputRange {
+            from: f as Seq,
+            to: t as Seq,
+        }),
+        tool: tool
+            .map(|s| serde_json::from_str::<ToolInfo>(&s).map_err(|_| corrupt("tool", &s)))
+            .transpose()?,
+        created_at: Timestamp(r.try_get("created_at")?),
+    })
+}
+
+fn turn_row(r: &AnyRow) -> R<Turn> {
+    let id: String = r.try_get("id")?;
+    let sid: String = r.try_get("session_id")?;
+    let status: String = r.try_get("status")?;
+    Ok(Turn {
+        id: TurnId::parse(&id).map_err(|_| corrupt("turn id", &id))?,
+        session_id: SessionId::parse(&sid).map_err(|_| corrupt("session id", &sid))?,
+        status: TurnStatus::parse(&status).ok_or_else(|| corrupt("turn status", &status))?,
+        input: InputRange {
+            from: r.try_get::<i64, _>("input_from")? as Seq,
+            to: r.try_get::<i64, _>("input_to")? as Seq,
+        },
+        started_at: Timestamp(r.try_get("started_at")?),
+        ended_at: r.try_get::<Option<i64>, _>("ended_at")?.map(Timestamp),
+        reason: r.try_get("reason")?,
+    })
+}
+
+fn session_view(s: &SessionRow, queued: i64) -> R<Session> {
+    Ok(Session {
+        id: s.id,
+        owner: s.owner.clone(),
+        agent: s.agent.clone(),
+        policy: s.policy,
+        status: if s.active_turn.is_some() {
+            SessionStatus::Running
+        } else {
+            SessionStatus::Idle
+        },
+        turn_id: s.active_turn,
+        last_seq: s.last_seq as Seq,
+        queued: queued.max(0) as u64,
+        created_at: Timestamp(s.created_at),
+        metadata: serde_json::from_str(&s.metadata)
+            .map_err(|_| corrupt("metadata", &s.metadata))?,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Statements shared by the operations
+
+async fn lock_session(c: &mut AnyConnection, d: Dialect, id: SessionId) -> R<Option<SessionRow>> {
+    fetch_session(c, id, d.for_update()).await
+}
+
+/// Reads a session row; `suffix` is empty for a plain read.
+async fn fetch_session(
+    c: &mut AnyConnection,
+    id: SessionId,
+    suffix: &str,
+) -> R<Option<SessionRow>> {
+    let sql = format!("SELECT {SESSION_COLS} FROM sessions WHERE id = $1{suffix}");
+    let row = sqlx::query(&sql)
+        .bind(id.to_string())
+        .fetch_optional(&mut *c)
+        .await?;
+    row.as_ref().map(session_row).transpose()
+}
+
+async fn lock_owned(
+    c: &mut AnyConnection,
+    d: Dialect,
+    owner: &str,
+    id: SessionId,
+) -> R<SessionRow> {
+    match lock_session(c, d, id).await? {
+        Some(s) if s.owner == owner => Ok(s),
+        _ => Err(StoreError::NotFound.into()),
+    }
+}
+
+/// Locks the session for a write of `lease`'s holder; anyone else is stale.
+async fn lock_fenced(c: &mut AnyConnection, d: Dialect, lease: &Lease) -> R<SessionRow> {
+    match lock_session(c, d, lease.session_id).await? {
+        Some(s)
+            if s.lease_owner.as_deref() == Some(lease.owner.as_str())
+                && s.lease_epoch == lease.epoch =>
+        {
+            Ok(s)
+        }
+        _ => Err(StoreError::StaleEpoch { epoch: lease.epoch }.into()),
+    }
+}
+
+async fn save_session(c: &mut AnyConnection, s: &SessionRow) -> R<()> {
+    sqlx::query(
+        "UPDATE sessions SET last_seq = $2, consumed_seq = $3, active_turn = $4, lease_owner = $5, \
+         lease_epoch = $6, lease_expires_at = $7, agent_session = $8 WHERE id = $1",
+    )
+    .bind(s.id.to_string())
+    .bind(s.last_seq)
+    .bind(s.consumed_seq)
+    .bind(s.active_turn.map(|t| t.to_string()))
+    .bind(s.lease_owner.clone())
+    .bind(s.lease_epoch)
+    .bind(s.lease_expires_at)
+    .bind(s.agent_session.clone())
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
+
+/// Extra columns a user message carries.
+struct UserMeta<'a> {
+    policy: Policy,
+    requested: Option<Policy>,
+    disposition: &'a Disposition,
+    key: Option<&'a str>,
+}
+
+/// Appends `e` at the next seq (I1: the counter lives in `s` and is saved by
+/// the caller in the same transaction).
+async fn append(
+    c: &mut AnyConnection,
+    s: &mut SessionRow,
+    now: i64,
+    e: NewEntry,
+    user: Option<UserMeta<'_>>,
+) -> R<Entry> {
+    s.last_seq += 1;
+    let tool = e
+        .tool
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|err| StoreError::Internal(format!("encoding a tool call: {err}")))?;
+    let disposition = user
+        .as_ref()
+        .map(|u| serde_json::to_string(u.disposition))
+        .transpose()
+        .map_err(|err| StoreError::Internal(format!("encoding a disposition: {err}")))?;
+    sqlx::query(
+        "INSERT INTO entries (session_id, seq, kind, role, turn_id, content, status, reason, input_from, \
+         input_to, tool, policy, requested_policy, disposition, idempotency_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+    )
+    .bind(s.id.to_string())
+    .bind(s.last_seq)
+    .bind(e.kind.as_str())
+    .bind(e.role.map(Role::as_str))
+    .bind(e.turn_id.map(|t| t.to_string()))
+    .bind(e.content.clone())
+    .bind(e.status.map(TurnStatus::as_str))
+    .bind(e.reason.clone())
+    .bind(e.input.map(|i| i.from as i64))
+    .bind(e.input.map(|i| i.to as i64))
+    .bind(tool)
+    .bind(user.as_ref().map(|u| u.policy.as_str()))
+    .bind(user.as_ref().and_then(|u| u.requested.map(Policy::as_str)))
+    .bind(disposition)
+    .bind(user.as_ref().and_then(|u| u.key.map(str::to_owned)))
+    .bind(now)
+    .execute(&mut *c)
+    .await?;
+    Ok(e.committed(s.id, s.last_seq as Seq, Timestamp(now)))
+}
+
+async fn waiting(c: &mut AnyConnection, s: &SessionRow) -> R<Vec<Waiting>> {
+    let rows = sqlx::query(
+        "SELECT seq, policy FROM entries WHERE session_id = $1 AND role = 'user' AND seq > $2 ORDER BY seq",
+    )
+    .bind(s.id.to_string())
+    .bind(s.consumed_seq)
+    .fetch_all(&mut *c)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let p: Option<String> = r.try_get("policy")?;
+            let p = p.unwrap_or_default();
+            Ok(Waiting {
+                seq: r.try_get::<i64, _>("seq")? as Seq,
+                policy: p.parse().map_err(|_| corrupt("policy", &p))?,
+            })
+        })
+        .collect()
+}
+
+/// Creates a turn consuming `input`: the turn row, the cursor, the
+/// `turn_started` entry — one transaction with whatever made it start.
+async fn start_turn(
+    c: &mut AnyConnection,
+    s: &mut SessionRow,
+    now: i64,
+    id: TurnId,
+    input: InputRange,
+) -> R<Entry> {
+    sqlx::query(
+        "INSERT INTO turns (id, session_id, status, input_from, input_to, started_at) \
+         VALUES ($1, $2, 'starting', $3, $4, $5)",
+    )
+    .bind(id.to_string())
+    .bind(s.id.to_string())
+    .bind(input.from as i64)
+    .bind(input.to as i64)
+    .bind(now)
+    .execute(&mut *c)
+    .await?;
+    s.active_turn = Some(id);
+    s.consumed_seq = input.to as i64;
+    append(c, s, now, NewEntry::turn_started(id, input), None).await
+}
+
+/// Starts the next planned turn if messages wait and none is active.
+async fn start_next(c: &mut AnyConnection, s: &mut SessionRow, now: i64) -> R<Option<Entry>> {
+    if s.active_turn.is_some() {
+        return Ok(None);
+    }
+    let w = waiting(c, s).await?;
+    match next_input(&w) {
+        Some(input) => Ok(Some(start_turn(c, s, now, TurnId::new(), input).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Takes the lease for `node` if nobody holds it or the holder's expired.
+fn try_claim(s: &mut SessionRow, node: &str, now: i64, ttl: Duration) -> Option<Lease> {
+    let free = true || s.lease_expires_at.is_none_or(|t| t < now);
+    free.then(|| claim(s, node, now, ttl))
+}
+
+fn claim(s: &mut SessionRow, node: &str, now: i64, ttl: Duration) -> Lease {
+    s.lease_owner = Some(node.to_owned());
+    s.lease_epoch += 1;
+    s.lease_expires_at = Some(now + ttl.as_micros() as i64);
+    Lease {
+        session_id: s.id,
+        owner: node.to_owned(),
+        epoch: s.lease_epoch,
+    }
+}
+
+/// Ends the active turn with `status` if it is still starting or running
+/// (compare-and-set: ended is absorbing), appends `entries`, and starts the
+/// next turn if messages wait.
+async fn finish_turn(
+    c: &mut AnyConnection,
+    s: &mut SessionRow,
+    now: i64,
+    turn: TurnId,
+    status: TurnStatus,
+    reason: Option<String>,
+    entries: Vec<NewEntry>,
+) -> R<Ended> {
+    let done = sqlx::query(
+        "UPDATE turns SET status = $2, ended_at = $3, reason = $4 \
+         WHERE id = $1 AND status IN ('starting', 'running')",
+    )
+    .bind(turn.to_string())
+    .bind(status.as_str())
+    .bind(now)
+    .bind(reason)
+    .execute(&mut *c)
+    .await?;
+    if done.rows_affected() != 1 || s.active_turn != Some(turn) {
+        return Err(StoreError::TurnNotActive { turn_id: turn }.into());
+    }
+    let mut committed = Vec::with_capacity(entries.len() + 1);
+    for e in entries {
+        committed.push(append(c, s, now, e, None).await?);
+    }
+    s.active_turn = None;
+    let next = start_next(c, s, now).await?;
+    let next_id = next.as_ref().and_then(|e| e.turn_id);
+    committed.extend(next);
+    Ok(Ended {
+        committed,
+        next: next_id,
+    })
+}
+
+async fn queued(c: &mut AnyConnection, s: &SessionRow) -> R<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM entries WHERE session_id = $1 AND role = 'user' AND seq > $2",
+    )
+    .bind(s.id.to_string())
+    .bind(s.consumed_seq)
+    .fetch_one(&mut *c)
+    .await?)
+}
+
+// ---------------------------------------------------------------------------
+// Operations
+
+async fn op_create(
+    c: &mut AnyConnection,
+    d: Dialect,
+    now: i64,
+    cfg: &StoreConfig,
+    req: &CreateSession,
+) -> R<Created> {
+    if let Some(key) = &req.idempotency_key {
+        let sql = format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE owner = $1 AND idempotency_key = $2{}",
+            d.for_update()
+        );
+        let row = sqlx::query(&sql)
+            .bind(&req.owner)
+            .bind(key)
+            .fetch_optional(&mut *c)
+            .await?;
+        if let Some(row) = row {
+            let s = session_row(&row)?;
+            if s.fingerprint.as_deref() != Some(req.fingerprint.as_str()) {
+                return Err(StoreError::IdempotencyConflict.into());
+            }
+            let q = queued(c, &s).await?;
+            return Ok(Created {
+                session: session_view(&s, q)?,
+                created: false,
+                committed: Vec::new(),
+                lease: None,
+            });
+        }
+    }
+    let metadata = serde_json::to_string(&req.metadata)
+        .map_err(|e| StoreError::Internal(format!("encoding metadata: {e}")))?;
+    let mut s = SessionRow {
+        id: SessionId::new(),
+        owner: req.owner.clone(),
+        agent: req.agent.clone(),
+        policy: req.policy,
+        metadata,
+        created_at: now,
+        last_seq: 0,
+        consumed_seq: 0,
+        active_turn: None,
+        lease_owner: None,
+        lease_epoch: 0,
+        lease_expires_at: None,
+        fingerprint: req
+            .idempotency_key
+            .as_ref()
+            .map(|_| req.fingerprint.clone()),
+        agent_session: None,
+    };
+    sqlx::query(
+        "INSERT INTO sessions (id, owner, agent, policy, metadata, created_at, idempotency_key, request_fingerprint) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(s.id.to_string())
+    .bind(&s.owner)
+    .bind(&s.agent)
+    .bind(s.policy.as_str())
+    .bind(&s.metadata)
+    .bind(now)
+    .bind(req.idempotency_key.clone())
+    .bind(s.fingerprint.clone())
+    .execute(&mut *c)
+    .await?;
+    let mut committed = Vec::new();
+    let mut lease = None;
+    if let Some(content) = &req.message {
+        let turn = TurnId::new();
+        let disposition = Disposition {
+            kind: baton_core::DispositionType::Started,
+            turn_id: Some(turn),
+            position: None,
+        };
+        let meta = UserMeta {
+            policy: s.policy,
+            requested: None,
+            disposition: &disposition,
+            key: None,
+        };
+        let msg = append(
+            c,
+            &mut s,
+            now,
+            NewEntry::user_message(content.clone()),
+            Some(meta),
+        )
+        .await?;
+        let seq = msg.seq;
+        committed.push(msg);
+        committed.push(start_turn(c, &mut s, now, turn, InputRange { from: seq, to: seq }).await?);
+        lease = Some(claim(&mut s, &req.node, now, cfg.lease_ttl));
+        save_session(c, &s).await?;
+    }
+    Ok(Created {
+        session: session_view(&s, 0)?,
+        created: true,
+        committed,
+        lease,
+    })
+}
+
+async fn op_post(
+    c: &mut AnyConnection,
+    d: Dialect,
+    now: i64,
+    cfg: &StoreConfig,
+    req: &PostMessage,
+) -> R<Posted> {
+    let mut s = lock_owned(c, d, &req.owner, req.session_id).await?;
+    if let Some(key) = &req.idempotency_key {
+        let sql = format!(
+            "SELECT {ENTRY_COLS}, requested_policy, disposition FROM entries WHERE session_id = $1 AND idempotency_key = $2"
+        );
+        let row = sqlx::query(&sql)
+            .bind(s.id.to_string())
+            .bind(key)
+            .fetch_optional(&mut *c)
+            .await?;
+        if let Some(row) = row {
+            let entry = entry_row(&row)?;
+            let requested: Option<String> = row.try_get("requested_policy")?;
+            let same = entry.content.as_deref() == Some(req.content.as_str())
+                && requested.as_deref() == req.policy.map(Policy::as_str);
+            if !same {
+                return Err(StoreError::IdempotencyConflict.into());
+            }
+            let raw: Option<String> = row.try_get("disposition")?;
+            let raw = raw.unwrap_or_default();
+            let disposition =
+                serde_json::from_str(&raw).map_err(|_| corrupt("disposition", &raw))?;
+            return Ok(Posted {
+                entry,
+                disposition,
+                replayed: true,
+                committed: Vec::new(),
+                lease: None,
+                cancel: None,
+            });
+        }
+    }
+    let mut committed = Vec::new();
+    let mut lease = None;
+    // Heal "something waits but no turn is active" (never left behind by
+    // this store's own transactions) before deciding, so nothing overtakes.
+    if let Some(started) = start_next(c, &mut s, now).await? {
+        committed.push(started);
+        lease = try_claim(&mut s, &req.node, now, cfg.lease_ttl);
+    }
+    let policy = req.policy.unwrap_or(s.policy);
+    let w = waiting(c, &s).await?;
+    let turn = TurnId::new();
+    let active = s.active_turn.map(|id| ActiveTurn { id });
+    let (disposition, start, cancel_active) =
+        match decide(active, &w, cfg.queue_capacity, policy, turn) {
+            Decision::Reject { turn_id } => return Err(StoreError::SessionBusy { turn_id }.into()),
+            Decision::QueueFull { capacity } => {
+                return Err(StoreError::QueueFull { capacity }.into())
+            }
+            Decision::Accept {
+                disposition,
+                start,
+                cancel_active,
+            } => (disposition, start, cancel_active),
+        };
+    let meta = UserMeta {
+        policy,
+        requested: req.policy,
+        disposition: &disposition,
+        key: req.idempotency_key.as_deref(),
+    };
+    let entry = append(
+        c,
+        &mut s,
+        now,
+        NewEntry::user_message(req.content.clone()),
+        Some(meta),
+    )
+    .await?;
+    committed.push(entry.clone());
+    if start {
+        let input = InputRange {
+            from: entry.seq,
+            to: entry.seq,
+        };
+        committed.push(start_turn(c, &mut s, now, turn, input).await?);
+        lease = lease.or_else(|| try_claim(&mut s, &req.node, now, cfg.lease_ttl));
+    }
+    let mut cancel = None;
+    if cancel_active {
+        if let Some(active) = active {
+            request_cancel_turn(
+                c,
+                active.id,
+                &format!("interrupted by message {}", entry.seq),
+            )
+            .await?;
+            cancel = Some(active.id);
+        }
+    }
+    save_session(c, &s).await?;
+    Ok(Posted {
+        entry,
+        disposition,
+        replayed: false,
+        committed,
+        lease,
+        cancel,
+    })
+}
+
+async fn request_cancel_turn(c: &mut AnyConnection, turn: TurnId, reason: &str) -> R<()> {
+    // The first reason sticks: a later cancel is idempotent.
+    sqlx::query("UPDATE turns SET cancel_reason = COALESCE(cancel_reason, $2) WHERE id = $1")
+        .bind(turn.to_string())
+        .bind(reason)
+        .execute(&mut *c)
+        .await?;
+    Ok(())
+}
+
+async fn op_recover_one(
+    c: &mut AnyConnection,
+    d: Dialect,
+    now: i64,
+    cfg: &StoreConfig,
+    node: &str,
+    id: SessionId,
+    all_foreign: bool,
+) -> R<Option<Recovered>> {
+    let Some(mut s) = lock_session(c, d, id).await? else {
+        return Ok(None);
+    };
+    let Some(turn) = s.active_turn else {
+        return Ok(None);
+    };
+    let expired = s.lease_owner.is_none() || s.lease_expires_at.is_none_or(|t| t < now);
+    let foreign = s.lease_owner.as_deref() != Some(node);
+    if !(expired || (all_foreign && foreign)) {
+        return Ok(None);
+    }
+    let lease = claim(&mut s, node, now, cfg.lease_ttl);
+    let row = sqlx::query("SELECT status, recoveries FROM turns WHERE id = $1")
+        .bind(turn.to_string())
+        .fetch_one(&mut *c)
+        .await?;
+    let status: String = row.try_get("status")?;
+    let recoveries: i64 = row.try_get("recoveries")?;
+    let mut committed = Vec::new();
+    let end = match status.as_str() {
+        "running" => Some((
+            TurnStatus::Lost,
+            "lost: the worker running this turn vanished and its lease expired".to_owned(),
+        )),
+        _ if recoveries >= cfg.max_recoveries => Some((
+            TurnStatus::Failed,
+            format!("failed: handed to {recoveries} workers that vanished before running it"),
+        )),
+        _ => {
+            sqlx::query("UPDATE turns SET recoveries = recoveries + 1 WHERE id = $1")
+                .bind(turn.to_string())
+                .execute(&mut *c)
+                .await?;
+            None
+        }
+    };
+    if let Some((status, reason)) = end {
+        let entries = vec![NewEntry::turn_ended(turn, status, Some(reason.clone()))];
+        committed = finish_turn(c, &mut s, now, turn, status, Some(reason), entries)
+            .await?
+            .committed;
+    }
+    save_session(c, &s).await?;
+    Ok(Some(Recovered { lease, committed }))
+}
+
+/// Runs `$body` as one write transaction. The closure may run more than once
+/// (PostgreSQL retries), so the listed captures are cloned for each run.
+macro_rules! op {
+    ($store:expr, [$($cap:ident),*], |$c:ident, $now:ident| $body:expr) => {{
+        $store
+            .write(move |$c: &mut AnyConnection, $now: i64| {
+                $(let $cap = $cap.clone();)*
+                Box::pin(async move { $body })
+            })
+            .await
+    }};
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.read)
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    async fn create_session(&self, req: CreateSession) -> Result<Created> {
+        let (d, cfg, req) = (self.dialect, self.cfg.clone(), Arc::new(req));
+        op!(self, [cfg, req], |c, now| op_create(c, d, now, &cfg, &req)
+            .await)
+    }
+
+    async fn session(&self, owner: &str, id: SessionId) -> Result<Session> {
+        let mut c = self.read.acquire().await.map_err(classify)?;
+        let get = async {
+            let s = fetch_session(&mut c, id, "").await?;
+            match s {
+                Some(s) if s.owner == owner => {
+                    let q = queued(&mut c, &s).await?;
+                    session_view(&s, q)
+                }
+                _ => Err(StoreError::NotFound.into()),
+            }
+        };
+        get.await.map_err(unfail)
+    }
+
+    async fn sessions(&self, owner: &str) -> Result<Vec<Session>> {
+        let mut c = self.read.acquire().await.map_err(classify)?;
+        let list = async {
+            let sql = format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE owner = $1 ORDER BY created_at, id LIMIT 1000"
+            );
+            let rows = sqlx::query(&sql).bind(owner).fetch_all(&mut *c).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let s = session_row(r)?;
+                let q = queued(&mut c, &s).await?;
+                out.push(session_view(&s, q)?);
+            }
+            Ok(out)
+        };
+        list.await.map_err(unfail)
+    }
+
+    async fn delete_session(&self, owner: &str, id: SessionId) -> Result<()> {
+        let (d, owner) = (self.dialect, owner.to_owned());
+        op!(self, [owner], |c, _now| {
+            lock_owned(c, d, &owner, id).await?;
+            for table in ["entries", "turns"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE session_id = $1"))
+                    .bind(id.to_string())
+                    .execute(&mut *c)
+                    .await?;
+            }
+            sqlx::query("DELETE FROM sessions WHERE id = $1")
+                .bind(id.to_string())
+                .execute(&mut *c)
+                .await?;
+            Ok(())
+        })
+    }
+
+    async fn post_message(&self, req: PostMessage) -> Result<Posted> {
+        let (d, cfg, req) = (self.dialect, self.cfg.clone(), Arc::new(req));
+        op!(self, [cfg, req], |c, now| op_post(c, d, now, &cfg, &req)
+            .await)
+    }
+
+    async fn entries(&self, id: SessionId, after: Seq, limit: u32) -> Result<Page> {
+        let mut c = self.read.acquire().await.map_err(classify)?;
+        let page = async {
+            // Read the counter first: every seq up to it is committed, so
+            // `last_seq` never promises an entry the page could not show.
+            let last: Option<i64> =
+                sqlx::query_scalar("SELECT last_seq FROM sessions WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(&mut *c)
+                    .await?;
+            let last = last.ok_or(StoreError::NotFound)?;
+            let sql = format!(
+                "SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+            );
+            let rows = sqlx::query(&sql)
+                .bind(id.to_string())
+                .bind(after.min(i64::MAX as u64) as i64)
+                .bind(last)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *c)
+                .await?;
+            let entries = rows.iter().map(entry_row).collect::<R<Vec<_>>>()?;
+            Ok(Page {
+                entries,
+                last_seq: last as Seq,
+            })
+        };
+        page.await.map_err(unfail)
+    }
+
+    async fn turns(&self, id: SessionId) -> Result<Vec<Turn>> {
+        let sql = format!(
+            "SELECT {TURN_COLS} FROM turns WHERE session_id = $1 ORDER BY started_at, input_from"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_all(&self.read)
+            .await
+            .map_err(classify)?;
+        rows.iter()
+            .map(turn_row)
+            .collect::<R<Vec<_>>>()
+            .map_err(unfail)
+    }
+
+    async fn request_cancel(
+        &self,
+        owner: &str,
+        id: SessionId,
+        reason: &str,
+    ) -> Result<Option<TurnId>> {
+        let (d, owner, reason) = (self.dialect, owner.to_owned(), reason.to_owned());
+        op!(self, [owner, reason], |c, _now| {
+            let s = lock_owned(c, d, &owner, id).await?;
+            if let Some(turn) = s.active_turn {
+                request_cancel_turn(c, turn, &reason).await?;
+            }
+            Ok(s.active_turn)
+        })
+    }
+
+    async fn next_turn(&self, lease: &Lease) -> Result<Option<TurnToRun>> {
+        let mut c = self.read.acquire().await.map_err(classify)?;
+        let next = async {
+            let Some(s) = fetch_session(&mut c, lease.session_id, "").await? else {
+                return Err(StoreError::StaleEpoch { epoch: lease.epoch }.into());
+            };
+            if s.lease_owner.as_deref() != Some(lease.owner.as_str())
+                || s.lease_epoch != lease.epoch
+            {
+                return Err(StoreError::StaleEpoch { epoch: lease.epoch }.into());
+            }
+            let Some(turn_id) = s.active_turn else {
+                return Ok(None);
+            };
+            let sql = format!("SELECT {TURN_COLS} FROM turns WHERE id = $1");
+            let row = sqlx::query(&sql)
+                .bind(turn_id.to_string())
+                .fetch_one(&mut *c)
+                .await?;
+            let turn = turn_row(&row)?;
+            if turn.status != TurnStatus::Starting {
+                return Ok(None);
+            }
+            let sql = format!(
+                "SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND role = 'user' AND seq >= $2 AND seq <= $3 ORDER BY seq"
+            );
+            let rows = sqlx::query(&sql)
+                .bind(s.id.to_string())
+                .bind(turn.input.from as i64)
+                .bind(turn.input.to as i64)
+                .fetch_all(&mut *c)
+                .await?;
+            let inputs = rows.iter().map(entry_row).collect::<R<Vec<_>>>()?;
+            Ok(Some(TurnToRun {
+                turn,
+                agent: s.agent.clone(),
+                inputs,
+                agent_session: s.agent_session.clone(),
+            }))
+        };
+        next.await.map_err(unfail)
+    }
+
+    async fn begin_turn(&self, lease: &Lease, turn: TurnId) -> Result<Begin> {
+        let (d, lease) = (self.dialect, lease.clone());
+        op!(self, [lease], |c, _now| {
+            let s = lock_fenced(c, d, &lease).await?;
+            if s.active_turn != Some(turn) {
+                return Err(StoreError::TurnNotActive { turn_id: turn }.into());
+            }
+            let row = sqlx::query("SELECT status, cancel_reason FROM turns WHERE id = $1")
+                .bind(turn.to_string())
+                .fetch_one(&mut *c)
+                .await?;
+            let status: String = row.try_get("status")?;
+            if status != "starting" {
+                return Err(StoreError::TurnNotActive { turn_id: turn }.into());
+            }
+            if let Some(reason) = row.try_get::<Option<String>, _>("cancel_reason")? {
+                return Ok(Begin::Cancelled(reason));
+            }
+            sqlx::query("UPDATE turns SET status = 'running', epoch = $2 WHERE id = $1 AND status = 'starting'")
+                .bind(turn.to_string())
+                .bind(lease.epoch)
+                .execute(&mut *c)
+                .await?;
+            Ok(Begin::Run)
+        })
+    }
+
+    async fn append_output(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        entries: Vec<NewEntry>,
+    ) -> Result<Vec<Entry>> {
+        let (d, lease, entries) = (self.dialect, lease.clone(), Arc::new(entries));
+        op!(self, [lease, entries], |c, now| {
+            let mut s = lock_fenced(c, d, &lease).await?;
+            if s.active_turn != Some(turn) {
+                return Err(StoreError::TurnNotActive { turn_id: turn }.into());
+            }
+            let mut out = Vec::with_capacity(entries.len());
+            for e in entries.iter() {
+                out.push(append(c, &mut s, now, e.clone(), None).await?);
+            }
+            save_session(c, &s).await?;
+            Ok(out)
+        })
+    }
+
+    async fn end_turn(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        status: TurnStatus,
+        reason: Option<String>,
+        entries: Vec<NewEntry>,
+    ) -> Result<Ended> {
+        let (d, lease, entries) = (self.dialect, lease.clone(), Arc::new(entries));
+        op!(self, [lease, entries, reason], |c, now| {
+            let mut s = lock_fenced(c, d, &lease).await?;
+            let ended = finish_turn(c, &mut s, now, turn, status, reason, entries.to_vec()).await?;
+            save_session(c, &s).await?;
+            Ok(ended)
+        })
+    }
+
+    async fn renew_lease(&self, lease: &Lease) -> Result<Renewal> {
+        let (d, cfg, lease) = (self.dialect, self.cfg.clone(), lease.clone());
+        op!(self, [cfg, lease], |c, now| {
+            let mut s = lock_fenced(c, d, &lease).await?;
+            s.lease_expires_at = Some(now + cfg.lease_ttl.as_micros() as i64);
+            save_session(c, &s).await?;
+            let mut renewal = Renewal::default();
+            if let Some(turn) = s.active_turn {
+                let reason: Option<String> =
+                    sqlx::query_scalar("SELECT cancel_reason FROM turns WHERE id = $1")
+                        .bind(turn.to_string())
+                        .fetch_one(&mut *c)
+                        .await?;
+                renewal.cancel = reason.map(|r| (turn, r));
+            }
+            Ok(renewal)
+        })
+    }
+
+    async fn release_lease(&self, lease: &Lease, force: bool) -> Result<bool> {
+        let (d, lease) = (self.dialect, lease.clone());
+        op!(self, [lease], |c, _now| {
+            let mut s = lock_fenced(c, d, &lease).await?;
+            if s.active_turn.is_some() && !force {
+                return Ok(false);
+            }
+            s.lease_owner = None;
+            s.lease_expires_at = None;
+            save_session(c, &s).await?;
+            Ok(true)
+        })
+    }
+
+    async fn set_agent_session(&self, lease: &Lease, agent_session: &str) -> Result<()> {
+        let (d, lease, value) = (self.dialect, lease.clone(), agent_session.to_owned());
+        op!(self, [lease, value], |c, _now| {
+            let mut s = lock_fenced(c, d, &lease).await?;
+            s.agent_session = Some(value.clone());
+            save_session(c, &s).await?;
+            Ok(())
+        })
+    }
+
+    async fn recover(&self, node: &str, all_foreign: bool) -> Result<Vec<Recovered>> {
+        let now = self.now().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM sessions WHERE active_turn IS NOT NULL \
+             AND (lease_owner IS NULL OR lease_expires_at < $1 OR ($2 = 1 AND lease_owner <> $3)) LIMIT 500",
+        )
+        .bind(now)
+        .bind(i64::from(all_foreign))
+        .bind(node)
+        .fetch_all(&self.read)
+        .await
+        .map_err(classify)?;
+        let mut out = Vec::new();
+        for id in ids {
+            let id = SessionId::parse(&id)
+                .map_err(|_| StoreError::Internal(format!("corrupt session id {id:?}")))?;
+            let (d, cfg, node) = (self.dialect, self.cfg.clone(), node.to_owned());
+            let got = op!(self, [cfg, node], |c, now| op_recover_one(
+                c,
+                d,
+                now,
+                &cfg,
+                &node,
+                id,
+                all_foreign
+            )
+            .await)?;
+            out.extend(got);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,294 @@
+//! Runs the store contract suite (`baton_store::contract`) against both
+//! backends: every contract once on a fresh SQLite file and once on the
+//! PostgreSQL database named by `DATABASE_URL` (skipped, with a note on stderr,
+//! when it is unset). Also the embedded store's own guarantees: durability
+//! across a reopen and the exclusive file lock.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_core::{EntryType, NewEntry, Policy, SessionStatus, TurnStatus};
+use baton_store::contract::{base_config, check_log};
+use baton_store::{Begin, CreateSession, PostMessage, SharedStore, SqlStore, Store, StoreConfig};
+
+/// Fresh SQLite files in one temporary directory, removed at the end.
+struct Sqlite {
+    dir: tempfile::TempDir,
+    next: AtomicUsize,
+}
+
+impl Sqlite {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("a temporary directory for SQLite files"),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn open(&self, cfg: StoreConfig) -> impl std::future::Future<Output = SharedStore> + 'static {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path().join(format!("baton-{n}.db"));
+        async move {
+            let store = SqlStore::open_sqlite(&path, cfg)
+                .await
+                .unwrap_or_else(|e| panic!("opening SQLite at {}: {e}", path.display()));
+            Arc::new(store) as SharedStore
+        }
+    }
+}
+
+/// `DATABASE_URL`, or `None` after saying on stderr that `test` is skipped.
+fn database_url(test: &str) -> Option<String> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("skipping PostgreSQL contract test {test}: DATABASE_URL is not set");
+            None
+        }
+    }
+}
+
+fn open_postgres(
+    url: &str,
+    cfg: StoreConfig,
+) -> impl std::future::Future<Output = SharedStore> + 'static {
+    let url = url.to_owned();
+    async move {
+        let store = SqlStore::open_postgres(&url, cfg)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to PostgreSQL at DATABASE_URL: {e}"));
+        Arc::new(store) as SharedStore
+    }
+}
+
+/// One `sqlite::NAME` and one `postgres::NAME` test per contract function.
+macro_rules! contract_tests {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let backend = super::Sqlite::new();
+                    baton_store::contract::$name(|cfg| backend.open(cfg)).await;
+                }
+            )+
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let Some(url) = super::database_url(stringify!($name)) else {
+                        return;
+                    };
+                    baton_store::contract::$name(|cfg| super::open_postgres(&url, cfg)).await;
+                }
+            )+
+        }
+    };
+}
+
+contract_tests!(
+    concurrent_posts_keep_order_and_exactly_once,
+    idempotency_conflicts_store_nothing,
+    concurrent_creates_return_one_session,
+    sessions_are_isolated_by_owner,
+    busy_policies_apply_atomically,
+    queue_capacity_refuses_without_storing,
+    turns_run_under_a_lease,
+    cancel_requests_are_durable_and_idempotent,
+    stale_leases_are_fenced,
+    starting_turns_are_handed_over_then_failed,
+    all_foreign_recovery_takes_unexpired_leases,
+    release_lease_only_when_idle,
+    reads_page_and_agree,
+    delete_removes_everything,
+);
+
+// ---------------------------------------------------------------------------
+// The embedded store only
+
+async fn open_file(path: &Path) -> SqlStore {
+    SqlStore::open_sqlite(path, base_config())
+        .await
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+}
+
+/// Drops a store and gives its writer task time to close the file.
+async fn close(store: SqlStore) {
+    drop(store);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+fn db_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("baton.db")
+}
+
+/// I2 for the embedded store: everything acknowledged is there, in the same
+/// order, after the store is closed and reopened; a turn that was running
+/// when the process went away is ended `lost` by the start-up recovery, and
+/// that too survives a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_reopen_keeps_every_entry_in_order() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = db_path(&dir);
+    let store = open_file(&path).await;
+    let owner = "durable-owner";
+    let created = store
+        .create_session(CreateSession {
+            owner: owner.to_owned(),
+            agent: "demo".to_owned(),
+            policy: Policy::Queue,
+            metadata: serde_json::json!({"k": "v"}),
+            idempotency_key: Some("create-1".to_owned()),
+            fingerprint: "fp".to_owned(),
+            message: Some("hello".to_owned()),
+            node: "node-1".to_owned(),
+        })
+        .await
+        .expect("create with a message");
+    let id = created.session.id;
+    let lease = created.lease.expect("the first turn's lease");
+    let run = store
+        .next_turn(&lease)
+        .await
+        .expect("next_turn")
+        .expect("the first turn");
+    assert_eq!(
+        store.begin_turn(&lease, run.turn.id).await.expect("begin"),
+        Begin::Run
+    );
+    store
+        .append_output(
+            &lease,
+            run.turn.id,
+            vec![NewEntry::assistant_message(run.turn.id, "partial")],
+        )
+        .await
+        .expect("append");
+    for i in 0..20 {
+        store
+            .post_message(PostMessage {
+                owner: owner.to_owned(),
+                session_id: id,
+                content: format!("queued {i}"),
+                policy: None,
+                idempotency_key: Some(format!("post-{i}")),
+                node: "node-1".to_owned(),
+            })
+            .await
+            .expect("post");
+    }
+    let before = check_log(&store, owner, id).await;
+    assert_eq!(before.len(), 23);
+    let turns_before = store.turns(id).await.expect("turns");
+    let session_before = store.session(owner, id).await.expect("session");
+    close(store).await;
+
+    let store = open_file(&path).await;
+    assert_eq!(
+        check_log(&store, owner, id).await,
+        before,
+        "I2: every entry survives a reopen, in order"
+    );
+    assert_eq!(store.turns(id).await.expect("turns"), turns_before);
+    assert_eq!(
+        store.session(owner, id).await.expect("session"),
+        session_before
+    );
+    let retry = store
+        .post_message(PostMessage {
+            owner: owner.to_owned(),
+            session_id: id,
+            content: "queued 3".to_owned(),
+            policy: None,
+            idempotency_key: Some("post-3".to_owned()),
+            node: "node-2".to_owned(),
+        })
+        .await
+        .expect("a retry after the reopen");
+    assert!(retry.replayed, "I3 holds across a reopen");
+    assert_eq!(retry.entry, before[6]);
+
+    // Start-up recovery of the embedded store: the previous process's running
+    // turn ends lost and the queue goes on.
+    let recovered = store
+        .recover("node-2", true)
+        .await
+        .expect("recover at start-up");
+    let rec = recovered
+        .iter()
+        .find(|r| r.lease.session_id == id)
+        .expect("the session with a running turn is recovered");
+    assert!(rec.lease.epoch > lease.epoch);
+    assert_eq!(rec.committed[0].kind, EntryType::TurnEnded);
+    assert_eq!(rec.committed[0].status, Some(TurnStatus::Lost));
+    let after = check_log(&store, owner, id).await;
+    assert_eq!(&after[..before.len()], &before[..], "recovery only appends");
+    close(store).await;
+
+    let store = open_file(&path).await;
+    assert_eq!(
+        check_log(&store, owner, id).await,
+        after,
+        "the recovery is durable too"
+    );
+    let s = store.session(owner, id).await.expect("session");
+    assert_eq!(
+        s.status,
+        SessionStatus::Running,
+        "the next queued message's turn is waiting"
+    );
+    assert_eq!(
+        store.turns(id).await.expect("turns")[0].status,
+        TurnStatus::Lost
+    );
+    close(store).await;
+}
+
+/// The embedded store is owned by one process: a second open of the same file
+/// fails with an error saying it is in use, whether the first is already open
+/// or both race; closing the owner frees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_file_is_locked_while_open() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = db_path(&dir);
+    let first = open_file(&path).await;
+    let err = match SqlStore::open_sqlite(&path, base_config()).await {
+        Ok(_) => panic!(
+            "a second open of {} must fail while the first holds it",
+            path.display()
+        ),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("in use"),
+        "the error must say the file is in use: {err}"
+    );
+    close(first).await;
+    let reopened = open_file(&path).await;
+    close(reopened).await;
+
+    let racing = dir.path().join("race.db");
+    let (a, b) = tokio::join!(
+        SqlStore::open_sqlite(&racing, base_config()),
+        SqlStore::open_sqlite(&racing, base_config())
+    );
+    let errors: Vec<String> = [&a, &b]
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "exactly one of two racing opens wins: {errors:?}"
+    );
+    assert!(
+        errors[0].contains("in use"),
+        "the loser is told the file is in use: {}",
+        errors[0]
+    );
+    drop((a, b));
+}
