@@ -1,6 +1,6 @@
 //! `GET /v1/sessions/{id}/export?format=openai`: the transcript as OpenAI
 //! chat messages, ready to replay to a model: consecutive assistant messages
-//! merged, tool calls attached to their assistant message, each tool result
+//! merged (across turns too), tool calls attached to their assistant message, each tool result
 //! after it (open calls already have synthetic `cancelled` results).
 
 use std::collections::HashMap;
@@ -80,8 +80,9 @@ pub fn openai_messages(entries: &[Entry]) -> Vec<Value> {
                 out.push(json!({"role": "tool", "tool_call_id": id, "content": e.content.clone().unwrap_or_default()}));
                 open_assistant = false;
             }
-            // A new turn's reply is a new assistant message.
-            (EntryType::TurnStarted | EntryType::TurnEnded, _) => open_assistant = false,
+            // Turn boundaries are not messages: assistant messages of
+            // consecutive turns with no user message between them merge too.
+            (EntryType::TurnStarted | EntryType::TurnEnded, _) => {}
             (EntryType::Message, None) => {}
         }
     }

@@ -3,12 +3,14 @@
 //! strict query integers and the `Idempotency-Key` header.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::BodyDataStream;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use baton_core::SessionId;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -88,14 +90,20 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 "Content-Type must be application/json, not {content_type:?}"
             )));
         }
+        // Read here (not with axum's `Bytes`) so an oversized body is judged
+        // on the bytes read, chunked or not, and drained before the `413`.
         let limit = state.cfg.max_body;
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large(limit)
-            } else {
-                ApiError::invalid(format!("could not read the body: {rejection}"))
+        let mut body = req.into_body().into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
+            if bytes.len() + chunk.len() > limit {
+                drain(body).await;
+                return Err(ApiError::too_large(limit));
             }
-        })?;
+            bytes.extend_from_slice(&chunk);
+        }
         if bytes.is_empty() {
             return Err(ApiError::invalid(
                 "the body is empty; expected a JSON object",
@@ -105,6 +113,28 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             .map(JsonBody)
             .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
     }
+}
+
+/// How much of a refused (oversized) body is still read and discarded, and
+/// for how long at most. A client that is still sending when the server
+/// answers and closes would get a connection reset instead of the `413`
+/// (closing a socket with unread data resets it, and the reset can destroy
+/// the response before the client reads it), so the rest of the body is
+/// consumed first, within these bounds.
+const DRAIN_MAX_BYTES: usize = 4 * 1024 * 1024;
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(2);
+
+async fn drain(mut body: BodyDataStream) {
+    let _ = tokio::time::timeout(DRAIN_MAX_TIME, async {
+        let mut seen = 0usize;
+        while let Some(Ok(chunk)) = body.next().await {
+            seen += chunk.len();
+            if seen > DRAIN_MAX_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Parses a session id from the path.

@@ -63,7 +63,8 @@ pub struct AppState {
     info(title = "Baton", description = "A session runtime for AI agents: ordered logs, one turn at a time, busy policies, resumable streams."),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::post_message,
-        sessions::entries, sessions::turns, sessions::cancel, stream::stream, export::export, agents, healthz
+        sessions::entries, sessions::turns, sessions::cancel, stream::stream, export::export, agents, healthz,
+        metrics::render, openapi
     ),
     components(schemas(baton_core::Entry, baton_core::Session, baton_core::Turn, baton_core::Disposition, baton_core::Policy)),
     modifiers(&BearerAuth)
@@ -112,6 +113,8 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// This API document.
+#[utoipa::path(get, path = "/openapi.json", security(()), responses((status = 200, description = "The OpenAPI document")))]
 async fn openapi() -> impl IntoResponse {
     Json(ApiDoc::openapi())
 }

@@ -137,7 +137,8 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
     response
 }
 
-/// `GET /metrics`.
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", security(()), responses((status = 200, description = "Prometheus text")))]
 pub async fn render(State(state): State<AppState>) -> Response {
     state
         .metrics

@@ -30,6 +30,9 @@ use crate::AppState;
 /// How many entries one store read fetches while catching up.
 const PAGE: u32 = 500;
 
+/// How often a stream checks the store for entries the bus did not bring.
+const RESYNC: Duration = Duration::from_secs(3);
+
 /// A delta as sent on the stream.
 #[derive(Serialize)]
 struct Delta<'a> {
@@ -177,9 +180,18 @@ async fn follow(
         ended: HashSet::new(),
     };
     cur.catch_up(&store, id, None).await?;
+    // The bus is a hint across nodes (notifications can be dropped while a
+    // listener reconnects): resync from the store now and then, so a stream
+    // never waits on an event that will not come.
+    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = tokio::select! {
             ev = live.recv() => ev,
+            _ = resync.tick() => {
+                cur.catch_up(&store, id, None).await?;
+                continue;
+            }
             _ = tx.closed() => return Err(Stop::Disconnected),
         };
         match event {
@@ -201,6 +213,11 @@ async fn follow(
                 tx.send(Ok(Event::default().event("delta").data(data)))
                     .await
                     .map_err(|_| Stop::Disconnected)?;
+            }
+            Ok(BusEvent::Committed { seq }) => {
+                if seq > cur.last {
+                    cur.catch_up(&store, id, Some(seq)).await?;
+                }
             }
             Ok(BusEvent::Cancel { .. }) => {}
             Err(broadcast::error::RecvError::Lagged(_)) => cur.catch_up(&store, id, None).await?,

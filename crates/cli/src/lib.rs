@@ -63,12 +63,14 @@ impl App {
             sole_owner,
             ..EngineConfig::default()
         };
-        let engine = Engine::new(
-            store,
-            Bus::default(),
-            std::mem::take(&mut agents),
-            engine_cfg,
-        );
+        let bus = match &cfg.database_url {
+            // Several nodes may share the database: fan out across them.
+            Some(url) if !sole_owner => baton_engine::pg_bus::connect(url, &engine_cfg.node)
+                .await
+                .context("connecting the cross-node bus (LISTEN/NOTIFY)")?,
+            _ => Bus::default(),
+        };
+        let engine = Engine::new(store, bus, std::mem::take(&mut agents), engine_cfg);
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;

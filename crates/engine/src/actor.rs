@@ -46,8 +46,14 @@ pub(crate) async fn run(inner: Arc<Inner>, lease: Lease, mut bus: broadcast::Rec
             Ok(Some(turn)) => run_turn(&inner, &lease, turn, &mut bus).await.map(Some),
             Ok(None) => match inner.store.release_lease(&lease, false).await {
                 Ok(true) => break,
-                // A turn was created since we looked: go round again.
-                Ok(false) => Ok(None),
+                // A turn was created since we looked: go round again. (If the
+                // active turn is one this actor lost track of, the pause keeps
+                // this from spinning until the lease lapses and the sweeper
+                // ends that turn `lost`.)
+                Ok(false) => {
+                    sleep(Duration::from_millis(20)).await;
+                    Ok(None)
+                }
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),

@@ -24,6 +24,9 @@ pub enum BusEvent {
     Entry(Entry),
     /// A transient chunk of a turn's output.
     Delta { turn_id: TurnId, text: String },
+    /// An entry was committed; fetch it from the store (used across nodes
+    /// when the entry is too large to travel on the bus).
+    Committed { seq: baton_core::Seq },
     /// A cancel was requested for a turn (wakes the node running it).
     Cancel { turn_id: TurnId, reason: String },
 }

@@ -17,6 +17,7 @@
 
 mod actor;
 pub mod bus;
+pub mod pg_bus;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -630,7 +630,7 @@ async fn start_next(c: &mut AnyConnection, s: &mut SessionRow, now: i64) -> R<Op
 
 /// Takes the lease for `node` if nobody holds it or the holder's expired.
 fn try_claim(s: &mut SessionRow, node: &str, now: i64, ttl: Duration) -> Option<Lease> {
-    let free = true || s.lease_expires_at.is_none_or(|t| t < now);
+    let free = s.lease_owner.is_none() || s.lease_expires_at.is_none_or(|t| t < now);
     free.then(|| claim(s, node, now, ttl))
 }
 

@@ -1,0 +1,319 @@
+//! Several nodes on one PostgreSQL database (needs `DATABASE_URL`; each test
+//! says so on stderr and returns when it is unset): every invariant holds
+//! across nodes as on one.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use baton_cli::{App, ServeConfig};
+use common::{Client, PATIENCE};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+fn database_url(test: &str) -> Option<String> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("skipping PostgreSQL cluster test {test}: DATABASE_URL is not set");
+            None
+        }
+    }
+}
+
+struct Node {
+    client: Client,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn node(url: &str) -> Node {
+    let mut cfg = ServeConfig::embedded("unused.db");
+    cfg.database_url = Some(url.to_owned());
+    cfg.demo_word_delay_ms = 1;
+    cfg.queue_capacity = 10_000;
+    cfg.lease_ms = 2_000;
+    cfg.heartbeat_ms = 500;
+    cfg.sweep_ms = 200;
+    let app = App::build(&cfg).await.expect("building a node");
+    let client = Client::new(format!("http://{}", app.addr()));
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until(async move {
+        let _ = rx.await;
+    }));
+    Node { client, stop, task }
+}
+
+impl Node {
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Checks a whole transcript: gapless seqs; turns never overlap; each turn's
+/// input precedes it; nothing of a turn after its end; every user message
+/// consumed exactly once, FIFO.
+fn check_transcript(entries: &[Value]) {
+    let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=entries.len() as u64).collect::<Vec<_>>(),
+        "I1: gapless seqs"
+    );
+    let users: Vec<u64> = entries
+        .iter()
+        .filter(|e| e["role"] == "user")
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    let mut running: Option<String> = None;
+    let mut ended: Vec<String> = Vec::new();
+    let mut consumed: Vec<u64> = Vec::new();
+    for e in entries {
+        let turn = e["turn_id"].as_str().map(str::to_owned);
+        if let Some(t) = &turn {
+            assert!(
+                !ended.contains(t),
+                "I8: entry {} after its turn ended",
+                e["seq"]
+            );
+        }
+        match e["type"].as_str().unwrap() {
+            "turn_started" => {
+                assert!(
+                    running.is_none(),
+                    "I4: turn started at {} while another runs",
+                    e["seq"]
+                );
+                running = turn;
+                let (from, to) = (
+                    e["input"]["from"].as_u64().unwrap(),
+                    e["input"]["to"].as_u64().unwrap(),
+                );
+                assert!(to < e["seq"].as_u64().unwrap(), "I5: input after its turn");
+                consumed.extend(users.iter().copied().filter(|s| (from..=to).contains(s)));
+            }
+            "turn_ended" => {
+                assert_eq!(running, turn, "I7: end of a turn that is not running");
+                ended.extend(turn);
+                running = None;
+            }
+            _ if turn.is_some() => assert_eq!(running, turn, "I8: output outside its turn"),
+            _ => {}
+        }
+    }
+    assert!(running.is_none(), "I7: a turn never ended");
+    assert_eq!(
+        consumed, users,
+        "I6: every user message consumed once, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_share_sessions_without_breaking_order() {
+    let Some(url) = database_url("three_nodes_share_sessions_without_breaking_order") else {
+        return;
+    };
+    let nodes = vec![node(&url).await, node(&url).await, node(&url).await];
+    let clients: Vec<Client> = nodes.iter().map(|n| n.client.clone()).collect();
+    let mut sessions = Vec::new();
+    for i in 0..4 {
+        let s = clients[i % 3].create_session(json!({})).await;
+        sessions.push(s["id"].as_str().unwrap().to_owned());
+    }
+    // 4 sessions × 15 messages, each posted to a random node, all at once.
+    let mut tasks = Vec::new();
+    for (si, id) in sessions.iter().enumerate() {
+        for m in 0..15 {
+            let c = clients[fastrand::usize(0..3)].clone();
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                let content = format!("s{si} m{m}");
+                let (status, v) = c
+                    .post(&id, &content, None, Some(&content.replace(" ", "-")))
+                    .await;
+                assert_eq!(status, 201, "{v}");
+                (id, content, v["entry"]["seq"].as_u64().unwrap())
+            }));
+        }
+    }
+    let mut acked: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+    for t in tasks {
+        let (id, content, seq) = t.await.unwrap();
+        acked.entry(id).or_default().push((seq, content));
+    }
+    for id in &sessions {
+        clients[0].wait_idle(id).await;
+        let entries = clients[fastrand::usize(0..3)].entries(id).await;
+        check_transcript(&entries);
+        let mut mine = acked.remove(id).unwrap();
+        mine.sort();
+        let users: Vec<(u64, String)> = entries
+            .iter()
+            .filter(|e| e["role"] == "user")
+            .map(|e| {
+                (
+                    e["seq"].as_u64().unwrap(),
+                    e["content"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(users, mine, "every acknowledged message once, at its seq");
+        let replies: Vec<&str> = entries
+            .iter()
+            .filter(|e| e["role"] == "assistant")
+            .map(|e| e["content"].as_str().unwrap())
+            .collect();
+        let expected: Vec<String> = mine.iter().map(|(_, c)| format!("echo: {c}")).collect();
+        assert_eq!(replies, expected, "one reply per message, FIFO");
+        let turns = clients[1].turns(id).await;
+        assert_eq!(turns.len(), 15);
+        assert!(turns.iter().all(|t| t["status"] == "completed"));
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_follows_another_nodes_turn_and_resumes_on_a_third() {
+    let Some(url) = database_url("a_stream_follows_another_nodes_turn_and_resumes_on_a_third")
+    else {
+        return;
+    };
+    let (a, b, c) = (node(&url).await, node(&url).await, node(&url).await);
+    // The turn runs on B: B's transaction started it and took the lease.
+    let s = b
+        .client
+        .create_session(json!({"message": "/sleep 1500 one two three four five six"}))
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let mut on_a = a.client.open_stream(&id, None).await;
+    let mut seen: Vec<u64> = Vec::new();
+    let mut deltas = 0;
+    while deltas < 2 {
+        let ev = on_a.next().await.expect("stream on A ended early");
+        eprintln!("A got {ev:?}");
+        match ev.event.as_str() {
+            "entry" => seen.push(ev.id.parse().unwrap()),
+            "delta" => deltas += 1,
+            _ => {}
+        }
+    }
+    drop(on_a);
+    // Entries appended while nobody listens, on A and C.
+    a.client.post(&id, "later from A", None, None).await;
+    c.client.post(&id, "later from C", None, None).await;
+    let last = *seen.last().unwrap();
+    let mut on_c = c.client.open_stream(&id, Some(last)).await;
+    let mut ended = 0;
+    while ended < 3 {
+        let ev = on_c.next().await.expect("stream on C ended early");
+        if ev.event == "entry" {
+            seen.push(ev.id.parse().unwrap());
+            if ev.data["type"] == "turn_ended" {
+                ended += 1;
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        (1..=*seen.last().unwrap()).collect::<Vec<_>>(),
+        "no gap, no duplicate across nodes"
+    );
+    assert!(deltas >= 2, "live deltas of B's turn reached A");
+    check_transcript(&a.client.entries(&id).await);
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+/// The real binary on PostgreSQL, for SIGKILL.
+async fn spawn_pg_binary(url: &str) -> (tokio::process::Child, Client) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            url,
+            "--lease-ms",
+            "1500",
+            "--heartbeat-ms",
+            "300",
+            "--sweep-ms",
+            "200",
+            "--demo-word-delay-ms",
+            "1",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = line.strip_prefix("listening on ").unwrap().to_owned();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, Client::new(addr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_nodes_turn_ends_lost_and_its_queue_runs_elsewhere() {
+    let Some(url) = database_url("a_killed_nodes_turn_ends_lost_and_its_queue_runs_elsewhere")
+    else {
+        return;
+    };
+    let survivor = node(&url).await;
+    let (mut doomed, doomed_client) = spawn_pg_binary(&url).await;
+    let s = doomed_client
+        .create_session(json!({"message": "/hang"}))
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let hung = s["turn_id"].as_str().unwrap().to_owned();
+    survivor
+        .client
+        .wait_session(&id, |s| s["status"] == "running")
+        .await;
+    // Wait until the doomed node really runs it (the turn is `running`).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while survivor.client.turns(&id).await[0]["status"] != "running" {
+        assert!(tokio::time::Instant::now() < deadline, "the turn never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..3 {
+        let (status, v) = survivor
+            .client
+            .post(&id, &format!("queued {i}"), None, None)
+            .await;
+        assert_eq!(v["disposition"]["type"], "queued", "{status} {v}");
+    }
+    doomed.start_kill().unwrap();
+    doomed.wait().await.unwrap();
+    let killed_at = tokio::time::Instant::now();
+    // Within lease expiry plus a sweep, the survivor ends it `lost` and runs the queue.
+    survivor.client.wait_idle(&id).await;
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(20),
+        "takeover took {:?}",
+        killed_at.elapsed()
+    );
+    let turns = survivor.client.turns(&id).await;
+    assert_eq!(turns[0]["id"], hung.as_str());
+    assert_eq!(turns[0]["status"], "lost", "{turns:#?}");
+    assert_eq!(turns.len(), 4);
+    assert!(
+        turns[1..].iter().all(|t| t["status"] == "completed"),
+        "{turns:#?}"
+    );
+    check_transcript(&survivor.client.entries(&id).await);
+    survivor.shutdown().await;
+}

@@ -1,0 +1,56 @@
+//! The cross-node bus over a real PostgreSQL (needs `DATABASE_URL`; says so
+//! on stderr and returns when it is unset).
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use baton_core::{SessionId, TurnId};
+use baton_engine::{pg_bus, BusEvent};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_on_one_node_reach_another_in_order() {
+    let Ok(url) = std::env::var("DATABASE_URL") else {
+        eprintln!("skipping PostgreSQL bus test: DATABASE_URL is not set");
+        return;
+    };
+    let a = pg_bus::connect(&url, "node-a").await.unwrap();
+    let b = pg_bus::connect(&url, "node-b").await.unwrap();
+    let session = SessionId::new();
+    let mut on_b = b.subscribe(session);
+    let mut on_a = a.subscribe(session);
+    let turn_id = TurnId::new();
+    let big = "x".repeat(20_000);
+    for text in ["one", "two", big.as_str(), "three"] {
+        a.publish(
+            session,
+            BusEvent::Delta {
+                turn_id,
+                text: text.to_owned(),
+            },
+        );
+    }
+    let mut got = String::new();
+    while got.len() < 3 + 3 + 20_000 + 5 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), on_b.recv())
+            .await
+            .expect("B heard nothing")
+            .unwrap();
+        let BusEvent::Delta { text, .. } = ev else {
+            panic!("unexpected {ev:?}")
+        };
+        got.push_str(&text);
+    }
+    assert_eq!(got, format!("onetwo{big}three"));
+    // A delivered its own events locally, once each, not again via PostgreSQL.
+    let mut local = 0;
+    while let Ok(ev) = on_a.try_recv() {
+        assert!(matches!(ev, BusEvent::Delta { .. }));
+        local += 1;
+    }
+    assert_eq!(local, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        on_a.try_recv().is_err(),
+        "A's own notifications must not come back"
+    );
+}
