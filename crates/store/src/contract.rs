@@ -476,7 +476,10 @@ pub async fn check_log(store: &dyn Store, owner: &str, id: SessionId) -> Vec<Ent
 /// Thirty-two tasks post to four sessions at once, each message with its own
 /// idempotency key and retried 0–2 extra times (sometimes concurrently). Every
 /// log is gapless, every acknowledged message is stored exactly once, and every
-/// retry got the original entry and disposition back.
+/// retry got the original entry and disposition back. About a quarter of the
+/// messages ask for `reject`: they are refused (the session is busy from its
+/// first message on) and stored nothing, while sharing transactions with the
+/// accepted ones.
 pub async fn concurrent_posts_keep_order_and_exactly_once<Fut: Future<Output = SharedStore>>(
     open: impl Fn(StoreConfig) -> Fut,
 ) {
@@ -490,10 +493,12 @@ pub async fn concurrent_posts_keep_order_and_exactly_once<Fut: Future<Output = S
         ids.push(f.session(Policy::Queue).await);
     }
 
+    /// Every attempt at posting one message (one idempotency key).
     struct Ack {
         session: SessionId,
         content: String,
-        attempts: Vec<Posted>,
+        policy: Option<Policy>,
+        attempts: Vec<Result<Posted, StoreError>>,
     }
 
     let mut tasks = Vec::new();
@@ -505,16 +510,19 @@ pub async fn concurrent_posts_keep_order_and_exactly_once<Fut: Future<Output = S
             let mut acks = Vec::new();
             for i in 0..PER_TASK {
                 let content = format!("task {t} message {i}");
+                // Some messages ask for `reject`: refused jobs then share the
+                // SQLite group commit with accepted ones.
+                let policy = (fastrand::u8(0..4) == 0).then_some(Policy::Reject);
                 let req = PostMessage {
                     owner: owner.clone(),
                     session_id: session,
                     content: content.clone(),
-                    policy: None,
+                    policy,
                     idempotency_key: Some(format!("key-{t}-{i}")),
                     node: node.clone(),
                 };
                 let tries = 1 + fastrand::usize(0..=2);
-                let results = if fastrand::bool() {
+                let attempts = if fastrand::bool() {
                     futures_util::future::join_all(
                         (0..tries).map(|_| store.post_message(req.clone())),
                     )
@@ -526,13 +534,10 @@ pub async fn concurrent_posts_keep_order_and_exactly_once<Fut: Future<Output = S
                     }
                     v
                 };
-                let attempts = results
-                    .into_iter()
-                    .map(|r| r.unwrap_or_else(|e| panic!("posting {content:?} failed: {e:?}")))
-                    .collect();
                 acks.push(Ack {
                     session,
                     content,
+                    policy,
                     attempts,
                 });
             }
@@ -545,18 +550,37 @@ pub async fn concurrent_posts_keep_order_and_exactly_once<Fut: Future<Output = S
     }
     assert_eq!(acks.len(), TASKS * PER_TASK);
 
-    // I3: one original per key; every retry replays it exactly.
+    // I3: one original per stored key; every retry replays it exactly. A
+    // rejected key stored nothing, so its retries are rejected too (the
+    // session never goes idle: nobody runs its turn).
+    let mut stored: Vec<(&Ack, &Posted)> = Vec::new();
     for a in &acks {
-        let originals: Vec<&Posted> = a.attempts.iter().filter(|p| !p.replayed).collect();
+        let ok: Vec<&Posted> = a.attempts.iter().filter_map(|r| r.as_ref().ok()).collect();
+        for r in &a.attempts {
+            match r {
+                Ok(_) => {}
+                Err(StoreError::SessionBusy { .. }) if a.policy == Some(Policy::Reject) => {}
+                Err(e) => panic!("posting {:?} ({:?}) failed: {e:?}", a.content, a.policy),
+            }
+        }
+        if ok.is_empty() {
+            continue;
+        }
+        assert_eq!(
+            ok.len(),
+            a.attempts.len(),
+            "{:?}: once a key is stored, every attempt gets it back",
+            a.content
+        );
+        let originals: Vec<&&Posted> = ok.iter().filter(|p| !p.replayed).collect();
         assert_eq!(
             originals.len(),
             1,
-            "I3: {:?} was posted {} times with one key; exactly one must be stored (got {} originals)",
+            "I3: {:?} was posted {} times with one key; exactly one must be stored",
             a.content,
             a.attempts.len(),
-            originals.len()
         );
-        let o = originals[0];
+        let o = *originals[0];
         assert_eq!(
             o.entry.content.as_deref(),
             Some(a.content.as_str()),
@@ -576,7 +600,7 @@ pub async fn concurrent_posts_keep_order_and_exactly_once<Fut: Future<Output = S
             Some(&o.entry),
             "the original's committed entries start with the message"
         );
-        for r in a.attempts.iter().filter(|p| p.replayed) {
+        for r in ok.iter().filter(|p| p.replayed) {
             assert_eq!(
                 r.entry, o.entry,
                 "I3: a retry of {:?} returns the original entry (same seq)",
@@ -593,29 +617,31 @@ pub async fn concurrent_posts_keep_order_and_exactly_once<Fut: Future<Output = S
                 "I3: a retry has no side effects"
             );
         }
+        stored.push((a, o));
     }
 
-    // I1: every log is 1..=n; every acknowledged message is in it once, at
-    // its acknowledged seq; the first started the turn and the rest queued,
-    // in seq order with positions 1, 2, 3 …
+    // I1: every log is 1..=n; every stored message is in it once, at its
+    // acknowledged seq, and no rejected one is; the first started the turn
+    // (whatever its policy) and the rest queued, in seq order with positions
+    // 1, 2, 3 …; every rejection named that turn.
     for &id in &ids {
         let log = f.log(id).await;
-        let mut mine: Vec<&Posted> = acks
+        let mut mine: Vec<&Posted> = stored
             .iter()
-            .filter(|a| a.session == id)
-            .filter_map(|a| a.attempts.iter().find(|p| !p.replayed))
+            .filter(|(a, _)| a.session == id)
+            .map(|(_, p)| *p)
             .collect();
         mine.sort_by_key(|p| p.entry.seq);
-        let users: Vec<&Entry> = log.iter().filter(|e| e.role == Some(Role::User)).collect();
+        let users = log.iter().filter(|e| e.role == Some(Role::User)).count();
         assert_eq!(
-            users.len(),
+            users,
             mine.len(),
             "I3: session {id} stores exactly the acknowledged messages"
         );
         for p in &mine {
-            let stored = &log[(p.entry.seq - 1) as usize];
             assert_eq!(
-                stored, &p.entry,
+                log.get((p.entry.seq - 1) as usize),
+                Some(&p.entry),
                 "the log holds the acknowledged entry at its seq"
             );
             let copies = log.iter().filter(|e| e.content == p.entry.content).count();
@@ -658,8 +684,33 @@ pub async fn concurrent_posts_keep_order_and_exactly_once<Fut: Future<Output = S
                 p.entry.seq
             );
         }
+        for a in acks.iter().filter(|a| a.session == id) {
+            for r in &a.attempts {
+                if let Err(StoreError::SessionBusy { turn_id }) = r {
+                    assert_eq!(*turn_id, turn, "a rejection names the active turn");
+                    assert!(
+                        !log.iter()
+                            .any(|e| e.content.as_deref() == Some(a.content.as_str())),
+                        "a rejected message is never stored"
+                    );
+                }
+            }
+        }
         assert_eq!(f.view(id).await.queued, (mine.len() - 1) as u64);
     }
+    let rejected = acks
+        .iter()
+        .filter(|a| a.attempts.iter().all(Result::is_err))
+        .count();
+    let reject_asked = acks
+        .iter()
+        .filter(|a| a.policy == Some(Policy::Reject))
+        .count();
+    assert!(
+        rejected <= reject_asked && rejected + SESSIONS >= reject_asked,
+        "only a session's very first message may be stored despite asking for reject \
+         ({rejected} of {reject_asked} rejected)"
+    );
     f.cleanup().await;
 }
 
@@ -1633,10 +1684,57 @@ pub async fn stale_leases_are_fenced<Fut: Future<Output = SharedStore>>(
         f.store.begin_turn(&new, t2).await.expect("begin"),
         Begin::Run
     );
-    f.end(&new, t2, TurnStatus::Completed, None).await;
+
+    // Its worker stalls as well, and the same node takes the session back:
+    // the owner name is the same, so the epoch alone must fence the stalled
+    // worker.
+    tokio::time::sleep(PAST_TTL).await;
+    let all = f.store.recover(&other, false).await.expect("recover");
+    let again = recovered(&all, id).expect("the same node takes back its expired session");
+    assert_eq!(again.lease.owner, new.owner);
+    assert!(
+        again.lease.epoch > new.epoch,
+        "a takeover bumps the epoch, even by the same node"
+    );
+    assert_eq!(
+        again.committed.len(),
+        1,
+        "the running turn ends lost; nothing waits"
+    );
+    assert!(ended_entry(&again.committed[0], t2, TurnStatus::Lost));
+    let last = f.last_seq(id).await;
+    for (what, result) in [
+        (
+            "append_output",
+            f.store.append_output(&new, t2, late(t2)).await.map(drop),
+        ),
+        (
+            "end_turn",
+            f.store
+                .end_turn(&new, t2, TurnStatus::Completed, None, end(t2))
+                .await
+                .map(drop),
+        ),
+        ("renew_lease", f.store.renew_lease(&new).await.map(drop)),
+        (
+            "release_lease",
+            f.store.release_lease(&new, false).await.map(drop),
+        ),
+    ] {
+        expect_err!(
+            result,
+            StoreError::StaleEpoch { epoch } if epoch == new.epoch,
+            "I4: {what} with a lease its own node took back"
+        );
+    }
+    assert_eq!(
+        f.last_seq(id).await,
+        last,
+        "I4: the same-owner stale lease wrote nothing"
+    );
     assert!(f
         .store
-        .release_lease(&new, false)
+        .release_lease(&again.lease, false)
         .await
         .expect("release when idle"));
     let log = f.log(id).await;
