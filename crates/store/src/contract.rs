@@ -1,8 +1,9 @@
 //! The store contract suite: what every [`Store`] implementation must do,
 //! written once and run against each backend.
 //!
-//! Each public `async fn` here checks one contract and panics with a message
-//! naming the violated rule. They take a factory, `open(config)`, that returns
+//! Each public `async fn` here (besides the helpers [`base_config`] and
+//! [`check_log`]) checks one contract and panics with a message naming the
+//! violated rule. They take a factory, `open(config)`, that returns
 //! a fresh [`SharedStore`] honouring the [`StoreConfig`] it is given (lease
 //! TTL, queue capacity, bounded recovery), so a contract can open the store
 //! shape it needs. `crates/store/tests/contract.rs` runs every function
@@ -25,6 +26,10 @@
 //! `all_foreign` any session at all), so contracts that call it hold an
 //! in-process exclusive lock and all others a shared one: inside one test
 //! binary no contract's lease is taken over by another contract's recovery.
+//! That lock is per process: on a PostgreSQL database shared with other
+//! processes, [`all_foreign_recovery_takes_unexpired_leases`] also takes over
+//! their live sessions (that is what `all_foreign` means), and their sweepers
+//! may take over this suite's expired leases first.
 
 use std::future::Future;
 use std::time::Duration;
@@ -59,6 +64,13 @@ const SHORT_TTL: Duration = Duration::from_millis(200);
 
 /// Comfortably past [`SHORT_TTL`]: the lease has expired by the store's clock.
 const PAST_TTL: Duration = Duration::from_millis(450);
+
+/// A lease long enough that a takeover's fresh lease cannot expire again
+/// while a racing recovery waits for the row lock, even on a loaded machine.
+const RACE_TTL: Duration = Duration::from_millis(1000);
+
+/// Comfortably past [`RACE_TTL`].
+const PAST_RACE_TTL: Duration = Duration::from_millis(1300);
 
 /// The configuration contracts start from: a long lease (expiry never happens
 /// by accident), a queue that never fills by accident, a small pool.
@@ -1569,7 +1581,7 @@ pub async fn stale_leases_are_fenced<Fut: Future<Output = SharedStore>>(
     let f = Fixture::open(
         open,
         StoreConfig {
-            lease_ttl: SHORT_TTL,
+            lease_ttl: RACE_TTL,
             ..base_config()
         },
     )
@@ -1586,10 +1598,20 @@ pub async fn stale_leases_are_fenced<Fut: Future<Output = SharedStore>>(
         .expect("append before the takeover");
     let m2 = f.post(f.msg(id, "m2")).await;
 
-    tokio::time::sleep(PAST_TTL).await;
-    let other = unique("node-takeover");
-    let all = f.store.recover(&other, false).await.expect("recover");
-    let rec = recovered(&all, id).expect("recover takes over a session whose lease expired");
+    tokio::time::sleep(PAST_RACE_TTL).await;
+    // Two nodes race to take it over: the loser re-checks under the lock and
+    // finds a live lease.
+    let (n1, n2) = (unique("node-takeover"), unique("node-takeover"));
+    let (r1, r2) = tokio::join!(f.store.recover(&n1, false), f.store.recover(&n2, false));
+    let r1 = recovered(&r1.expect("recover"), id);
+    let r2 = recovered(&r2.expect("recover"), id);
+    let (other, rec) = match (r1, r2) {
+        (Some(r), None) => (n1, r),
+        (None, Some(r)) => (n2, r),
+        (a, b) => panic!(
+            "I4: exactly one of two racing recovers must take an expired session over: {a:?} / {b:?}"
+        ),
+    };
     assert_eq!(rec.lease.owner, other);
     assert!(
         rec.lease.epoch > old.epoch,
@@ -1688,7 +1710,7 @@ pub async fn stale_leases_are_fenced<Fut: Future<Output = SharedStore>>(
     // Its worker stalls as well, and the same node takes the session back:
     // the owner name is the same, so the epoch alone must fence the stalled
     // worker.
-    tokio::time::sleep(PAST_TTL).await;
+    tokio::time::sleep(PAST_RACE_TTL).await;
     let all = f.store.recover(&other, false).await.expect("recover");
     let again = recovered(&all, id).expect("the same node takes back its expired session");
     assert_eq!(again.lease.owner, new.owner);
