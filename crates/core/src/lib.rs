@@ -18,7 +18,7 @@ pub mod turn;
 
 pub use entry::{Entry, EntryType, InputRange, NewEntry, Role, ToolInfo};
 pub use id::{IdError, SessionId, TurnId};
-pub use policy::{Decision, Disposition, DispositionType, Policy, Waiting};
+pub use policy::{Decision, Disposition, DispositionType, NextTurn, Policy, QueueSummary, Waiting};
 pub use session::{Session, SessionStatus, Turn, TurnStatus};
 pub use time::Timestamp;
 

@@ -8,7 +8,7 @@
 //! real stores and engine are then tested against the same invariants with
 //! real concurrency.
 
-use crate::policy::{decide, next_input, ActiveTurn, Decision};
+use crate::policy::{decide, ActiveTurn, Decision, NextTurn, QueueSummary};
 use crate::turn::{Action, Event, TurnMachine};
 use crate::{EntryType, InputRange, NewEntry, Policy, Role, Seq, TurnId, TurnStatus, Waiting};
 
@@ -39,17 +39,20 @@ pub struct SessionModel {
     /// User messages accepted (stored), in order.
     pub accepted: Vec<Seq>,
     waiting: Vec<Waiting>,
+    /// What the stores keep instead of reading `waiting`.
+    queue: QueueSummary,
     active: Option<Active>,
-    capacity: usize,
+    capacity: u64,
 }
 
 impl SessionModel {
     /// An idle, empty session whose queue holds `capacity` messages.
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: u64) -> Self {
         Self {
             log: Vec::new(),
             accepted: Vec::new(),
             waiting: Vec::new(),
+            queue: QueueSummary::default(),
             active: None,
             capacity,
         }
@@ -102,7 +105,7 @@ impl SessionModel {
     fn post(&mut self, policy: Policy) {
         let new_turn = TurnId::new();
         let active = self.active.as_ref().map(|a| ActiveTurn { id: a.id });
-        match decide(active, &self.waiting, self.capacity, policy, new_turn) {
+        match decide(active, &self.queue, self.capacity, policy, new_turn) {
             Decision::Reject { .. } | Decision::QueueFull { .. } => {}
             Decision::Accept {
                 start,
@@ -115,6 +118,7 @@ impl SessionModel {
                     self.start(new_turn, InputRange { from: seq, to: seq });
                 } else {
                     self.waiting.push(Waiting { seq, policy });
+                    self.queue.push(seq, policy);
                 }
                 if cancel_active {
                     self.feed(Event::CancelRequested {
@@ -160,10 +164,20 @@ impl SessionModel {
             self.append(e);
         }
         self.active = None;
-        if let Some(input) = next_input(&self.waiting) {
-            self.waiting.retain(|w| w.seq > input.to);
-            self.start(TurnId::new(), input);
-        }
+        let (Some(next), Some(first)) = (self.queue.next(), self.waiting.first()) else {
+            return;
+        };
+        let to = match next {
+            NextTurn::First => first.seq,
+            NextTurn::UpTo(to) => to,
+        };
+        let input = InputRange {
+            from: first.seq,
+            to,
+        };
+        self.queue.consume(next);
+        self.waiting.retain(|w| w.seq > to);
+        self.start(TurnId::new(), input);
     }
 
     /// Drives the session until no turn runs and nothing waits.
@@ -311,7 +325,7 @@ mod tests {
         #[test]
         fn invariants_hold_under_random_interleavings(
             events in proptest::collection::vec(event(), 0..80),
-            capacity in 1usize..6,
+            capacity in 1u64..6,
         ) {
             let mut m = SessionModel::new(capacity);
             for e in events {

@@ -106,6 +106,72 @@ pub fn next_input(waiting: &[Waiting]) -> Option<InputRange> {
     plan_turns(waiting).into_iter().next()
 }
 
+/// What a store keeps about a session's waiting messages so that deciding
+/// on a new message, and starting the next turn, never reads the queue: it
+/// is `plan_turns` folded into three numbers, updated as messages arrive and
+/// turns consume them. Property tests check it against [`plan_turns`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueSummary {
+    /// Messages waiting for a turn.
+    pub waiting: u64,
+    /// The last waiting `merge` or `interrupt` message: the next turn takes
+    /// everything up to it.
+    pub last_gather: Option<Seq>,
+    /// Waiting messages after `last_gather` (all of them if there is none);
+    /// each runs in its own turn.
+    pub after_gather: u64,
+}
+
+/// How far the next turn reaches into the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextTurn {
+    /// Just the first waiting message.
+    First,
+    /// Every waiting message up to and including this seq.
+    UpTo(Seq),
+}
+
+impl QueueSummary {
+    /// A message with `policy` was stored at `seq` and waits.
+    pub fn push(&mut self, seq: Seq, policy: Policy) {
+        self.waiting += 1;
+        if policy.gathers() {
+            self.last_gather = Some(seq);
+            self.after_gather = 0;
+        } else {
+            self.after_gather += 1;
+        }
+    }
+
+    /// How many turns the waiting messages will take (`plan_turns(..).len()`).
+    pub fn planned_turns(&self) -> u64 {
+        u64::from(self.last_gather.is_some()) + self.after_gather
+    }
+
+    /// The next turn's reach, if anything waits.
+    pub fn next(&self) -> Option<NextTurn> {
+        match (self.waiting, self.last_gather) {
+            (0, _) => None,
+            (_, Some(to)) => Some(NextTurn::UpTo(to)),
+            (_, None) => Some(NextTurn::First),
+        }
+    }
+
+    /// The next turn took its messages.
+    pub fn consume(&mut self, next: NextTurn) {
+        match next {
+            NextTurn::First => {
+                self.waiting = self.waiting.saturating_sub(1);
+                self.after_gather = self.after_gather.saturating_sub(1);
+            }
+            NextTurn::UpTo(_) => {
+                self.waiting = self.after_gather;
+                self.last_gather = None;
+            }
+        }
+    }
+}
+
 /// What the `201` for a message says happened to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -141,7 +207,7 @@ pub enum Decision {
     /// Refuse: the session is busy (`409 session_busy`); store nothing.
     Reject { turn_id: TurnId },
     /// Refuse: the queue is at capacity (`429 queue_full`); store nothing.
-    QueueFull { capacity: usize },
+    QueueFull { capacity: u64 },
     /// Store the message. If `start` is set the session was idle and a turn
     /// consuming just this message begins in the same transaction; if
     /// `cancel_active` is set the running turn must be cancelled.
@@ -153,7 +219,7 @@ pub enum Decision {
 }
 
 /// Decides what happens to a new message with `policy`, given the active turn
-/// (if any), the messages already waiting (in seq order) and the queue's
+/// (if any), a summary of the messages already waiting and the queue's
 /// capacity. `turn_id` is the id to give a turn started now.
 ///
 /// Callers keep "something waits ⇒ a turn is active" (a turn's end starts the
@@ -161,8 +227,8 @@ pub enum Decision {
 /// no active turn starts the next planned turn first, then decides.
 pub fn decide(
     active: Option<ActiveTurn>,
-    waiting: &[Waiting],
-    capacity: usize,
+    queue: &QueueSummary,
+    capacity: u64,
     policy: Policy,
     turn_id: TurnId,
 ) -> Decision {
@@ -179,19 +245,12 @@ pub fn decide(
     };
     let disposition = match policy {
         Policy::Reject => return Decision::Reject { turn_id: active.id },
-        _ if waiting.len() >= capacity => return Decision::QueueFull { capacity },
-        Policy::Queue => {
-            let mut all = waiting.to_vec();
-            all.push(Waiting {
-                seq: Seq::MAX,
-                policy,
-            });
-            Disposition {
-                kind: DispositionType::Queued,
-                turn_id: None,
-                position: Some(plan_turns(&all).len() as u64),
-            }
-        }
+        _ if queue.waiting >= capacity => return Decision::QueueFull { capacity },
+        Policy::Queue => Disposition {
+            kind: DispositionType::Queued,
+            turn_id: None,
+            position: Some(queue.planned_turns() + 1),
+        },
         Policy::Merge => Disposition {
             kind: DispositionType::Merged,
             turn_id: None,
@@ -222,6 +281,55 @@ mod tests {
         InputRange { from, to }
     }
 
+    fn policy() -> impl proptest::strategy::Strategy<Value = Policy> {
+        proptest::prop_oneof![
+            proptest::strategy::Just(Policy::Queue),
+            proptest::strategy::Just(Policy::Merge),
+            proptest::strategy::Just(Policy::Interrupt),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The summary the stores keep answers exactly what `plan_turns`
+        /// over the full queue answers, through arrivals and consumption.
+        #[test]
+        fn summary_agrees_with_plan_turns(steps in proptest::collection::vec(proptest::option::of(policy()), 0..60)) {
+            let mut queue: Vec<Waiting> = Vec::new();
+            let mut q = QueueSummary::default();
+            let mut seq = 0;
+            for step in steps {
+                match step {
+                    Some(p) => {
+                        seq += 1;
+                        queue.push(w(seq, p));
+                        q.push(seq, p);
+                    }
+                    None => {
+                        let expected = next_input(&queue);
+                        let got = q.next();
+                        match (expected, got) {
+                            (None, None) => {}
+                            (Some(r), Some(NextTurn::First)) => {
+                                proptest::prop_assert_eq!(r.from, r.to);
+                                proptest::prop_assert_eq!(r.from, queue[0].seq);
+                            }
+                            (Some(r), Some(NextTurn::UpTo(to))) => proptest::prop_assert_eq!(r.to, to),
+                            (e, g) => proptest::prop_assert!(false, "plan {:?} vs summary {:?}", e, g),
+                        }
+                        if let Some(n) = got {
+                            q.consume(n);
+                        }
+                        if let Some(r) = expected {
+                            queue.retain(|m| m.seq > r.to);
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(q.waiting, queue.len() as u64);
+                proptest::prop_assert_eq!(q.planned_turns(), plan_turns(&queue).len() as u64);
+            }
+        }
+    }
+
     #[test]
     fn queue_messages_get_one_turn_each() {
         let plan = plan_turns(&[w(3, Policy::Queue), w(5, Policy::Queue)]);
@@ -249,7 +357,7 @@ mod tests {
             Policy::Interrupt,
             Policy::Reject,
         ] {
-            let d = decide(None, &[], 10, p, t);
+            let d = decide(None, &QueueSummary::default(), 10, p, t);
             assert!(matches!(
                 d,
                 Decision::Accept { start: true, disposition: Disposition { kind: DispositionType::Started, turn_id: Some(id), .. }, .. } if id == t
@@ -257,11 +365,19 @@ mod tests {
         }
     }
 
+    fn summary(waiting: &[Waiting]) -> QueueSummary {
+        let mut q = QueueSummary::default();
+        for w in waiting {
+            q.push(w.seq, w.policy);
+        }
+        q
+    }
+
     #[test]
     fn busy_session_applies_the_policy() {
         let active = Some(ActiveTurn { id: TurnId::new() });
         let t = TurnId::new();
-        let waiting = [w(3, Policy::Queue)];
+        let waiting = summary(&[w(3, Policy::Queue)]);
         assert_eq!(
             decide(active, &waiting, 10, Policy::Reject, t),
             Decision::Reject {

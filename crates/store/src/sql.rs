@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use baton_core::policy::{decide, next_input, ActiveTurn, Decision};
+use baton_core::policy::{decide, ActiveTurn, Decision, NextTurn, QueueSummary};
 use baton_core::{
     Disposition, Entry, EntryType, InputRange, NewEntry, Policy, Role, Seq, Session, SessionId,
-    SessionStatus, Timestamp, ToolInfo, Turn, TurnId, TurnStatus, Waiting,
+    SessionStatus, Timestamp, ToolInfo, Turn, TurnId, TurnStatus,
 };
 use futures_util::future::BoxFuture;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -324,7 +324,8 @@ where
 // Rows
 
 const SESSION_COLS: &str = "id, owner, agent, policy, metadata, created_at, last_seq, consumed_seq, \
-     active_turn, lease_owner, lease_epoch, lease_expires_at, idempotency_key, request_fingerprint, agent_session";
+     active_turn, lease_owner, lease_epoch, lease_expires_at, idempotency_key, request_fingerprint, agent_session, \
+     waiting_count, last_gather_seq, after_gather_count";
 
 const ENTRY_COLS: &str =
     "session_id, seq, kind, role, turn_id, content, status, reason, input_from, input_to, tool, created_at";
@@ -348,6 +349,8 @@ struct SessionRow {
     lease_expires_at: Option<i64>,
     fingerprint: Option<String>,
     agent_session: Option<String>,
+    /// The waiting messages, summarized (kept in step with `consumed_seq`).
+    queue: QueueSummary,
 }
 
 fn corrupt(what: &str, value: &str) -> Fail {
@@ -379,6 +382,13 @@ fn session_row(r: &AnyRow) -> R<SessionRow> {
         lease_expires_at: r.try_get("lease_expires_at")?,
         fingerprint: r.try_get("request_fingerprint")?,
         agent_session: r.try_get("agent_session")?,
+        queue: QueueSummary {
+            waiting: r.try_get::<i64, _>("waiting_count")?.max(0) as u64,
+            last_gather: r
+                .try_get::<Option<i64>, _>("last_gather_seq")?
+                .map(|s| s as Seq),
+            after_gather: r.try_get::<i64, _>("after_gather_count")?.max(0) as u64,
+        },
     })
 }
 
@@ -432,7 +442,7 @@ fn turn_row(r: &AnyRow) -> R<Turn> {
     })
 }
 
-fn session_view(s: &SessionRow, queued: i64) -> R<Session> {
+fn session_view(s: &SessionRow) -> R<Session> {
     Ok(Session {
         id: s.id,
         owner: s.owner.clone(),
@@ -445,7 +455,7 @@ fn session_view(s: &SessionRow, queued: i64) -> R<Session> {
         },
         turn_id: s.active_turn,
         last_seq: s.last_seq as Seq,
-        queued: queued.max(0) as u64,
+        queued: s.queue.waiting,
         created_at: Timestamp(s.created_at),
         metadata: serde_json::from_str(&s.metadata)
             .map_err(|_| corrupt("metadata", &s.metadata))?,
@@ -501,7 +511,8 @@ async fn lock_fenced(c: &mut AnyConnection, d: Dialect, lease: &Lease) -> R<Sess
 async fn save_session(c: &mut AnyConnection, s: &SessionRow) -> R<()> {
     sqlx::query(
         "UPDATE sessions SET last_seq = $2, consumed_seq = $3, active_turn = $4, lease_owner = $5, \
-         lease_epoch = $6, lease_expires_at = $7, agent_session = $8 WHERE id = $1",
+         lease_epoch = $6, lease_expires_at = $7, agent_session = $8, waiting_count = $9, \
+         last_gather_seq = $10, after_gather_count = $11 WHERE id = $1",
     )
     .bind(s.id.to_string())
     .bind(s.last_seq)
@@ -511,6 +522,9 @@ async fn save_session(c: &mut AnyConnection, s: &SessionRow) -> R<()> {
     .bind(s.lease_epoch)
     .bind(s.lease_expires_at)
     .bind(s.agent_session.clone())
+    .bind(s.queue.waiting as i64)
+    .bind(s.queue.last_gather.map(|g| g as i64))
+    .bind(s.queue.after_gather as i64)
     .execute(&mut *c)
     .await?;
     Ok(())
@@ -571,26 +585,6 @@ async fn append(
     Ok(e.committed(s.id, s.last_seq as Seq, Timestamp(now)))
 }
 
-async fn waiting(c: &mut AnyConnection, s: &SessionRow) -> R<Vec<Waiting>> {
-    let rows = sqlx::query(
-        "SELECT seq, policy FROM entries WHERE session_id = $1 AND role = 'user' AND seq > $2 ORDER BY seq",
-    )
-    .bind(s.id.to_string())
-    .bind(s.consumed_seq)
-    .fetch_all(&mut *c)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let p: Option<String> = r.try_get("policy")?;
-            let p = p.unwrap_or_default();
-            Ok(Waiting {
-                seq: r.try_get::<i64, _>("seq")? as Seq,
-                policy: p.parse().map_err(|_| corrupt("policy", &p))?,
-            })
-        })
-        .collect()
-}
-
 /// Creates a turn consuming `input`: the turn row, the cursor, the
 /// `turn_started` entry — one transaction with whatever made it start.
 async fn start_turn(
@@ -616,16 +610,39 @@ async fn start_turn(
     append(c, s, now, NewEntry::turn_started(id, input), None).await
 }
 
-/// Starts the next planned turn if messages wait and none is active.
+/// Starts the next planned turn if messages wait and none is active. Reads
+/// one indexed row (the first waiting message), never the whole queue.
 async fn start_next(c: &mut AnyConnection, s: &mut SessionRow, now: i64) -> R<Option<Entry>> {
     if s.active_turn.is_some() {
         return Ok(None);
     }
-    let w = waiting(c, s).await?;
-    match next_input(&w) {
-        Some(input) => Ok(Some(start_turn(c, s, now, TurnId::new(), input).await?)),
-        None => Ok(None),
-    }
+    let Some(next) = s.queue.next() else {
+        return Ok(None);
+    };
+    let first: Option<i64> = sqlx::query_scalar(
+        "SELECT MIN(seq) FROM entries WHERE session_id = $1 AND role = 'user' AND seq > $2",
+    )
+    .bind(s.id.to_string())
+    .bind(s.consumed_seq)
+    .fetch_one(&mut *c)
+    .await?;
+    let Some(from) = first else {
+        return Err(StoreError::Internal(format!(
+            "session {} counts {} waiting messages but has none after seq {}",
+            s.id, s.queue.waiting, s.consumed_seq
+        ))
+        .into());
+    };
+    let to = match next {
+        NextTurn::First => from,
+        NextTurn::UpTo(to) => to as i64,
+    };
+    s.queue.consume(next);
+    let input = InputRange {
+        from: from as Seq,
+        to: to as Seq,
+    };
+    Ok(Some(start_turn(c, s, now, TurnId::new(), input).await?))
 }
 
 /// Takes the lease for `node` if nobody holds it or the holder's expired.
@@ -684,16 +701,6 @@ async fn finish_turn(
     })
 }
 
-async fn queued(c: &mut AnyConnection, s: &SessionRow) -> R<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT COUNT(*) FROM entries WHERE session_id = $1 AND role = 'user' AND seq > $2",
-    )
-    .bind(s.id.to_string())
-    .bind(s.consumed_seq)
-    .fetch_one(&mut *c)
-    .await?)
-}
-
 // ---------------------------------------------------------------------------
 // Operations
 
@@ -719,9 +726,8 @@ async fn op_create(
             if s.fingerprint.as_deref() != Some(req.fingerprint.as_str()) {
                 return Err(StoreError::IdempotencyConflict.into());
             }
-            let q = queued(c, &s).await?;
             return Ok(Created {
-                session: session_view(&s, q)?,
+                session: session_view(&s)?,
                 created: false,
                 committed: Vec::new(),
                 lease: None,
@@ -748,6 +754,7 @@ async fn op_create(
             .as_ref()
             .map(|_| req.fingerprint.clone()),
         agent_session: None,
+        queue: QueueSummary::default(),
     };
     sqlx::query(
         "INSERT INTO sessions (id, owner, agent, policy, metadata, created_at, idempotency_key, request_fingerprint) \
@@ -793,7 +800,7 @@ async fn op_create(
         save_session(c, &s).await?;
     }
     Ok(Created {
-        session: session_view(&s, 0)?,
+        session: session_view(&s)?,
         created: true,
         committed,
         lease,
@@ -848,14 +855,16 @@ async fn op_post(
         lease = try_claim(&mut s, &req.node, now, cfg.lease_ttl);
     }
     let policy = req.policy.unwrap_or(s.policy);
-    let w = waiting(c, &s).await?;
     let turn = TurnId::new();
     let active = s.active_turn.map(|id| ActiveTurn { id });
     let (disposition, start, cancel_active) =
-        match decide(active, &w, cfg.queue_capacity, policy, turn) {
+        match decide(active, &s.queue, cfg.queue_capacity as u64, policy, turn) {
             Decision::Reject { turn_id } => return Err(StoreError::SessionBusy { turn_id }.into()),
             Decision::QueueFull { capacity } => {
-                return Err(StoreError::QueueFull { capacity }.into())
+                return Err(StoreError::QueueFull {
+                    capacity: capacity as usize,
+                }
+                .into())
             }
             Decision::Accept {
                 disposition,
@@ -885,6 +894,8 @@ async fn op_post(
         };
         committed.push(start_turn(c, &mut s, now, turn, input).await?);
         lease = lease.or_else(|| try_claim(&mut s, &req.node, now, cfg.lease_ttl));
+    } else {
+        s.queue.push(entry.seq, policy);
     }
     let mut cancel = None;
     if cancel_active {
@@ -1008,10 +1019,7 @@ impl Store for SqlStore {
         let get = async {
             let s = fetch_session(&mut c, id, "").await?;
             match s {
-                Some(s) if s.owner == owner => {
-                    let q = queued(&mut c, &s).await?;
-                    session_view(&s, q)
-                }
+                Some(s) if s.owner == owner => session_view(&s),
                 _ => Err(StoreError::NotFound.into()),
             }
         };
@@ -1028,8 +1036,7 @@ impl Store for SqlStore {
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {
                 let s = session_row(r)?;
-                let q = queued(&mut c, &s).await?;
-                out.push(session_view(&s, q)?);
+                out.push(session_view(&s)?);
             }
             Ok(out)
         };
