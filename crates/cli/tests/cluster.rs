@@ -317,3 +317,167 @@ async fn a_killed_nodes_turn_ends_lost_and_its_queue_runs_elsewhere() {
     check_transcript(&survivor.client.entries(&id).await);
     survivor.shutdown().await;
 }
+
+/// A TCP proxy in front of PostgreSQL that a test can cut: cutting closes
+/// every open connection and refuses new ones until restored.
+struct Proxy {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+async fn proxy_to(target: std::net::SocketAddr) -> Proxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (cut, cut_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut cut_rx = cut_rx.clone();
+            if *cut_rx.borrow() {
+                drop(inbound);
+                continue;
+            }
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = cut_rx.wait_for(|c| *c) => {}
+                }
+            });
+        }
+    });
+    Proxy { port, cut }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_loses_the_database_fences_itself_and_answers_503() {
+    let Some(url) = database_url("a_node_that_loses_the_database_fences_itself_and_answers_503")
+    else {
+        return;
+    };
+    let parsed = reqwest::Url::parse(&url).unwrap();
+    let target: std::net::SocketAddr = format!(
+        "{}:{}",
+        parsed.host_str().unwrap(),
+        parsed.port().unwrap_or(5432)
+    )
+    .to_socket_addrs_first();
+    let proxy = proxy_to(target).await;
+    let mut via_proxy = parsed.clone();
+    via_proxy.set_host(Some("127.0.0.1")).unwrap();
+    via_proxy.set_port(Some(proxy.port)).unwrap();
+
+    let survivor = node(&url).await;
+    let isolated = node(via_proxy.as_str()).await;
+    let s = isolated
+        .client
+        .create_session(json!({"message": "/hang"}))
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let hung = s["turn_id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while survivor.client.turns(&id).await[0]["status"] != "running" {
+        assert!(tokio::time::Instant::now() < deadline, "the turn never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut acked = Vec::new();
+    for i in 0..2 {
+        let (status, v) = survivor
+            .client
+            .post(&id, &format!("queued {i}"), None, None)
+            .await;
+        assert_eq!(status, 201, "{v}");
+        acked.push(v["entry"]["seq"].as_u64().unwrap());
+    }
+
+    proxy.cut.send_replace(true);
+    let cut_at = tokio::time::Instant::now();
+    // The isolated node answers 503 while it cannot reach the store.
+    let (status, v) = isolated.client.post(&id, "while cut off", None, None).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "unavailable");
+    let (status, _) = isolated
+        .client
+        .send(isolated.client.req(reqwest::Method::GET, "/healthz"))
+        .await;
+    assert_eq!(status, 503);
+    // It stops its turn by itself (self-fencing), database or not.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, metrics) = isolated
+            .client
+            .send(isolated.client.req(reqwest::Method::GET, "/metrics"))
+            .await;
+        let text = metrics.as_str().unwrap_or_default().to_owned();
+        if text
+            .lines()
+            .any(|l| l.starts_with("baton_session_actors ") && l.ends_with(" 0"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the isolated node kept its turn: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The survivor takes over: the turn ends `lost`, the queue runs there.
+    survivor.client.wait_idle(&id).await;
+    assert!(cut_at.elapsed() < Duration::from_secs(20));
+    let turns = survivor.client.turns(&id).await;
+    assert_eq!(turns[0]["id"], hung.as_str());
+    assert_eq!(turns[0]["status"], "lost", "{turns:#?}");
+    assert!(
+        turns[1..].iter().all(|t| t["status"] == "completed"),
+        "{turns:#?}"
+    );
+
+    // Back online, the isolated node serves again; nothing acknowledged was lost.
+    proxy.cut.send_replace(false);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (status, _) = isolated
+            .client
+            .send(isolated.client.req(reqwest::Method::GET, "/healthz"))
+            .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, v) = isolated.client.post(&id, "back again", None, None).await;
+    assert_eq!(status, 201, "{v}");
+    acked.push(v["entry"]["seq"].as_u64().unwrap());
+    survivor.client.wait_idle(&id).await;
+    let entries = isolated.client.entries(&id).await;
+    check_transcript(&entries);
+    for seq in acked {
+        assert_eq!(
+            entries[seq as usize - 1]["role"],
+            "user",
+            "acknowledged message {seq} is there"
+        );
+    }
+    assert!(
+        !entries.iter().any(|e| e["content"] == "while cut off"),
+        "a 503 stored nothing"
+    );
+    survivor.shutdown().await;
+    isolated.shutdown().await;
+}
+
+trait FirstAddr {
+    fn to_socket_addrs_first(&self) -> std::net::SocketAddr;
+}
+
+impl FirstAddr for String {
+    fn to_socket_addrs_first(&self) -> std::net::SocketAddr {
+        use std::net::ToSocketAddrs;
+        self.to_socket_addrs().unwrap().next().unwrap()
+    }
+}

@@ -260,7 +260,13 @@ async fn run_turn(
                     continue;
                 }
             },
-            _ = heartbeat.tick() => match inner.store.renew_lease(lease).await {
+            // A renewal that hangs (a database that stopped answering) counts
+            // as failed once a heartbeat has passed, so self-fencing happens
+            // before the lease can expire, not whenever the driver gives up.
+            _ = heartbeat.tick() => match tokio::time::timeout(inner.cfg.heartbeat, inner.store.renew_lease(lease))
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("lease renewal timed out".into())))
+            {
                 Ok(renewal) => {
                     last_renewal = Instant::now();
                     match renewal.cancel {
@@ -271,9 +277,10 @@ async fn run_turn(
                 Err(StoreError::StaleEpoch { .. }) => Event::LeaseLost,
                 Err(e) => {
                     tracing::warn!(error = %e, "lease renewal failed");
-                    // Self-fencing: past the lease's life another worker may
-                    // own the session; stop before it could.
-                    if last_renewal.elapsed() + inner.cfg.heartbeat >= inner.lease_ttl() {
+                    // Self-fencing: stop while the lease is still ours, when
+                    // the next renewal could no longer land before it expires
+                    // (another worker may own the session after that).
+                    if last_renewal.elapsed() + 2 * inner.cfg.heartbeat >= inner.lease_ttl() {
                         Event::LeaseLost
                     } else {
                         continue;
