@@ -98,13 +98,17 @@ impl TurnControl for Control {
 #[async_trait]
 impl AgentDriver for DemoAgent {
     async fn start(&self, input: TurnInput) -> Result<TurnHandle, AgentError> {
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::unbounded_channel();
         let (signal_tx, signal_rx) = watch::channel(Signal::Run);
         tokio::spawn(run(self.word_delay, input, tx, signal_rx));
         Ok(TurnHandle {
             events: rx,
             control: Box::new(Control(signal_tx)),
         })
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "kind": "demo", "word_delay_ms": self.word_delay.as_millis() as u64 })
     }
 }
 
@@ -142,15 +146,13 @@ async fn pause(
 async fn run(
     word_delay: Duration,
     input: TurnInput,
-    tx: mpsc::Sender<AgentEvent>,
+    tx: mpsc::UnboundedSender<AgentEvent>,
     mut signal: watch::Receiver<Signal>,
 ) {
     let outcome = script(word_delay, &input, &tx, &mut signal).await;
     let last = match outcome {
         Ok(Some(reply)) => {
-            let _ = tx
-                .send(AgentEvent::Output(AgentOutput::Message(reply)))
-                .await;
+            let _ = tx.send(AgentEvent::Output(AgentOutput::Message(reply)));
             AgentEvent::Stopped(StopReason::Completed)
         }
         Ok(None) => AgentEvent::Stopped(StopReason::Failed(
@@ -159,14 +161,14 @@ async fn run(
         Err(Stop::Cancelled) => AgentEvent::Stopped(StopReason::Cancelled),
         Err(Stop::Killed) => return,
     };
-    let _ = tx.send(last).await;
+    let _ = tx.send(last);
 }
 
 /// Streams the echo; `Ok(None)` is a deliberate failure.
 async fn script(
     word_delay: Duration,
     input: &TurnInput,
-    tx: &mpsc::Sender<AgentEvent>,
+    tx: &mpsc::UnboundedSender<AgentEvent>,
     signal: &mut watch::Receiver<Signal>,
 ) -> Result<Option<String>, Stop> {
     let mut lines = Vec::with_capacity(input.messages.len());
@@ -185,7 +187,7 @@ async fn script(
             } else {
                 format!(" {word}")
             };
-            if tx.send(AgentEvent::Delta(chunk)).await.is_err() {
+            if tx.send(AgentEvent::Delta(chunk)).is_err() {
                 return Err(Stop::Killed);
             }
             if directive == Directive::Fail {

@@ -7,6 +7,7 @@
 //! turn has its own channel, output of a turn the engine has moved on from
 //! cannot be mistaken for the next turn's (I8): the engine drops the channel.
 
+pub mod acp;
 pub mod demo;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use baton_core::turn::{AgentOutput, StopReason};
 use baton_core::{SessionId, TurnId};
 use tokio::sync::mpsc;
 
+pub use acp::{AcpConfig, AcpDriver, PermissionPolicy};
 pub use demo::DemoAgent;
 
 /// A driver could not start a turn.
@@ -47,6 +49,9 @@ pub enum AgentEvent {
     Output(AgentOutput),
     /// The agent finished the prompt. The last event of a turn.
     Stopped(StopReason),
+    /// The agent's own id for this conversation, to keep with the session so
+    /// a restarted agent can resume it.
+    AgentSession(String),
 }
 
 /// Stops a running turn.
@@ -59,7 +64,7 @@ pub trait TurnControl: Send + Sync {
 
 /// A started turn.
 pub struct TurnHandle {
-    pub events: mpsc::Receiver<AgentEvent>,
+    pub events: mpsc::UnboundedReceiver<AgentEvent>,
     pub control: Box<dyn TurnControl>,
 }
 
@@ -69,6 +74,11 @@ pub trait AgentDriver: Send + Sync + 'static {
     /// Starts a turn. The driver must not overlap turns of one session; the
     /// engine never asks it to.
     async fn start(&self, input: TurnInput) -> Result<TurnHandle, AgentError>;
+
+    /// What `GET /v1/agents` shows about this agent.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "kind": "custom" })
+    }
 }
 
 /// The agents a server knows, by name.

@@ -89,13 +89,17 @@ impl utoipa::Modify for BearerAuth {
 }
 
 /// The configured agents.
-#[utoipa::path(get, path = "/v1/agents", responses((status = 200, description = "`{agents: [{name}]}`")))]
+#[utoipa::path(get, path = "/v1/agents", responses((status = 200, description = "`{agents: [{name, kind, command?, process?, capabilities?}]}`: the configured agents, their capabilities from `initialize`, and process status")))]
 async fn agents(State(state): State<AppState>, _owner: extract::Owner) -> impl IntoResponse {
     let agents: Vec<_> = state
         .engine
         .agents()
         .names()
-        .map(|name| serde_json::json!({ "name": name }))
+        .filter_map(|name| {
+            let mut about = state.engine.agents().get(name)?.describe();
+            about["name"] = serde_json::json!(name);
+            Some(about)
+        })
         .collect();
     Json(serde_json::json!({ "agents": agents }))
 }

@@ -1,5 +1,6 @@
-//! `baton bench`: measures the embedded store's durable append path and the
-//! HTTP message path, each next to a baseline measured in the same run.
+//! `baton bench`: measures the store's durable append path, the HTTP message
+//! path and the cross-node delta path, each next to a baseline measured in
+//! the same run.
 //!
 //! - `baton bench append` — appends/s and latency of `Store::post_message` on
 //!   the SQLite store (WAL, `synchronous=FULL`, group commit) at several
@@ -9,16 +10,28 @@
 //! - `baton bench post` — latency of `POST /v1/sessions/{id}/messages` until
 //!   its `201`, over real HTTP on 127.0.0.1 against an embedded server, for a
 //!   session with a turn in flight (mid-turn) and for an idle session.
+//! - `baton bench pg-append` — the same as `append` on the PostgreSQL store,
+//!   with the appends spread over many sessions and all on one hot session,
+//!   beside a pgbench-style baseline: single-row `INSERT` transactions through
+//!   sqlx's Postgres pool, same database, same writer counts.
+//! - `baton bench pg-delta` — cross-node delta latency: two nodes on one
+//!   database, a turn running on node B, its deltas timed from B's local bus
+//!   to a client's SSE stream on node A (through `LISTEN/NOTIFY`), beside the
+//!   same deltas on an SSE stream from B itself.
 //!
-//! Everything runs in a scratch directory that is removed at the end, talks
-//! only to 127.0.0.1, and is bounded in count and time.
+//! Everything runs in a scratch directory, or a scratch PostgreSQL database
+//! `baton_bench_<pid>`, that is removed at the end (also after an error or
+//! Ctrl-C), talks only to 127.0.0.1, and is bounded in count and time.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use baton_core::{Policy, SessionId, SessionStatus, TurnStatus};
+use anyhow::{anyhow, bail, Context};
+use baton_core::{EntryType, Policy, SessionId, SessionStatus, TurnStatus};
+use baton_engine::BusEvent;
 use baton_store::{CreateSession, PostMessage, SqlStore, Store, StoreConfig};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
@@ -40,6 +53,13 @@ pub enum BenchCommand {
     Append(AppendArgs),
     /// Latency of `POST /v1/sessions/{id}/messages` over HTTP, mid-turn vs idle.
     Post(PostArgs),
+    /// Durable append throughput and latency of the PostgreSQL store (spread
+    /// over many sessions and on one hot session), beside a pgbench-style
+    /// single-row INSERT baseline.
+    PgAppend(PgAppendArgs),
+    /// Cross-node delta latency (turn on node B, SSE subscriber on node A)
+    /// beside the same-node latency (SSE subscriber on B).
+    PgDelta(PgDeltaArgs),
 }
 
 /// `baton bench append` flags.
@@ -79,14 +99,68 @@ pub struct PostArgs {
     pub dir: Option<PathBuf>,
 }
 
+/// `baton bench pg-append` flags.
+#[derive(Clone, Debug, Args)]
+pub struct PgAppendArgs {
+    /// A PostgreSQL server on this machine (`postgres://user@127.0.0.1:5432/db`);
+    /// a scratch database `baton_bench_<pid>` is created there and dropped.
+    #[arg(long)]
+    pub database_url: String,
+    /// Concurrent writer counts to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,32,256")]
+    pub writers: Vec<usize>,
+    /// Seconds per measurement (each writer count runs the baseline and the
+    /// store's two layouts for this long each).
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Sessions the "spread" layout's appends go to.
+    #[arg(long, default_value_t = 1000)]
+    pub sessions: usize,
+    /// Connections of the store's pool; the baseline's pool gets
+    /// min(writers, this).
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: u32,
+}
+
+/// `baton bench pg-delta` flags.
+#[derive(Clone, Debug, Args)]
+pub struct PgDeltaArgs {
+    /// A PostgreSQL server on this machine (`postgres://user@127.0.0.1:5432/db`);
+    /// a scratch database `baton_bench_<pid>` is created there and dropped.
+    #[arg(long)]
+    pub database_url: String,
+    /// Deltas to measure.
+    #[arg(long, default_value_t = 1000)]
+    pub deltas: usize,
+    /// Deltas per turn (the deltas run as consecutive turns of this many).
+    #[arg(long, default_value_t = 200)]
+    pub per_turn: usize,
+    /// The demo agent's pause between two deltas, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub delta_ms: u64,
+}
+
 /// Runs the benchmarks.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let bench = async {
-        match args.command {
-            BenchCommand::Append(a) => append(a).await,
-            BenchCommand::Post(p) => post(p).await,
+    match args.command {
+        // These handle Ctrl-C themselves, so the scratch database is dropped.
+        BenchCommand::PgAppend(a) => {
+            check_pg_append(&a)?;
+            let url = a.database_url.clone();
+            with_scratch_db(&url, move |db, server| pg_append(a, db, server)).await
         }
-    };
+        BenchCommand::PgDelta(d) => {
+            check_pg_delta(&d)?;
+            let url = d.database_url.clone();
+            with_scratch_db(&url, move |db, server| pg_delta(d, db, server)).await
+        }
+        BenchCommand::Append(a) => interruptible(append(a)).await,
+        BenchCommand::Post(p) => interruptible(post(p)).await,
+    }
+}
+
+/// Runs `bench` until it ends or Ctrl-C / SIGTERM arrives.
+async fn interruptible(bench: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::select! {
         r = bench => r,
         _ = crate::shutdown_signal() => bail!("interrupted"),
@@ -375,28 +449,60 @@ async fn run_store(
             .await
             .with_context(|| format!("opening the store at {}", db.display()))?,
     );
-    let creates = (0..sessions).map(|_| {
-        let store = store.clone();
-        async move {
-            store
-                .create_session(CreateSession {
-                    owner: OWNER.into(),
-                    agent: "demo".into(),
-                    policy: Policy::Queue,
-                    metadata: json!({}),
-                    idempotency_key: None,
-                    fingerprint: String::new(),
-                    message: None,
-                    node: NODE.into(),
-                })
-                .await
-                .map(|c| c.session.id)
-        }
-    });
-    let ids: Vec<SessionId> = futures_util::future::try_join_all(creates)
+    let ids = create_sessions(&store, sessions, 64).await?;
+    let result = post_load(&store, &ids, writers, window).await?;
+    drop(store);
+    // Let the writer task close its connection (checkpoint) before the next run.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(result)
+}
+
+/// Creates `n` idle sessions (policy `queue`), `concurrency` at a time.
+async fn create_sessions(
+    store: &Arc<SqlStore>,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<SessionId>> {
+    use futures_util::{StreamExt, TryStreamExt};
+
+    futures_util::stream::iter(0..n)
+        .map(|_| {
+            let store = store.clone();
+            async move {
+                store
+                    .create_session(CreateSession {
+                        owner: OWNER.into(),
+                        agent: "demo".into(),
+                        policy: Policy::Queue,
+                        metadata: json!({}),
+                        idempotency_key: None,
+                        fingerprint: String::new(),
+                        message: None,
+                        node: NODE.into(),
+                    })
+                    .await
+                    .map(|c| c.session.id)
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_collect()
         .await
-        .context("creating the sessions")?;
-    let ids = Arc::new(ids);
+        .context("creating the sessions")
+}
+
+/// `writers` tasks call `post_message` for `window`, writer w's k-th post
+/// going to session `(w + k*writers) mod ids.len()`. Returns the run and the
+/// deepest queue left behind.
+async fn post_load(
+    store: &Arc<SqlStore>,
+    ids: &[SessionId],
+    writers: usize,
+    window: Duration,
+) -> anyhow::Result<(Run, u64)> {
+    if ids.is_empty() {
+        bail!("no sessions to post to");
+    }
+    let ids = Arc::new(ids.to_vec());
     let start = Instant::now();
     let deadline = start + window;
     let tasks: Vec<_> = (0..writers)
@@ -446,9 +552,6 @@ async fn run_store(
         let s = store.session(OWNER, *id).await?;
         depth = depth.max(s.queued);
     }
-    drop(store);
-    // Let the writer task close its connection (checkpoint) before the next run.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     Ok((summarize(logs, elapsed, window), depth))
 }
 
@@ -624,12 +727,17 @@ impl Server {
         let mut cfg = ServeConfig::embedded(db.to_string_lossy());
         cfg.demo_word_delay_ms = args.word_delay_ms;
         cfg.queue_capacity = args.posts + 10;
+        Self::start_with(&cfg).await
+    }
+
+    /// A server built by `App::build` from `cfg`, on loopback.
+    async fn start_with(cfg: &ServeConfig) -> anyhow::Result<Self> {
         if !cfg.listen.ip().is_loopback() {
             bail!("the benchmark server must listen on loopback");
         }
-        let app = App::build(&cfg)
+        let app = App::build(cfg)
             .await
-            .context("starting the embedded server")?;
+            .with_context(|| format!("starting a server on {}", cfg.store_display()))?;
         let engine = app.engine().clone();
         let base = format!("http://{}", app.addr());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -963,4 +1071,815 @@ async fn post(args: PostArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL: the scratch database
+
+/// The name of this run's scratch database.
+fn scratch_db_name() -> String {
+    format!("baton_bench_{}", std::process::id())
+}
+
+/// Connection options for the server named by `url`, which must be on this
+/// machine (loopback), pointed at its `postgres` maintenance database.
+fn pg_admin_options(url: &str) -> anyhow::Result<sqlx::postgres::PgConnectOptions> {
+    use sqlx::ConnectOptions;
+
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        bail!("--database-url must be a postgres:// URL");
+    }
+    let opts: sqlx::postgres::PgConnectOptions = url.parse().context("parsing --database-url")?;
+    let host = opts.get_host();
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        bail!("--database-url must name a server on this machine (127.0.0.1, ::1 or localhost), not {host:?}");
+    }
+    Ok(opts.database("postgres").disable_statement_logging())
+}
+
+/// `url` with its database replaced by `db` (query parameters kept).
+fn url_with_database(url: &str, db: &str) -> anyhow::Result<String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .context("--database-url must look like postgres://USER@HOST:PORT/DB")?;
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let authority = before_query
+        .split_once('/')
+        .map_or(before_query, |(a, _)| a);
+    let mut out = format!("{scheme}://{authority}/{db}");
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    Ok(out)
+}
+
+/// What the benchmarks print about the server.
+struct PgServer {
+    version: String,
+    settings: String,
+}
+
+/// Creates the scratch database on the server of `url` (dropping a leftover
+/// of the same name first); returns its URL and what the server is.
+async fn create_scratch_db(url: &str) -> anyhow::Result<(String, PgServer)> {
+    use sqlx::Connection;
+
+    let admin = pg_admin_options(url)?;
+    let name = scratch_db_name();
+    let scratch_url = url_with_database(url, &name)?;
+    let work = async {
+        let mut c = sqlx::postgres::PgConnection::connect_with(&admin)
+            .await
+            .context("connecting to the server's `postgres` database")?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut c)
+            .await
+            .with_context(|| format!("dropping a leftover {name}"))?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut c)
+            .await
+            .with_context(|| format!("creating the scratch database {name}"))?;
+        let version: String = sqlx::query_scalar("SELECT version()")
+            .fetch_one(&mut c)
+            .await?;
+        let settings: String = sqlx::query_scalar(
+            "SELECT string_agg(name || '=' || setting || COALESCE(unit, ''), ', ' ORDER BY name) \
+             FROM pg_settings WHERE name IN ('synchronous_commit', 'fsync', 'wal_sync_method', \
+             'commit_delay', 'shared_buffers', 'max_connections')",
+        )
+        .fetch_one(&mut c)
+        .await?;
+        let _ = c.close().await;
+        anyhow::Ok(PgServer { version, settings })
+    };
+    let server = tokio::time::timeout(PATIENCE, work)
+        .await
+        .map_err(|_| anyhow!("creating the scratch database took over {PATIENCE:?}"))??;
+    Ok((scratch_url, server))
+}
+
+/// Drops the scratch database, closing whatever still uses it.
+async fn drop_scratch_db(url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+
+    let admin = pg_admin_options(url)?;
+    let name = scratch_db_name();
+    let work = async {
+        let mut c = sqlx::postgres::PgConnection::connect_with(&admin)
+            .await
+            .context("connecting to the server's `postgres` database")?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut c)
+            .await
+            .with_context(|| format!("dropping the scratch database {name}"))?;
+        let _ = c.close().await;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(PATIENCE, work)
+        .await
+        .map_err(|_| anyhow!("dropping the scratch database took over {PATIENCE:?}"))?
+}
+
+/// Runs `bench` against a fresh scratch database on the server of `url`,
+/// then drops the database — also after an error, a panic or Ctrl-C. The
+/// bench runs on a runtime of its own that is shut down before the drop, so
+/// every task and connection it left behind (pools, the cross-node bus's
+/// listener and notifier) is gone by then.
+async fn with_scratch_db<F, Fut>(url: &str, bench: F) -> anyhow::Result<()>
+where
+    F: FnOnce(String, PgServer) -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let (scratch_url, server) = create_scratch_db(url).await?;
+    eprintln!("  scratch database {} created", scratch_db_name());
+    let ran = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the benchmark's runtime")?;
+        let result = rt.block_on(interruptible(bench(scratch_url, server)));
+        rt.shutdown_timeout(Duration::from_secs(5));
+        result
+    })
+    .await;
+    let dropped = drop_scratch_db(url).await;
+    if dropped.is_ok() {
+        eprintln!("  scratch database {} dropped", scratch_db_name());
+    }
+    let result = match ran {
+        Ok(r) => r,
+        Err(e) => Err(anyhow!("the benchmark panicked: {e}")),
+    };
+    match (result, dropped) {
+        (Ok(()), d) => d,
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(d)) => Err(e.context(format!(
+            "and the scratch database {} could not be dropped: {d:#}",
+            scratch_db_name()
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// baton bench pg-append
+
+fn check_pg_append(args: &PgAppendArgs) -> anyhow::Result<()> {
+    pg_admin_options(&args.database_url)?;
+    if args.writers.is_empty() || args.writers.iter().any(|&w| w == 0 || w > 4096) {
+        bail!("--writers: each count must be between 1 and 4096");
+    }
+    if !(0.1..=600.0).contains(&args.seconds) {
+        bail!("--seconds must be between 0.1 and 600");
+    }
+    if !(1..=100_000).contains(&args.sessions) {
+        bail!("--sessions must be between 1 and 100000");
+    }
+    if !(1..=1000).contains(&args.max_connections) {
+        bail!("--max-connections must be between 1 and 1000");
+    }
+    Ok(())
+}
+
+/// One writer count: the baseline and the store's layouts.
+struct PgRow {
+    writers: usize,
+    base: Run,
+    /// (layout, sessions, run, deepest queue)
+    layouts: Vec<(&'static str, usize, Run, u64)>,
+}
+
+async fn pg_append(args: PgAppendArgs, url: String, server: PgServer) -> anyhow::Result<()> {
+    let window = Duration::from_secs_f64(args.seconds);
+    let cfg = StoreConfig {
+        queue_capacity: 100_000_000,
+        max_connections: args.max_connections,
+        ..StoreConfig::default()
+    };
+    println!("baton bench pg-append");
+    println!("  server: {}", server.version);
+    println!("  settings: {}", server.settings);
+    println!(
+        "  scratch database {} ({}s per measurement; per writer count: baseline, then the store spread, then the store hot)",
+        scratch_db_name(),
+        args.seconds
+    );
+    println!(
+        "  store: SqlStore::open_postgres (pool of {}), Store::post_message, policy queue, capacity 100,000,000",
+        args.max_connections
+    );
+    println!(
+        "         spread: {} fresh sessions per run (writer w's k-th post goes to session (w + k*writers) mod {}); hot: 1 fresh session",
+        args.sessions, args.sessions
+    );
+    println!("         each session's first post starts a turn nobody runs, so later posts queue");
+    println!(
+        "  baseline: sqlx PgPool of min(writers, {}) connections, one single-row INSERT per transaction (autocommit) \
+         into a fresh table (session_id TEXT, seq BIGINT, kind TEXT, content TEXT, created_at BIGINT, PRIMARY KEY (session_id, seq))",
+        args.max_connections
+    );
+    println!();
+
+    let mut rows = Vec::new();
+    for &w in &args.writers {
+        let conns = u32::try_from(w)
+            .unwrap_or(u32::MAX)
+            .min(args.max_connections);
+        eprintln!("  [{w} writers] baseline…");
+        let base = run_pg_baseline(&url, w, conns, window).await?;
+        // A fresh store (and pool) per writer count, closed before the next
+        // baseline: both pools at once could exceed the server's
+        // max_connections.
+        let store = Arc::new(
+            SqlStore::open_postgres(&url, cfg.clone())
+                .await
+                .context("opening the PostgreSQL store")?,
+        );
+        let mut layouts = Vec::new();
+        for (layout, n) in [("spread", args.sessions), ("hot", 1)] {
+            eprintln!("  [{w} writers] store, {layout} ({n} session(s))…");
+            let ids = create_sessions(&store, n, args.max_connections as usize).await?;
+            let (run, depth) = post_load(&store, &ids, w, window).await?;
+            layouts.push((layout, n, run, depth));
+        }
+        drop(store);
+        wait_for_disconnects(&url).await?;
+        rows.push(PgRow {
+            writers: w,
+            base,
+            layouts,
+        });
+    }
+
+    let base1 = rows
+        .iter()
+        .find(|r| r.writers == 1)
+        .map(|r| r.base.rate())
+        .unwrap_or(0.0);
+    println!(
+        "{:>7} | {:>13} | {:>11} {:>10} {:>10} | {:>11} {:>10} {:>10} | {:>10} {:>12}",
+        "writers",
+        "layout",
+        "store ap/s",
+        "p50",
+        "p99",
+        "base ap/s",
+        "p50",
+        "p99",
+        "store/base",
+        "store/base@1"
+    );
+    println!("{}", "-".repeat(121));
+    for r in &rows {
+        for (layout, n, s, _) in &r.layouts {
+            let label = if *n == 1 {
+                "1 hot session".to_owned()
+            } else {
+                format!("{layout} {n}")
+            };
+            println!(
+                "{:>7} | {:>13} | {:>11.0} {:>10} {:>10} | {:>11.0} {:>10} {:>10} | {:>10} {:>12}",
+                r.writers,
+                label,
+                s.rate(),
+                ms(s.lat.p50),
+                ms(s.lat.p99),
+                r.base.rate(),
+                ms(r.base.lat.p50),
+                ms(r.base.lat.p99),
+                ratio(s.rate(), r.base.rate()),
+                ratio(s.rate(), base1),
+            );
+        }
+    }
+    println!();
+    println!("details (drift = appends/s in the 2nd half of the window over the 1st half):");
+    for r in &rows {
+        let b = &r.base;
+        println!(
+            "  {:>4} writers: baseline {} inserts in {:.2}s, drift {:.2}, errors {}",
+            r.writers,
+            b.ok,
+            b.elapsed.as_secs_f64(),
+            b.drift,
+            b.errors
+        );
+        if let Some(e) = &b.first_error {
+            println!("        first baseline error: {e}");
+        }
+        for (layout, n, s, depth) in &r.layouts {
+            println!(
+                "        store {layout}: {} appends in {:.2}s over {n} sessions, deepest queue {depth}, drift {:.2}, errors {}",
+                s.ok,
+                s.elapsed.as_secs_f64(),
+                s.drift,
+                s.errors
+            );
+            if let Some(e) = &s.first_error {
+                println!("        first store error ({layout}): {e}");
+            }
+        }
+    }
+    if base1 == 0.0 {
+        println!("  (no 1-writer run: the store/base@1 column needs --writers to include 1)");
+    }
+    Ok(())
+}
+
+/// Waits until nothing but this check is connected to the database at
+/// `url` (a dropped pool closes its connections without waiting).
+async fn wait_for_disconnects(url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+
+    let mut c = sqlx::postgres::PgConnection::connect(url)
+        .await
+        .context("connecting to check for open connections")?;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut c)
+        .await?;
+        if open == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{open} connections to the scratch database still open after {PATIENCE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = c.close().await;
+    Ok(())
+}
+
+/// The raw baseline: `writers` tasks share a `PgPool` of `conns` connections
+/// (all opened before the clock starts) and each loops over single-row
+/// INSERTs, one transaction each (pgbench-style), into a fresh table that is
+/// dropped afterwards.
+async fn run_pg_baseline(
+    url: &str,
+    writers: usize,
+    conns: u32,
+    window: Duration,
+) -> anyhow::Result<Run> {
+    use sqlx::postgres::PgPoolOptions;
+
+    let pool = PgPoolOptions::new()
+        .max_connections(conns)
+        .acquire_timeout(PATIENCE)
+        .connect(url)
+        .await
+        .context("connecting the baseline's pool")?;
+    sqlx::query("DROP TABLE IF EXISTS bench_baseline")
+        .execute(&pool)
+        .await
+        .context("dropping a leftover baseline table")?;
+    sqlx::query(
+        "CREATE TABLE bench_baseline (session_id TEXT NOT NULL, seq BIGINT NOT NULL, kind TEXT NOT NULL, \
+         content TEXT NOT NULL, created_at BIGINT NOT NULL, PRIMARY KEY (session_id, seq))",
+    )
+    .execute(&pool)
+    .await
+    .context("creating the baseline table")?;
+    let result = pg_baseline_load(&pool, writers, conns, window).await;
+    let dropped = sqlx::query("DROP TABLE bench_baseline")
+        .execute(&pool)
+        .await
+        .context("dropping the baseline table");
+    pool.close().await;
+    let run = result?;
+    dropped?;
+    Ok(run)
+}
+
+async fn pg_baseline_load(
+    pool: &sqlx::PgPool,
+    writers: usize,
+    conns: u32,
+    window: Duration,
+) -> anyhow::Result<Run> {
+    // Open every connection first, so no measured insert pays a connect.
+    let held = futures_util::future::try_join_all((0..conns).map(|_| pool.acquire()))
+        .await
+        .context("opening the baseline's connections")?;
+    drop(held);
+    let start = Instant::now();
+    let deadline = start + window;
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut log = WriterLog::default();
+                let session = uuid::Uuid::new_v4().to_string();
+                let mut k = 0i64;
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    let r = sqlx::query(
+                        "INSERT INTO bench_baseline (session_id, seq, kind, content, created_at) \
+                         VALUES ($1, $2, 'message', $3, $4)",
+                    )
+                    .bind(&session)
+                    .bind(k)
+                    .bind(format!("bench message {w}/{k}"))
+                    .bind(t0.duration_since(start).as_micros() as i64)
+                    .execute(&pool)
+                    .await;
+                    let t1 = Instant::now();
+                    match r {
+                        Ok(_) => {
+                            log.lat.push(t1 - t0);
+                            log.done_at.push(t1 - start);
+                        }
+                        Err(e) => {
+                            log.errors += 1;
+                            log.first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                    k += 1;
+                }
+                log
+            })
+        })
+        .collect();
+    let mut logs = Vec::with_capacity(writers);
+    for t in tasks {
+        logs.push(t.await.context("a baseline writer panicked")?);
+    }
+    Ok(summarize(logs, start.elapsed(), window))
+}
+
+// ---------------------------------------------------------------------------
+// baton bench pg-delta
+
+fn check_pg_delta(args: &PgDeltaArgs) -> anyhow::Result<()> {
+    pg_admin_options(&args.database_url)?;
+    if !(10..=100_000).contains(&args.deltas) {
+        bail!("--deltas must be between 10 and 100000");
+    }
+    if !(2..=500).contains(&args.per_turn) {
+        bail!("--per-turn must be between 2 and 500");
+    }
+    if args.delta_ms > 1000 {
+        bail!("--delta-ms must be at most 1000");
+    }
+    Ok(())
+}
+
+/// A delta's identity on every path: its turn and its text (every word of a
+/// benchmark message is distinct, so the text is unique within its turn).
+type DeltaKey = (String, String);
+
+/// When each delta arrived somewhere, and what else was seen there.
+#[derive(Default)]
+struct Arrivals {
+    at: HashMap<DeltaKey, Instant>,
+    duplicates: usize,
+    /// Bus receivers only: events lost to lag.
+    lagged: u64,
+}
+
+impl Arrivals {
+    fn record(&mut self, key: DeltaKey, now: Instant) {
+        if self.at.insert(key, now).is_some() {
+            self.duplicates += 1;
+        }
+    }
+}
+
+/// What one round of turns left on the four observation points.
+struct DeltaRound {
+    /// Node B's local bus: where B publishes (the reference time).
+    b_bus: Arrivals,
+    /// Node A's local bus: after the `LISTEN/NOTIFY` hop.
+    a_bus: Arrivals,
+    /// SSE from node A (cross-node).
+    a_sse: Arrivals,
+    /// SSE from node B (same node).
+    b_sse: Arrivals,
+    /// The most session actors seen on node A meanwhile (must be 0: the
+    /// turns run on B).
+    a_actors: usize,
+    elapsed: Duration,
+}
+
+async fn pg_delta(args: PgDeltaArgs, url: String, server: PgServer) -> anyhow::Result<()> {
+    let turns = args.deltas.div_ceil(args.per_turn);
+    let node_cfg = || {
+        // The file is never opened: the database URL wins.
+        let mut cfg = ServeConfig::embedded("unused.db");
+        cfg.database_url = Some(url.clone());
+        cfg.demo_word_delay_ms = args.delta_ms;
+        cfg.queue_capacity = turns + 10;
+        cfg
+    };
+    println!("baton bench pg-delta");
+    println!("  server: {}", server.version);
+    println!("  settings: {}", server.settings);
+    println!(
+        "  two nodes (App::build, in this process, 127.0.0.1:0) on scratch database {}; cross-node bus LISTEN/NOTIFY",
+        scratch_db_name()
+    );
+    println!(
+        "  one session created on node B; {turns} turns posted to B (the first starts, the rest queue) run there, \
+         demo agent, {} deltas of one word each per turn, {} ms apart",
+        args.per_turn, args.delta_ms
+    );
+    println!(
+        "  each delta timed from its arrival on B's local bus (where B publishes it) to its arrival on: \
+         an SSE stream from B (same node), A's local bus (after NOTIFY), an SSE stream from A (cross node)"
+    );
+    println!("  all four observers run before the turns start; one unmeasured warm-up turn first");
+    println!();
+
+    let a = Server::start_with(&node_cfg()).await?;
+    let b = Server::start_with(&node_cfg()).await?;
+    let result = async {
+        let id = b.http.create(None).await?;
+        eprintln!("  warm-up turn…");
+        delta_round(&a, &b, id, &delta_messages(1, 20, 0)).await?;
+        eprintln!("  {turns} measured turns ({} deltas)…", args.deltas);
+        let messages = delta_messages(turns, args.per_turn, args.deltas);
+        delta_round(&a, &b, id, &messages).await
+    }
+    .await;
+    let stopped_a = a.stop().await;
+    let stopped_b = b.stop().await;
+    let round = result?;
+    stopped_a?;
+    stopped_b?;
+
+    let published = round.b_bus.at.len();
+    println!(
+        "{published} deltas published on B in {:.2}s ({:.0}/s); expected {}",
+        round.elapsed.as_secs_f64(),
+        published as f64 / round.elapsed.as_secs_f64().max(1e-9),
+        args.deltas
+    );
+    println!();
+    println!(
+        "{:<42} | {:>6} {:>7} | {:>10} {:>10} {:>10} {:>10}",
+        "from B's local bus to", "n", "missing", "p50", "p99", "mean", "max"
+    );
+    println!("{}", "-".repeat(104));
+    let mut out = Vec::new();
+    for (label, to) in [
+        ("SSE from node B (same node, baseline)", &round.b_sse),
+        ("node A's local bus (the NOTIFY hop)", &round.a_bus),
+        ("SSE from node A (cross node)", &round.a_sse),
+    ] {
+        let (lat, missing, early) = delays(&round.b_bus, to);
+        let s = stats(lat);
+        println!(
+            "{:<42} | {:>6} {:>7} | {:>10} {:>10} {:>10} {:>10}",
+            label,
+            s.n,
+            missing,
+            ms(s.p50),
+            ms(s.p99),
+            ms(s.mean),
+            ms(s.max)
+        );
+        if early > 0 {
+            println!("{:<42} | {early} arrived before B's bus saw them", "");
+        }
+        out.push(s);
+    }
+    let (same, cross) = (out[0], out[2]);
+    println!();
+    println!(
+        "cross node / same node: p50 {}, p99 {}",
+        ratio(cross.p50.as_secs_f64(), same.p50.as_secs_f64()),
+        ratio(cross.p99.as_secs_f64(), same.p99.as_secs_f64())
+    );
+    for (label, r) in [
+        ("B's bus", &round.b_bus),
+        ("A's bus", &round.a_bus),
+        ("A's SSE", &round.a_sse),
+        ("B's SSE", &round.b_sse),
+    ] {
+        if r.duplicates > 0 || r.lagged > 0 {
+            println!(
+                "  {label}: {} duplicates, {} events lost to lag",
+                r.duplicates, r.lagged
+            );
+        }
+    }
+    if round.a_actors > 0 {
+        println!(
+            "WARNING: node A ran {} session actor(s) during the round: some turns may have run on A",
+            round.a_actors
+        );
+    }
+    Ok(())
+}
+
+/// `turns` messages whose echoes stream `per_turn` deltas each ("echo:" and
+/// then one distinct word per delta), `total` deltas in all (0: no limit).
+fn delta_messages(turns: usize, per_turn: usize, total: usize) -> Vec<String> {
+    let mut left = if total == 0 { turns * per_turn } else { total };
+    let mut next = 0usize;
+    let mut out = Vec::with_capacity(turns);
+    for _ in 0..turns {
+        let n = per_turn.min(left).max(2);
+        left = left.saturating_sub(n);
+        let words: Vec<String> = (0..n - 1).map(|i| format!("d{:06}", next + i)).collect();
+        next += n - 1;
+        out.push(words.join(" "));
+    }
+    out
+}
+
+/// Latencies of the deltas seen at both `from` and `to`; how many of
+/// `from`'s never reached `to`; how many reached `to` first.
+fn delays(from: &Arrivals, to: &Arrivals) -> (Vec<Duration>, usize, usize) {
+    let (mut lat, mut missing, mut early) = (Vec::with_capacity(from.at.len()), 0, 0);
+    for (key, t0) in &from.at {
+        match to.at.get(key) {
+            Some(t1) => match t1.checked_duration_since(*t0) {
+                Some(d) => lat.push(d),
+                None => {
+                    early += 1;
+                    lat.push(Duration::ZERO);
+                }
+            },
+            None => missing += 1,
+        }
+    }
+    (lat, missing, early)
+}
+
+/// Posts `messages` to node B and follows their turns on the four
+/// observation points until every turn has ended on both streams.
+async fn delta_round(
+    a: &Server,
+    b: &Server,
+    id: SessionId,
+    messages: &[String],
+) -> anyhow::Result<DeltaRound> {
+    let turns = messages.len();
+    let words: usize = messages.iter().map(|m| m.split(' ').count() + 1).sum();
+    // Generous: the agent's own pace is a small part of it.
+    let patience = PATIENCE + Duration::from_millis(20) * words as u32;
+    let deadline = tokio::time::Instant::now() + patience;
+    let after = b.engine.session(LOCAL, id).await?.last_seq;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The bus readers are OS threads blocked on the channel, not tasks, so a
+    // busy runtime does not delay their timestamps.
+    let stop_turn = baton_core::TurnId::new();
+    let b_bus = read_bus(b.engine.bus().subscribe(id), stop_turn);
+    let a_bus = read_bus(a.engine.bus().subscribe(id), stop_turn);
+    // No overall timeout on these clients: a stream lives as long as its round.
+    let sse_client = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("building the SSE client")?;
+    let mut streams = Vec::new();
+    for node in [a, b] {
+        let resp = sse_client
+            .get(format!(
+                "{}/v1/sessions/{id}/stream?after={after}",
+                node.http.base
+            ))
+            .send()
+            .await
+            .context("opening a stream")?;
+        if resp.status() != reqwest::StatusCode::OK {
+            bail!("opening a stream: {}", resp.status());
+        }
+        // The handler subscribed to its bus before answering: nothing from
+        // here on is missed.
+        streams.push(tokio::spawn(read_sse(resp, turns, deadline)));
+    }
+    let a_engine = a.engine.clone();
+    let mut monitor_stop = stop_rx.clone();
+    let monitor = tokio::spawn(async move {
+        let mut most = 0usize;
+        loop {
+            most = most.max(a_engine.active_actors());
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = monitor_stop.changed() => return most,
+            }
+        }
+    });
+    let start = Instant::now();
+    for m in messages {
+        let (_, status, body) = b.http.timed_post(id, m).await?;
+        if status != reqwest::StatusCode::CREATED {
+            bail!(
+                "posting to node B: {status} {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+    let mut sse = Vec::new();
+    for s in streams {
+        sse.push(s.await.context("a stream reader panicked")??);
+    }
+    let elapsed = start.elapsed();
+    // Every delta reached both buses before the last `turn_ended` reached
+    // the streams; a moment more for good measure.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = stop_tx.send(true);
+    // A local-only sentinel (never relayed to the other node) ends the readers.
+    for node in [a, b] {
+        node.engine.bus().deliver(
+            id,
+            BusEvent::Delta {
+                turn_id: stop_turn,
+                text: String::new(),
+            },
+        );
+    }
+    let b_sse = sse.pop().context("B's stream")?;
+    let a_sse = sse.pop().context("A's stream")?;
+    Ok(DeltaRound {
+        b_bus: join_bus_reader(b_bus).await?,
+        a_bus: join_bus_reader(a_bus).await?,
+        a_sse,
+        b_sse,
+        a_actors: monitor.await.context("the monitor panicked")?,
+        elapsed,
+    })
+}
+
+/// Records, on a thread of its own, the deltas a node's local bus delivers
+/// until the delta of turn `stop` arrives.
+fn read_bus(
+    mut rx: tokio::sync::broadcast::Receiver<BusEvent>,
+    stop: baton_core::TurnId,
+) -> std::thread::JoinHandle<Arrivals> {
+    use tokio::sync::broadcast::error::RecvError;
+
+    std::thread::spawn(move || {
+        let mut log = Arrivals::default();
+        loop {
+            let ev = rx.blocking_recv();
+            let now = Instant::now();
+            match ev {
+                Ok(BusEvent::Delta { turn_id, .. }) if turn_id == stop => return log,
+                Ok(BusEvent::Delta { turn_id, text }) => {
+                    log.record((turn_id.to_string(), text), now)
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => log.lagged += n,
+                Err(RecvError::Closed) => return log,
+            }
+        }
+    })
+}
+
+/// Waits (off the runtime) for a bus reader thread, at most `PATIENCE`.
+async fn join_bus_reader(t: std::thread::JoinHandle<Arrivals>) -> anyhow::Result<Arrivals> {
+    let joined = tokio::task::spawn_blocking(move || t.join());
+    match tokio::time::timeout(PATIENCE, joined).await {
+        Ok(Ok(Ok(log))) => Ok(log),
+        Ok(_) => bail!("a bus reader panicked"),
+        Err(_) => bail!("a bus reader did not stop in {PATIENCE:?}"),
+    }
+}
+
+/// Records the deltas an SSE stream delivers until `turns` turns have ended
+/// on it.
+async fn read_sse(
+    resp: reqwest::Response,
+    turns: usize,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<Arrivals> {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+
+    let mut events = resp.bytes_stream().eventsource();
+    let mut log = Arrivals::default();
+    let mut ended = 0usize;
+    while ended < turns {
+        let ev = match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => bail!("timed out: {ended} of {turns} turns ended on a stream"),
+            Ok(None) => bail!("a stream ended early ({ended} of {turns} turns)"),
+            Ok(Some(Err(e))) => bail!("reading a stream: {e}"),
+            Ok(Some(Ok(ev))) => ev,
+        };
+        let now = Instant::now();
+        let data: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+        match ev.event.as_str() {
+            "delta" => {
+                let turn = data["turn_id"].as_str().unwrap_or_default().to_owned();
+                let text = data["text"].as_str().unwrap_or_default().to_owned();
+                log.record((turn, text), now);
+            }
+            "entry" if data["type"] == json!(EntryType::TurnEnded) => ended += 1,
+            _ => {}
+        }
+    }
+    Ok(log)
 }

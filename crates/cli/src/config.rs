@@ -49,9 +49,34 @@ pub struct ServeConfig {
     /// Largest request body, in bytes.
     #[arg(long, env = "BATON_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
+    /// An ACP agent as NAME=COMMAND (repeatable; the command is split like a
+    /// shell would; env: `;`-separated).
+    #[arg(long = "acp", env = "BATON_ACP", value_delimiter = ';', value_parser = parse_pair)]
+    pub acp: Vec<(String, String)>,
+    /// An ACP agent's working directory as NAME=DIR (repeatable).
+    #[arg(long = "acp-cwd", env = "BATON_ACP_CWD", value_delimiter = ';', value_parser = parse_pair)]
+    pub acp_cwd: Vec<(String, String)>,
+    /// Extra environment variables an ACP agent may see, as NAME=VAR,VAR
+    /// (repeatable). Only PATH, HOME, USER, LANG, LC_ALL, TMPDIR, TERM and
+    /// these pass through; nothing else of the server's environment does.
+    #[arg(long = "acp-env", env = "BATON_ACP_ENV", value_delimiter = ';', value_parser = parse_pair)]
+    pub acp_env: Vec<(String, String)>,
+    /// What an ACP agent's permission requests get, as NAME=allow|deny
+    /// (default deny).
+    #[arg(long = "acp-permission", env = "BATON_ACP_PERMISSION", value_delimiter = ';', value_parser = parse_pair)]
+    pub acp_permission: Vec<(String, String)>,
     /// The demo agent's pause between streamed words.
     #[arg(long, env = "BATON_DEMO_WORD_DELAY_MS", default_value_t = 20)]
     pub demo_word_delay_ms: u64,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() && !value.is_empty() => {
+            Ok((name.to_owned(), value.to_owned()))
+        }
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
 }
 
 fn parse_token(s: &str) -> Result<(String, String), String> {
@@ -81,7 +106,52 @@ impl ServeConfig {
             queue_capacity: 1_000,
             max_body_bytes: 256 * 1024,
             demo_word_delay_ms: 20,
+            acp: Vec::new(),
+            acp_cwd: Vec::new(),
+            acp_env: Vec::new(),
+            acp_permission: Vec::new(),
         }
+    }
+
+    /// The ACP agents configured, with their options.
+    pub fn acp_agents(&self) -> Result<Vec<baton_agent::AcpConfig>, String> {
+        let mut out = Vec::new();
+        for (name, command) in &self.acp {
+            if name == "demo" {
+                return Err("the name demo is taken by the built-in agent".into());
+            }
+            let mut cfg = baton_agent::AcpConfig::new(name.clone(), command)?;
+            for (n, dir) in &self.acp_cwd {
+                if n == name {
+                    cfg.cwd = Some(dir.into());
+                }
+            }
+            for (n, vars) in &self.acp_env {
+                if n == name {
+                    cfg.env_allow
+                        .extend(vars.split(',').filter(|v| !v.is_empty()).map(str::to_owned));
+                }
+            }
+            for (n, p) in &self.acp_permission {
+                if n == name {
+                    cfg.permission = p.parse()?;
+                }
+            }
+            out.push(cfg);
+        }
+        for (n, _) in self
+            .acp_cwd
+            .iter()
+            .chain(&self.acp_env)
+            .chain(&self.acp_permission)
+        {
+            if !self.acp.iter().any(|(name, _)| name == n) {
+                return Err(format!(
+                    "an option names agent {n:?}, which no --acp defines"
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// The store to open: the PostgreSQL URL if set, else the file.

@@ -7,6 +7,7 @@
 //! through the same two calls on `127.0.0.1:0`.
 
 pub mod bench;
+pub mod bench_acp;
 pub mod chat;
 pub mod config;
 
@@ -48,6 +49,10 @@ impl App {
         let mut agents = Agents::with_demo(DemoAgent {
             word_delay: std::time::Duration::from_millis(cfg.demo_word_delay_ms),
         });
+        for acp in cfg.acp_agents().map_err(|e| anyhow::anyhow!(e))? {
+            let name = acp.name.clone();
+            agents.insert(name, Arc::new(baton_agent::AcpDriver::new(acp)));
+        }
         if !cfg.default_agent.is_empty() && agents.get(&cfg.default_agent).is_none() {
             anyhow::bail!(
                 "--default-agent {:?} is not a configured agent",

@@ -164,6 +164,16 @@ impl NewEntry {
         }
     }
 
+    /// A note the runtime records in `turn` (a permission decision, a plan).
+    pub fn system_message(turn: TurnId, content: impl Into<String>) -> Self {
+        Self {
+            role: Some(Role::System),
+            turn_id: Some(turn),
+            content: Some(content.into()),
+            ..Self::bare(EntryType::Message)
+        }
+    }
+
     /// The agent called a tool.
     pub fn tool_call(turn: TurnId, tool: ToolInfo) -> Self {
         Self {

@@ -20,8 +20,14 @@ use crate::{NewEntry, ToolInfo, TurnId, TurnStatus};
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentOutput {
     Message(String),
+    /// A note for the transcript (a permission decision, a plan), stored as
+    /// a `system` message of the turn.
+    System(String),
     ToolCall(ToolInfo),
-    ToolResult { id: String, content: String },
+    ToolResult {
+        id: String,
+        content: String,
+    },
 }
 
 /// Why the agent says it stopped.
@@ -196,6 +202,7 @@ impl TurnMachine {
     fn record(&mut self, out: AgentOutput) -> NewEntry {
         match out {
             AgentOutput::Message(text) => NewEntry::assistant_message(self.turn, text),
+            AgentOutput::System(text) => NewEntry::system_message(self.turn, text),
             AgentOutput::ToolCall(tool) => {
                 self.open_tools.push(tool.id.clone());
                 NewEntry::tool_call(self.turn, tool)

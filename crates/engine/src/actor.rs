@@ -91,7 +91,7 @@ impl Inner {
 
 /// Stops the agent's turn if the actor leaves early (a dropped future).
 struct Agent {
-    events: Option<mpsc::Receiver<AgentEvent>>,
+    events: Option<mpsc::UnboundedReceiver<AgentEvent>>,
     control: Option<Box<dyn TurnControl>>,
 }
 
@@ -103,7 +103,9 @@ impl Drop for Agent {
     }
 }
 
-async fn next_agent_event(events: &mut Option<mpsc::Receiver<AgentEvent>>) -> Option<AgentEvent> {
+async fn next_agent_event(
+    events: &mut Option<mpsc::UnboundedReceiver<AgentEvent>>,
+) -> Option<AgentEvent> {
     match events {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -244,6 +246,14 @@ async fn run_turn(
                 Some(AgentEvent::Delta(text)) => Event::AgentDelta(text),
                 Some(AgentEvent::Output(out)) => Event::AgentOutput(out),
                 Some(AgentEvent::Stopped(stop)) => Event::AgentStopped(stop),
+                Some(AgentEvent::AgentSession(id)) => {
+                    // Kept with the session so a restarted agent can resume
+                    // it; a failure here costs only that resumption.
+                    if let Err(e) = inner.store.set_agent_session(lease, &id).await {
+                        tracing::warn!(error = %e, "could not record the agent's session id");
+                    }
+                    continue;
+                }
                 None => {
                     agent.events = None;
                     Event::AgentStopped(StopReason::Failed("the agent stopped without finishing the turn".into()))

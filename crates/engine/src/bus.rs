@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BusEvent {
     /// A committed entry.
-    Entry(Entry),
+    Entry(Box<Entry>),
     /// A transient chunk of a turn's output.
     Delta { turn_id: TurnId, text: String },
     /// An entry was committed; fetch it from the store (used across nodes
@@ -79,7 +79,7 @@ impl Bus {
     /// Publishes committed entries in order.
     pub fn publish_entries(&self, entries: &[Entry]) {
         for e in entries {
-            self.publish(e.session_id, BusEvent::Entry(e.clone()));
+            self.publish(e.session_id, BusEvent::Entry(Box::new(e.clone())));
         }
     }
 
