@@ -1568,6 +1568,8 @@ struct DeltaRound {
     /// The most session actors seen on node A meanwhile (must be 0: the
     /// turns run on B).
     a_actors: usize,
+    /// How the round's turns ended (all `completed` when nothing went wrong).
+    statuses: Vec<TurnStatus>,
     elapsed: Duration,
 }
 
@@ -1677,6 +1679,20 @@ async fn pg_delta(args: PgDeltaArgs, url: String, server: PgServer) -> anyhow::R
         println!(
             "WARNING: node A ran {} session actor(s) during the round: some turns may have run on A",
             round.a_actors
+        );
+    }
+    let odd: Vec<String> = round
+        .statuses
+        .iter()
+        .filter(|s| **s != TurnStatus::Completed)
+        .map(|s| format!("{s:?}"))
+        .collect();
+    if !odd.is_empty() {
+        println!(
+            "WARNING: {} of {} turns did not complete: {}",
+            odd.len(),
+            round.statuses.len(),
+            odd.join(", ")
         );
     }
     Ok(())
@@ -1803,12 +1819,18 @@ async fn delta_round(
     }
     let b_sse = sse.pop().context("B's stream")?;
     let a_sse = sse.pop().context("A's stream")?;
+    let all = b.engine.store().turns(id).await?;
+    let statuses = all[all.len().saturating_sub(turns)..]
+        .iter()
+        .map(|t| t.status)
+        .collect();
     Ok(DeltaRound {
         b_bus: join_bus_reader(b_bus).await?,
         a_bus: join_bus_reader(a_bus).await?,
         a_sse,
         b_sse,
         a_actors: monitor.await.context("the monitor panicked")?,
+        statuses,
         elapsed,
     })
 }

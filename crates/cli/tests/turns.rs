@@ -1289,3 +1289,34 @@ async fn delete_cancels_and_removes() {
         .all(|s| s["id"] != id.as_str()));
     app.stop().await;
 }
+
+/// Regression: turns shorter than the heartbeat, back to back for longer than
+/// the lease, must not lose the lease (each turn's start and end extend it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn back_to_back_short_turns_keep_their_lease() {
+    let app = common::spawn_app(|cfg| {
+        cfg.lease_ms = 1_200;
+        cfg.heartbeat_ms = 1_000;
+        cfg.sweep_ms = 100;
+        cfg.queue_capacity = 100;
+    })
+    .await;
+    let c = &app.client;
+    let id = c.create_session(serde_json::json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for i in 0..12 {
+        let (status, v) = c
+            .post(&id, &format!("/sleep 250 short {i}"), None, None)
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    c.wait_idle(&id).await;
+    let turns = c.turns(&id).await;
+    assert_eq!(turns.len(), 12);
+    for t in &turns {
+        assert_eq!(t["status"], "completed", "a live turn lost its lease: {t}");
+    }
+    app.stop().await;
+}

@@ -1172,9 +1172,9 @@ impl Store for SqlStore {
     }
 
     async fn begin_turn(&self, lease: &Lease, turn: TurnId) -> Result<Begin> {
-        let (d, lease) = (self.dialect, lease.clone());
-        op!(self, [lease], |c, _now| {
-            let s = lock_fenced(c, d, &lease).await?;
+        let (d, cfg, lease) = (self.dialect, self.cfg.clone(), lease.clone());
+        op!(self, [cfg, lease], |c, now| {
+            let mut s = lock_fenced(c, d, &lease).await?;
             if s.active_turn != Some(turn) {
                 return Err(StoreError::TurnNotActive { turn_id: turn }.into());
             }
@@ -1194,6 +1194,10 @@ impl Store for SqlStore {
                 .bind(lease.epoch)
                 .execute(&mut *c)
                 .await?;
+            // Starting a turn proves the holder alive: extend the lease, so
+            // back-to-back turns shorter than a heartbeat never let it lapse.
+            s.lease_expires_at = Some(now + cfg.lease_ttl.as_micros() as i64);
+            save_session(c, &s).await?;
             Ok(Begin::Run)
         })
     }
@@ -1227,10 +1231,18 @@ impl Store for SqlStore {
         reason: Option<String>,
         entries: Vec<NewEntry>,
     ) -> Result<Ended> {
-        let (d, lease, entries) = (self.dialect, lease.clone(), Arc::new(entries));
-        op!(self, [lease, entries, reason], |c, now| {
+        let (d, cfg, lease, entries) = (
+            self.dialect,
+            self.cfg.clone(),
+            lease.clone(),
+            Arc::new(entries),
+        );
+        op!(self, [cfg, lease, entries, reason], |c, now| {
             let mut s = lock_fenced(c, d, &lease).await?;
             let ended = finish_turn(c, &mut s, now, turn, status, reason, entries.to_vec()).await?;
+            // The holder is alive and may start the next turn at once: the
+            // lease runs a full term from here.
+            s.lease_expires_at = Some(now + cfg.lease_ttl.as_micros() as i64);
             save_session(c, &s).await?;
             Ok(ended)
         })
