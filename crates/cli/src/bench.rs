@@ -60,6 +60,9 @@ pub enum BenchCommand {
     /// Cross-node delta latency (turn on node B, SSE subscriber on node A)
     /// beside the same-node latency (SSE subscriber on B).
     PgDelta(PgDeltaArgs),
+    /// Per-turn overhead Baton adds in front of an ACP agent, against the
+    /// same agent driven directly by a minimal client, in the same run.
+    Acp(crate::bench_acp::AcpBenchArgs),
 }
 
 /// `baton bench append` flags.
@@ -154,6 +157,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let url = d.database_url.clone();
             with_scratch_db(&url, move |db, server| pg_delta(d, db, server)).await
         }
+        BenchCommand::Acp(a) => crate::bench_acp::run(a).await,
         BenchCommand::Append(a) => interruptible(append(a)).await,
         BenchCommand::Post(p) => interruptible(post(p)).await,
     }

@@ -206,6 +206,14 @@ fn ms(d: Duration) -> String {
     }
 }
 
+/// p50 of the first and last tenth of a sequence of latencies (drift).
+fn ends(lat: &[Duration]) -> (Duration, Duration) {
+    let tenth = (lat.len() / 10).clamp(1, lat.len().max(1));
+    let head = stats(lat[..tenth.min(lat.len())].to_vec()).p50;
+    let tail = stats(lat[lat.len().saturating_sub(tenth)..].to_vec()).p50;
+    (head, tail)
+}
+
 /// `a - b` in milliseconds, signed.
 fn diff_ms(a: Duration, b: Duration) -> f64 {
     (a.as_secs_f64() - b.as_secs_f64()) * 1000.0
@@ -636,7 +644,64 @@ async fn read_sse(resp: reqwest::Response, tx: mpsc::UnboundedSender<(Instant, S
 }
 
 // ---------------------------------------------------------------------------
+// The disk: what one durable commit costs here
+
+/// A bare SQLite database beside Baton's (same pragmas: WAL,
+/// `synchronous=FULL`), to time one durable single-row commit: the unit that
+/// Baton's turn path pays several times.
+struct DiskProbe {
+    conn: sqlx::SqliteConnection,
+    k: i64,
+}
+
+impl DiskProbe {
+    async fn open(db: &Path) -> anyhow::Result<Self> {
+        use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+        use sqlx::ConnectOptions;
+
+        let mut conn = SqliteConnectOptions::new()
+            .filename(db)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .disable_statement_logging()
+            .connect()
+            .await
+            .context("opening the disk probe")?;
+        sqlx::query("CREATE TABLE log (id INTEGER PRIMARY KEY, content TEXT NOT NULL)")
+            .execute(&mut conn)
+            .await
+            .context("creating the disk probe's table")?;
+        Ok(Self { conn, k: 0 })
+    }
+
+    /// One `INSERT` in its own transaction, until it is durable.
+    async fn commit(&mut self) -> anyhow::Result<Duration> {
+        self.k += 1;
+        let content = format!("probe {}", self.k);
+        let t0 = Instant::now();
+        sqlx::query("INSERT INTO log (content) VALUES (?1)")
+            .bind(content)
+            .execute(&mut self.conn)
+            .await
+            .context("a disk probe commit")?;
+        Ok(t0.elapsed())
+    }
+
+    async fn close(self) {
+        let _ = sqlx::Connection::close(self.conn).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The benchmark
+
+/// What one run measured, turn by turn.
+struct Measured {
+    direct: Vec<DirectTurn>,
+    baton: Vec<BatonTurn>,
+    commits: Vec<Duration>,
+}
 
 async fn bench(args: AcpBenchArgs, peer: PathBuf) -> anyhow::Result<()> {
     let scratch = Scratch::new(args.dir.as_deref())?;
@@ -666,7 +731,9 @@ async fn bench(args: AcpBenchArgs, peer: PathBuf) -> anyhow::Result<()> {
             args.turns, args.warmup
         );
         println!();
-        let run = measure(&mut direct, &mut baton, &args).await;
+        let mut probe = DiskProbe::open(&scratch.path().join("probe.db")).await?;
+        let run = measure(&mut direct, &mut baton, &mut probe, &args).await;
+        probe.close().await;
         let stopped = baton.stop().await;
         let r = run?;
         stopped?;
@@ -674,22 +741,24 @@ async fn bench(args: AcpBenchArgs, peer: PathBuf) -> anyhow::Result<()> {
     }
     .await;
     let stopped = direct.stop().await;
-    let (d, b) = result?;
+    let m = result?;
     stopped?;
-    report(&d, &b);
+    report(&m);
     Ok(())
 }
 
 async fn measure(
     direct: &mut Direct,
     baton: &mut Baton,
+    probe: &mut DiskProbe,
     args: &AcpBenchArgs,
-) -> anyhow::Result<(Vec<DirectTurn>, Vec<BatonTurn>)> {
+) -> anyhow::Result<Measured> {
     let total = args.warmup + args.turns;
-    let (mut d, mut b) = (
-        Vec::with_capacity(args.turns),
-        Vec::with_capacity(args.turns),
-    );
+    let mut m = Measured {
+        direct: Vec::with_capacity(args.turns),
+        baton: Vec::with_capacity(args.turns),
+        commits: Vec::with_capacity(args.turns),
+    };
     eprintln!("  warming up ({} turns per path)…", args.warmup);
     for i in 0..total {
         if i == args.warmup {
@@ -711,15 +780,18 @@ async fn measure(
                 bt.deltas
             );
         }
+        let commit = probe.commit().await?;
         if i >= args.warmup {
-            d.push(dt);
-            b.push(bt);
+            m.direct.push(dt);
+            m.baton.push(bt);
+            m.commits.push(commit);
         }
     }
-    Ok((d, b))
+    Ok(m)
 }
 
-fn report(d: &[DirectTurn], b: &[BatonTurn]) {
+fn report(m: &Measured) {
+    let (d, b) = (&m.direct, &m.baton);
     let col = |f: fn(&BatonTurn) -> Duration| b.iter().map(f).collect::<Vec<_>>();
     let d_first: Vec<Duration> = d.iter().map(|t| t.first_chunk).collect();
     let d_end: Vec<Duration> = d.iter().map(|t| t.end).collect();
@@ -730,11 +802,18 @@ fn report(d: &[DirectTurn], b: &[BatonTurn]) {
     let b_end = col(|t| t.end);
 
     println!(
-        "{:>6} | {:<38} | {:>5} | {:>10} {:>10} {:>10} {:>10}",
-        "path", "time from sending the prompt to", "n", "p50", "p99", "mean", "max"
+        "{:>6} | {:<38} | {:>5} | {:>10} {:>10} {:>10} {:>10} | {:>21}",
+        "path",
+        "time from sending the prompt to",
+        "n",
+        "p50",
+        "p99",
+        "mean",
+        "max",
+        "p50 first/last 10%"
     );
-    println!("{}", "-".repeat(103));
-    let rows: [(&str, &str, &[Duration]); 7] = [
+    println!("{}", "-".repeat(127));
+    let rows: [(&str, &str, &[Duration]); 8] = [
         ("direct", "first agent_message_chunk", &d_first),
         ("direct", "session/prompt response", &d_end),
         ("baton", "201 read (message stored)", &b_posted),
@@ -742,18 +821,22 @@ fn report(d: &[DirectTurn], b: &[BatonTurn]) {
         ("baton", "first delta on the stream", &b_first),
         ("baton", "assistant message entry on the stream", &b_message),
         ("baton", "turn_ended entry on the stream", &b_end),
+        ("disk", "one durable SQLite commit (probe)", &m.commits),
     ];
     for (path, what, v) in rows {
         let s = stats(v.to_vec());
+        let (head, tail) = ends(v);
         println!(
-            "{:>6} | {:<38} | {:>5} | {:>10} {:>10} {:>10} {:>10}",
+            "{:>6} | {:<38} | {:>5} | {:>10} {:>10} {:>10} {:>10} | {:>10} {:>10}",
             path,
             what,
             s.n,
             ms(s.p50),
             ms(s.p99),
             ms(s.mean),
-            ms(s.max)
+            ms(s.max),
+            ms(head),
+            ms(tail)
         );
     }
     println!();
@@ -781,6 +864,18 @@ fn report(d: &[DirectTurn], b: &[BatonTurn]) {
         "target: under 2 ms added at p50 — first delta {} ({added_first:.3} ms), turn end {} ({added_end:.3} ms)",
         verdict(added_first),
         verdict(added_end)
+    );
+    // Baton's critical path: the post's transaction (message, turn,
+    // turn_started, lease) and `begin_turn` before the prompt is sent; the
+    // stored reply and `turn_ended` after the agent answers.
+    let commit = stats(m.commits.clone()).p50.as_secs_f64() * 1000.0;
+    println!(
+        "durable commits on Baton's path: 2 before the first delta (the post; begin_turn), 4 before turn_ended (+ the reply, + turn_ended); one commit here p50 {commit:.3} ms"
+    );
+    println!(
+        "  the rest, if each cost the probe's p50 (HTTP, actor, driver, bus, SSE): first delta {:.3} ms, turn end {:.3} ms (--dir on a tmpfs such as /dev/shm measures Baton without fsync)",
+        added_first - 2.0 * commit,
+        added_end - 4.0 * commit
     );
 }
 
