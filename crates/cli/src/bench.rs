@@ -175,10 +175,10 @@ async fn interruptible(bench: impl Future<Output = anyhow::Result<()>>) -> anyho
 // Shared helpers
 
 /// A scratch directory, removed when dropped.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new(parent: Option<&Path>) -> anyhow::Result<Self> {
+    pub(crate) fn new(parent: Option<&Path>) -> anyhow::Result<Self> {
         let base = parent
             .map(Path::to_path_buf)
             .unwrap_or_else(std::env::temp_dir);
@@ -187,7 +187,7 @@ impl Scratch {
         Ok(Self(dir))
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -202,15 +202,15 @@ impl Drop for Scratch {
 
 /// Latency percentiles over a sorted sample (nearest rank).
 #[derive(Clone, Copy, Debug, Default)]
-struct Stats {
-    n: usize,
-    p50: Duration,
-    p99: Duration,
-    max: Duration,
-    mean: Duration,
+pub(crate) struct Stats {
+    pub(crate) n: usize,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
+    pub(crate) max: Duration,
+    pub(crate) mean: Duration,
 }
 
-fn stats(mut v: Vec<Duration>) -> Stats {
+pub(crate) fn stats(mut v: Vec<Duration>) -> Stats {
     if v.is_empty() {
         return Stats::default();
     }
@@ -229,7 +229,7 @@ fn stats(mut v: Vec<Duration>) -> Stats {
     }
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
     if ms < 10.0 {
         format!("{ms:.3} ms")
@@ -954,7 +954,7 @@ fn split(total: usize, parts: usize) -> Vec<usize> {
 }
 
 /// p50 of the first and last tenth of a sequence of latencies.
-fn ends(lat: &[Duration]) -> (Duration, Duration) {
+pub(crate) fn ends(lat: &[Duration]) -> (Duration, Duration) {
     let tenth = (lat.len() / 10).max(1).min(lat.len());
     let head = stats(lat[..tenth].to_vec()).p50;
     let tail = stats(lat[lat.len() - tenth..].to_vec()).p50;

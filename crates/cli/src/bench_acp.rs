@@ -23,6 +23,7 @@
 //! runs in a scratch directory removed at the end; both agent processes are
 //! stopped at the end (also after an error or Ctrl-C).
 
+use crate::bench::{ends, ms, stats, Scratch};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -139,80 +140,6 @@ fn shell_quote(s: &str) -> String {
 
 // ---------------------------------------------------------------------------
 // Shared helpers
-
-/// A scratch directory, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(parent: Option<&Path>) -> anyhow::Result<Self> {
-        let base = parent
-            .map(Path::to_path_buf)
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("baton-bench-acp-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!("warning: could not remove {}: {e}", self.0.display());
-        }
-    }
-}
-
-/// Latency percentiles (nearest rank).
-#[derive(Clone, Copy, Debug, Default)]
-struct Stats {
-    n: usize,
-    p50: Duration,
-    p99: Duration,
-    max: Duration,
-    mean: Duration,
-}
-
-fn stats(mut v: Vec<Duration>) -> Stats {
-    if v.is_empty() {
-        return Stats::default();
-    }
-    v.sort_unstable();
-    let rank = |p: f64| -> Duration {
-        let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-        v[i]
-    };
-    let total: Duration = v.iter().sum();
-    Stats {
-        n: v.len(),
-        p50: rank(0.50),
-        p99: rank(0.99),
-        max: v[v.len() - 1],
-        mean: total / v.len() as u32,
-    }
-}
-
-fn ms(d: Duration) -> String {
-    let ms = d.as_secs_f64() * 1000.0;
-    if ms < 10.0 {
-        format!("{ms:.3} ms")
-    } else if ms < 1000.0 {
-        format!("{ms:.1} ms")
-    } else {
-        format!("{ms:.0} ms")
-    }
-}
-
-/// p50 of the first and last tenth of a sequence of latencies (drift).
-fn ends(lat: &[Duration]) -> (Duration, Duration) {
-    let tenth = (lat.len() / 10).clamp(1, lat.len().max(1));
-    let head = stats(lat[..tenth.min(lat.len())].to_vec()).p50;
-    let tail = stats(lat[lat.len().saturating_sub(tenth)..].to_vec()).p50;
-    (head, tail)
-}
 
 /// `a - b` in milliseconds, signed.
 fn diff_ms(a: Duration, b: Duration) -> f64 {
