@@ -253,6 +253,16 @@ pub struct TestServer {
 pub async fn spawn_app(tune: impl FnOnce(&mut ServeConfig)) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("baton.db");
+    start(db, dir, tune).await
+}
+
+/// Builds and serves on the embedded store at `db`; `dir` lives as long as
+/// the server.
+async fn start(
+    db: PathBuf,
+    dir: tempfile::TempDir,
+    tune: impl FnOnce(&mut ServeConfig),
+) -> TestServer {
     let mut cfg = ServeConfig::embedded(db.to_string_lossy());
     cfg.demo_word_delay_ms = 1;
     tune(&mut cfg);
@@ -356,21 +366,6 @@ impl ChildServer {
 /// The caller owns the file's directory: dropping the returned server (or
 /// `stop`) does not remove it.
 pub async fn spawn_app_on(db: &Path, tune: impl FnOnce(&mut ServeConfig)) -> TestServer {
-    let mut cfg = ServeConfig::embedded(db.to_string_lossy());
-    cfg.demo_word_delay_ms = 1;
-    tune(&mut cfg);
-    let app = App::build(&cfg).await.expect("building the app");
-    let base = format!("http://{}", app.addr());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(app.run_until(async move {
-        let _ = rx.await;
-    }));
-    TestServer {
-        client: Client::new(base),
-        // An empty directory of its own, so dropping the server leaves `db` alone.
-        dir: tempfile::tempdir().unwrap(),
-        db: db.to_path_buf(),
-        stop: Some(tx),
-        task: Some(task),
-    }
+    // An empty directory of its own, so dropping the server leaves `db` alone.
+    start(db.to_path_buf(), tempfile::tempdir().unwrap(), tune).await
 }
