@@ -793,16 +793,17 @@ fn report(m: &Measured) {
         verdict(added_end)
     );
     // Baton's critical path: the post's transaction (message, turn,
-    // turn_started, lease) and `begin_turn` before the prompt is sent; the
-    // stored reply and `turn_ended` after the agent answers.
+    // turn_started, lease) and `take_turn` (the turn begins) before the
+    // prompt is sent; one transaction after the agent answers (the reply
+    // stored with `turn_ended`).
     let commit = stats(m.commits.clone()).p50.as_secs_f64() * 1000.0;
     println!(
-        "durable commits on Baton's path: 2 before the first delta (the post; begin_turn), 4 before turn_ended (+ the reply, + turn_ended); one commit here p50 {commit:.3} ms"
+        "durable commits on Baton's path: 2 before the first delta (the post; take_turn), 3 before turn_ended (+ the reply with turn_ended); one commit here p50 {commit:.3} ms"
     );
     println!(
         "  the rest, if each cost the probe's p50 (HTTP, actor, driver, bus, SSE): first delta {:.3} ms, turn end {:.3} ms (--dir on a tmpfs such as /dev/shm measures Baton without fsync)",
         added_first - 2.0 * commit,
-        added_end - 4.0 * commit
+        added_end - 3.0 * commit
     );
 }
 

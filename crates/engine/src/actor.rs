@@ -2,9 +2,10 @@
 //! for as long as it holds the lease.
 //!
 //! The loop: take the session's starting turn from the store, run it to its
-//! end, repeat; when nothing is left, release the lease — a release the store
-//! refuses if a turn was created meanwhile, so a message that arrives during
-//! the release is never stranded.
+//! end, repeat; when nothing is left, the same transaction that found nothing
+//! releases the lease, so a message that arrives after it finds the lease
+//! free (and its node starts the turn), and one that arrives before it is
+//! taken — never stranded, never waited for.
 //!
 //! Running a turn means feeding a [`TurnMachine`] every event (agent output,
 //! cancel announcements, heartbeats, timers, shutdown) and doing exactly what
@@ -17,13 +18,16 @@ use std::time::Duration;
 
 use baton_agent::{AgentEvent, TurnControl, TurnInput};
 use baton_core::turn::{Action, Event, StopReason, TurnMachine};
-use baton_core::TurnStatus;
-use baton_store::{Begin, Lease, StoreError, TurnToRun};
+use baton_core::{NewEntry, TurnStatus};
+use baton_store::{Begin, Lease, StoreError, Take, TurnToRun};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::bus::BusEvent;
 use crate::Inner;
+
+/// How many already-arrived agent events one round takes at most.
+const DRAIN_MAX: usize = 256;
 
 /// How a turn's run ended for the actor.
 enum Outcome {
@@ -42,20 +46,18 @@ pub(crate) async fn run(inner: Arc<Inner>, lease: Lease, mut bus: broadcast::Rec
             let _ = inner.store.release_lease(&lease, true).await;
             break;
         }
-        let step = match inner.store.next_turn(&lease).await {
-            Ok(Some(turn)) => run_turn(&inner, &lease, turn, &mut bus).await.map(Some),
-            Ok(None) => match inner.store.release_lease(&lease, false).await {
-                Ok(true) => break,
-                // A turn was created since we looked: go round again. (If the
-                // active turn is one this actor lost track of, the pause keeps
-                // this from spinning until the lease lapses and the sweeper
-                // ends that turn `lost`.)
-                Ok(false) => {
-                    sleep(Duration::from_millis(20)).await;
-                    Ok(None)
-                }
-                Err(e) => Err(e),
-            },
+        let step = match inner.store.take_turn(&lease).await {
+            Ok(Take::Run(turn, begun)) => run_turn(&inner, &lease, turn, begun, &mut bus)
+                .await
+                .map(Some),
+            Ok(Take::Released) => break,
+            // The active turn is one this actor lost track of: the pause
+            // keeps this from spinning until the lease lapses and the
+            // sweeper ends that turn `lost`.
+            Ok(Take::Busy) => {
+                sleep(Duration::from_millis(20)).await;
+                Ok(None)
+            }
             Err(e) => Err(e),
         };
         match step {
@@ -123,6 +125,7 @@ async fn run_turn(
     inner: &Inner,
     lease: &Lease,
     todo: TurnToRun,
+    begun: Begin,
     bus: &mut broadcast::Receiver<BusEvent>,
 ) -> Result<Outcome, StoreError> {
     let turn_id = todo.turn.id;
@@ -142,15 +145,16 @@ async fn run_turn(
     let mut shutdown_seen = false;
     let mut bus_open = true;
 
-    let first = match inner.store.begin_turn(lease, turn_id).await {
-        Ok(Begin::Run) => vec![Event::Started],
-        Ok(Begin::Cancelled(reason)) => vec![Event::CancelRequested { reason }, Event::Started],
-        Err(StoreError::StaleEpoch { .. } | StoreError::TurnNotActive { .. }) => {
-            return Ok(Outcome::Fenced)
-        }
-        Err(e) => return Err(e),
+    let first = match begun {
+        Begin::Run => vec![Event::Started],
+        Begin::Cancelled(reason) => vec![Event::CancelRequested { reason }, Event::Started],
     };
     let mut pending: std::collections::VecDeque<Event> = first.into();
+    // Output the machine asked to store, not yet written: consecutive
+    // appends share one transaction, and the last ones share `end_turn`'s
+    // (a reply and its `turn_ended` commit together: one sync, not two).
+    let mut unsaved: Vec<NewEntry> = Vec::new();
+    let mut drained = false;
     if *shutdown.borrow() {
         pending.push_back(Event::CancelRequested {
             reason: "shutdown".into(),
@@ -200,28 +204,19 @@ async fn run_turn(
                         drain_deadline = Some(Instant::now() + inner.cfg.cancel_drain)
                     }
                     Action::PublishDelta(text) => {
+                        // Keep the bus in the machine's order: stored output
+                        // before the deltas that follow it.
+                        if !unsaved.is_empty() {
+                            if let Some(ev) = save(inner, lease, turn_id, &mut unsaved).await {
+                                pending.push_front(ev);
+                                continue;
+                            }
+                        }
                         inner
                             .bus
                             .publish(lease.session_id, BusEvent::Delta { turn_id, text });
                     }
-                    Action::Append(entry) => {
-                        match inner.store.append_output(lease, turn_id, vec![entry]).await {
-                            Ok(committed) => inner.bus.publish_entries(&committed),
-                            Err(
-                                StoreError::StaleEpoch { .. } | StoreError::TurnNotActive { .. },
-                            ) => {
-                                pending.push_front(Event::LeaseLost);
-                            }
-                            Err(e) => {
-                                // Output that cannot be stored ends the turn: a
-                                // transcript with a hole must not look complete.
-                                tracing::warn!(error = %e, "could not store agent output");
-                                pending.push_front(Event::AgentStopped(StopReason::Failed(
-                                    format!("could not store the agent's output: {e}"),
-                                )));
-                            }
-                        }
-                    }
+                    Action::Append(entry) => unsaved.push(entry),
                     Action::ForceStop => {
                         if let Some(c) = agent.control.take() {
                             c.force_stop();
@@ -234,26 +229,46 @@ async fn run_turn(
                         entries,
                     } => {
                         agent.events = None;
-                        return end(inner, lease, turn_id, status, reason, entries).await;
+                        unsaved.extend(entries);
+                        return end(inner, lease, turn_id, status, reason, unsaved).await;
                     }
                     Action::Abandon => return Ok(Outcome::Fenced),
                 }
             }
         }
 
-        let event = tokio::select! {
-            ev = next_agent_event(&mut agent.events) => match ev {
-                Some(AgentEvent::Delta(text)) => Event::AgentDelta(text),
-                Some(AgentEvent::Output(out)) => Event::AgentOutput(out),
-                Some(AgentEvent::Stopped(stop)) => Event::AgentStopped(stop),
-                Some(AgentEvent::AgentSession(id)) => {
-                    // Kept with the session so a restarted agent can resume
-                    // it; a failure here costs only that resumption.
-                    if let Err(e) = inner.store.set_agent_session(lease, &id).await {
-                        tracing::warn!(error = %e, "could not record the agent's session id");
+        // What the agent has already sent joins this round, so output that
+        // arrives in a burst (a reply and its stop) is stored in one
+        // transaction. Bounded, and once per wait, so an agent that never
+        // pauses cannot starve heartbeats and cancels.
+        if !drained {
+            drained = true;
+            if let Some(rx) = &mut agent.events {
+                for _ in 0..DRAIN_MAX {
+                    let Ok(ev) = rx.try_recv() else { break };
+                    if let Some(ev) = agent_event(inner, lease, ev).await {
+                        pending.push_back(ev);
                     }
+                }
+                if !pending.is_empty() {
                     continue;
                 }
+            }
+        }
+        if !unsaved.is_empty() {
+            if let Some(ev) = save(inner, lease, turn_id, &mut unsaved).await {
+                pending.push_back(ev);
+            }
+            continue;
+        }
+
+        drained = false;
+        let event = tokio::select! {
+            ev = next_agent_event(&mut agent.events) => match ev {
+                Some(ev) => match agent_event(inner, lease, ev).await {
+                    Some(ev) => ev,
+                    None => continue,
+                },
                 None => {
                     agent.events = None;
                     Event::AgentStopped(StopReason::Failed("the agent stopped without finishing the turn".into()))
@@ -314,6 +329,54 @@ async fn run_turn(
     }
 }
 
+/// The machine's event for an agent's event (`None`: handled here).
+async fn agent_event(inner: &Inner, lease: &Lease, ev: AgentEvent) -> Option<Event> {
+    match ev {
+        AgentEvent::Delta(text) => Some(Event::AgentDelta(text)),
+        AgentEvent::Output(out) => Some(Event::AgentOutput(out)),
+        AgentEvent::Stopped(stop) => Some(Event::AgentStopped(stop)),
+        AgentEvent::AgentSession(id) => {
+            // Kept with the session so a restarted agent can resume it; a
+            // failure here costs only that resumption.
+            if let Err(e) = inner.store.set_agent_session(lease, &id).await {
+                tracing::warn!(error = %e, "could not record the agent's session id");
+            }
+            None
+        }
+    }
+}
+
+/// Stores the turn's unsaved output in one transaction and publishes it;
+/// on failure, the event the machine must see next.
+async fn save(
+    inner: &Inner,
+    lease: &Lease,
+    turn_id: baton_core::TurnId,
+    unsaved: &mut Vec<NewEntry>,
+) -> Option<Event> {
+    match inner
+        .store
+        .append_output(lease, turn_id, std::mem::take(unsaved))
+        .await
+    {
+        Ok(committed) => {
+            inner.bus.publish_entries(&committed);
+            None
+        }
+        Err(StoreError::StaleEpoch { .. } | StoreError::TurnNotActive { .. }) => {
+            Some(Event::LeaseLost)
+        }
+        Err(e) => {
+            // Output that cannot be stored ends the turn: a transcript with
+            // a hole must not look complete.
+            tracing::warn!(error = %e, "could not store agent output");
+            Some(Event::AgentStopped(StopReason::Failed(format!(
+                "could not store the agent's output: {e}"
+            ))))
+        }
+    }
+}
+
 /// Records the turn's end; retried briefly if the store is unreachable.
 async fn end(
     inner: &Inner,
@@ -321,7 +384,7 @@ async fn end(
     turn_id: baton_core::TurnId,
     status: TurnStatus,
     reason: Option<String>,
-    entries: Vec<baton_core::NewEntry>,
+    entries: Vec<NewEntry>,
 ) -> Result<Outcome, StoreError> {
     let mut attempt = 0u32;
     loop {

@@ -42,7 +42,7 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::{
     Begin, CreateSession, Lease, PostMessage, Posted, Recovered, SharedStore, Store, StoreConfig,
-    StoreError,
+    StoreError, Take,
 };
 
 // ---------------------------------------------------------------------------
@@ -2034,6 +2034,158 @@ pub async fn release_lease_only_when_idle<Fut: Future<Output = SharedStore>>(
     );
     f.end(&rec.lease, t3, TurnStatus::Completed, None).await;
     f.log(id).await;
+    f.cleanup().await;
+}
+
+/// `take_turn`, the worker's step: it begins the starting turn with its
+/// inputs (or reports the cancel that came before it ran), answers `Busy`
+/// while a turn runs, and releases the lease in the same transaction that
+/// finds the session idle. Raced against posts from another node, every
+/// turn those posts start is either taken by the holder or comes with the
+/// lease for the poster: none is stranded (I4, I6).
+pub async fn take_turn_begins_or_releases<Fut: Future<Output = SharedStore>>(
+    open: impl Fn(StoreConfig) -> Fut,
+) {
+    let _g = shared().await;
+    let f = Fixture::open(open, base_config()).await;
+    let id = f.session(Policy::Queue).await;
+    let (p1, t1, lease) = f.start(id, "m1").await;
+    let p2 = f.post(f.msg(id, "m2")).await;
+    assert_eq!(p2.disposition.kind, DispositionType::Queued);
+
+    match f.store.take_turn(&lease).await.expect("take_turn") {
+        Take::Run(todo, Begin::Run) => {
+            assert_eq!(todo.turn.id, t1, "the starting turn is handed over");
+            assert_eq!(todo.inputs, vec![p1.entry.clone()], "with its inputs only");
+            assert_eq!(todo.agent, f.agent);
+        }
+        other => panic!("a starting turn is begun, got {other:?}"),
+    }
+    assert_eq!(
+        f.turns(id).await[0].status,
+        TurnStatus::Running,
+        "take_turn moves the turn to running"
+    );
+    assert!(
+        matches!(f.store.take_turn(&lease).await, Ok(Take::Busy)),
+        "a running turn is not handed over twice, nor the lease released"
+    );
+    f.store
+        .renew_lease(&lease)
+        .await
+        .expect("Busy keeps the lease");
+
+    let t2 = f
+        .end(&lease, t1, TurnStatus::Completed, None)
+        .await
+        .next
+        .expect("the queued message starts the next turn");
+    assert_eq!(
+        f.store
+            .request_cancel(&f.owner, id, "user")
+            .await
+            .expect("cancel"),
+        Some(t2)
+    );
+    match f.store.take_turn(&lease).await.expect("take_turn") {
+        Take::Run(todo, Begin::Cancelled(reason)) => {
+            assert_eq!(todo.turn.id, t2);
+            assert_eq!(reason, "user", "the cancel's reason is reported");
+            assert_eq!(todo.inputs, vec![p2.entry.clone()]);
+        }
+        other => panic!("a turn cancelled while starting is reported so, got {other:?}"),
+    }
+    assert_eq!(
+        f.turns(id).await[1].status,
+        TurnStatus::Starting,
+        "a turn cancelled before it ran never runs"
+    );
+    f.end(&lease, t2, TurnStatus::Cancelled, Some("user")).await;
+
+    assert!(
+        matches!(f.store.take_turn(&lease).await, Ok(Take::Released)),
+        "an idle session's lease is released"
+    );
+    expect_err!(
+        f.store.renew_lease(&lease).await,
+        StoreError::StaleEpoch { .. },
+        "renew after take_turn released"
+    );
+    expect_err!(
+        f.store.take_turn(&lease).await,
+        StoreError::StaleEpoch { .. },
+        "take_turn after release"
+    );
+
+    // The race. Each round starts idle with the lease held.
+    let poster = f.on_node("node-poster");
+    let (_, t3, mut holder) = poster.start(id, "m3").await;
+    assert!(matches!(
+        f.store.take_turn(&holder).await,
+        Ok(Take::Run(_, Begin::Run))
+    ));
+    f.end(&holder, t3, TurnStatus::Completed, None).await;
+    let (mut taken, mut handed) = (0, 0);
+    for round in 0..60 {
+        // Both orders must happen: which is spawned first alternates.
+        let take = {
+            let (store, lease) = (f.store.clone(), holder.clone());
+            async move { store.take_turn(&lease).await }
+        };
+        let post = {
+            let (store, req) = (f.store.clone(), poster.msg(id, &format!("race {round}")));
+            async move { store.post_message(req).await }
+        };
+        let (take, post) = if round % 2 == 0 {
+            (tokio::spawn(take), tokio::spawn(post))
+        } else {
+            let post = tokio::spawn(post);
+            (tokio::spawn(take), post)
+        };
+        let take = take.await.expect("take task").expect("take_turn");
+        let posted = post.await.expect("post task").expect("post");
+        let turn = posted
+            .disposition
+            .turn_id
+            .expect("an idle session starts a turn");
+        match take {
+            Take::Run(todo, Begin::Run) => {
+                assert!(
+                    posted.lease.is_none(),
+                    "round {round}: the holder took the turn, so the lease was not free"
+                );
+                assert_eq!(todo.turn.id, turn);
+                taken += 1;
+            }
+            Take::Released => {
+                let lease = posted.lease.clone().unwrap_or_else(|| {
+                    panic!("round {round}: the lease was released, so the post's turn must come with it (else it is stranded)")
+                });
+                assert!(lease.epoch > holder.epoch, "a new lease has a new epoch");
+                holder = lease;
+                match f.store.take_turn(&holder).await.expect("take_turn") {
+                    Take::Run(todo, Begin::Run) => assert_eq!(todo.turn.id, turn),
+                    other => panic!("round {round}: the new holder runs the turn, got {other:?}"),
+                }
+                handed += 1;
+            }
+            other => panic!("round {round}: nothing was running, got {other:?}"),
+        }
+        f.end(&holder, turn, TurnStatus::Completed, None).await;
+    }
+    eprintln!("take_turn race: {taken} rounds taken by the holder, {handed} handed to the poster");
+    assert!(
+        taken > 0 && handed > 0,
+        "the race ran both ways ({taken} taken, {handed} handed)"
+    );
+    let log = f.log(id).await;
+    assert_eq!(
+        log.iter()
+            .filter(|e| e.kind == EntryType::TurnEnded)
+            .count(),
+        63,
+        "every message's turn ran and ended once"
+    );
     f.cleanup().await;
 }
 

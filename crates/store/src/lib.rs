@@ -16,6 +16,7 @@
 //! Policy decisions are made by `baton_core::policy` inside the transaction
 //! that stores the message, with the session row locked.
 
+mod db;
 mod sql;
 mod writer;
 
@@ -152,6 +153,20 @@ pub enum Begin {
     Cancelled(String),
 }
 
+/// What `take_turn` did.
+#[derive(Clone, Debug)]
+pub enum Take {
+    /// The session's starting turn, handed over: `running` now
+    /// ([`Begin::Run`]), or cancelled before it ran ([`Begin::Cancelled`]).
+    Run(TurnToRun, Begin),
+    /// Nothing was waiting: the lease is given up.
+    Released,
+    /// The active turn is already running and this holder is not running it
+    /// (it lost track of it); the lease is kept until it lapses and the
+    /// sweeper ends that turn `lost`.
+    Busy,
+}
+
 /// What a lease renewal learned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Renewal {
@@ -227,6 +242,12 @@ pub trait Store: Send + Sync + 'static {
         reason: Option<String>,
         entries: Vec<NewEntry>,
     ) -> Result<Ended>;
+    /// The worker's next step, in one transaction: begin the session's
+    /// starting turn (as [`Store::next_turn`] then [`Store::begin_turn`]), or,
+    /// when no turn is active, give the lease up (as
+    /// [`Store::release_lease`]). Nothing can slip between the look and the
+    /// release, so no message is stranded and no worker has to poll.
+    async fn take_turn(&self, lease: &Lease) -> Result<Take>;
     /// Extends the lease; `StaleEpoch` if it was lost.
     async fn renew_lease(&self, lease: &Lease) -> Result<Renewal>;
     /// Gives the lease up. Without `force` it refuses (returns false) while a

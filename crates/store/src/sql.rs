@@ -17,15 +17,16 @@ use baton_core::{
     SessionStatus, Timestamp, ToolInfo, Turn, TurnId, TurnStatus,
 };
 use futures_util::future::BoxFuture;
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::any::AnyPoolOptions;
 use sqlx::AnyConnection;
-use sqlx::{AnyPool, Connection, Row};
+use sqlx::{AnyPool, Connection};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::db::{args, Conn, Fail, Row, R};
 use crate::writer::{self, Clock, Completion, Job};
 use crate::{
     Begin, CreateSession, Created, Ended, Lease, Page, PostMessage, Posted, Recovered, Renewal,
-    Result, Store, StoreError, TurnToRun,
+    Result, Store, StoreError, Take, TurnToRun,
 };
 
 /// Tunables that the store applies inside its transactions.
@@ -87,27 +88,6 @@ pub struct SqlStore {
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// A failure inside an operation: a store outcome, or a database error that
-/// the executor classifies (retry, unavailable, internal).
-enum Fail {
-    Store(StoreError),
-    Db(sqlx::Error),
-}
-
-impl From<StoreError> for Fail {
-    fn from(e: StoreError) -> Self {
-        Self::Store(e)
-    }
-}
-
-impl From<sqlx::Error> for Fail {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Db(e)
-    }
-}
-
-type R<T> = std::result::Result<T, Fail>;
-
 fn classify(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Io(_)
@@ -130,10 +110,26 @@ fn retryable(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01" | "23505")))
 }
 
+fn classify_lite(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(
+            C::DatabaseBusy
+            | C::DatabaseLocked
+            | C::SystemIoFailure
+            | C::DiskFull
+            | C::CannotOpen
+            | C::ReadOnly,
+        ) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
 fn unfail(f: Fail) -> StoreError {
     match f {
         Fail::Store(e) => e,
         Fail::Db(e) => classify(e),
+        Fail::Lite(e) => classify_lite(e),
     }
 }
 
@@ -190,9 +186,26 @@ impl SqlStore {
             .map_err(|e| {
                 StoreError::Internal(format!("opening readers on {}: {e}", path.display()))
             })?;
+        // Migrations ran on sqlx's connection (they are shared with
+        // PostgreSQL); the writer has its own synchronous one.
+        if let Err(e) = conn.close().await {
+            tracing::warn!(error = %e, "closing the migration connection");
+        }
+        let lite = open_writer(path)?;
+        let ckpt = open_checkpointer(path)?;
         let clock = Arc::new(Clock::default());
         let (tx, rx) = mpsc::channel(4 * writer::MAX_BATCH);
-        tokio::spawn(writer::run(conn, rx, clock.clone()));
+        let (committed, commits) = std::sync::mpsc::sync_channel(1);
+        let writer_clock = clock.clone();
+        let thread = |name: &str| std::thread::Builder::new().name(name.into());
+        thread("baton-checkpoint")
+            .spawn(move || writer::checkpointer(ckpt, commits))
+            .map_err(|e| StoreError::Internal(format!("starting the checkpoint thread: {e}")))?;
+        thread("baton-writer")
+            .spawn(move || writer::run(lite, rx, writer_clock, committed))
+            .map_err(|e| {
+                StoreError::Internal(format!("starting the store's writer thread: {e}"))
+            })?;
         Ok(Self {
             dialect: Dialect::Sqlite,
             read,
@@ -245,15 +258,20 @@ impl SqlStore {
     pub async fn now(&self) -> Result<i64> {
         match self.dialect {
             Dialect::Sqlite => Ok(self.clock.now()),
-            Dialect::Postgres => pg_now(&self.read).await.map_err(classify),
+            Dialect::Postgres => pg_now(&mut self.reader().await?).await.map_err(unfail),
         }
+    }
+
+    /// A pooled connection for reads.
+    async fn reader(&self) -> Result<Conn> {
+        Ok(Conn::Pool(self.read.acquire().await.map_err(classify)?))
     }
 
     /// Runs `f` as one write transaction and returns its result once committed.
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: for<'c> Fn(&'c mut AnyConnection, i64) -> BoxFuture<'c, R<T>> + Send + Sync + 'static,
+        F: for<'c> Fn(&'c mut Conn, i64) -> BoxFuture<'c, R<T>> + Send + Sync + 'static,
     {
         match &self.exec {
             Exec::Sqlite(jobs) => {
@@ -288,10 +306,12 @@ impl SqlStore {
                 loop {
                     attempt += 1;
                     let result: R<T> = async {
-                        let mut tx = pool.begin().await?;
-                        let now = pg_now(&mut *tx).await?;
-                        let v = f(&mut tx, now).await?;
-                        tx.commit().await?;
+                        let mut c = Conn::Tx(pool.begin().await?);
+                        let now = pg_now(&mut c).await?;
+                        let v = f(&mut c, now).await?;
+                        if let Conn::Tx(tx) = c {
+                            tx.commit().await?;
+                        }
                         Ok(v)
                     }
                     .await;
@@ -311,13 +331,45 @@ impl SqlStore {
     }
 }
 
-async fn pg_now<'e, E>(e: E) -> std::result::Result<i64, sqlx::Error>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Any>,
-{
-    sqlx::query_scalar("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)")
-        .fetch_one(e)
-        .await
+/// The embedded store's writer connection: WAL, `synchronous=FULL`, a page
+/// cache that holds the hot part of a large log (64 MiB; the default 2 MiB
+/// makes every append re-read index pages), no automatic checkpoints (the
+/// checkpoint thread does them), and room in the statement cache for every
+/// statement the store runs.
+fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
+    let c = open_lite(
+        path,
+        "the writer",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000; \
+         PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 0;",
+    )?;
+    c.set_prepared_statement_cache_capacity(64);
+    Ok(c)
+}
+
+/// The checkpoint thread's connection (`synchronous=FULL`: a checkpoint
+/// syncs the database file before the WAL may be reused).
+fn open_checkpointer(path: &Path) -> Result<rusqlite::Connection> {
+    open_lite(
+        path,
+        "the checkpointer",
+        "PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000;",
+    )
+}
+
+fn open_lite(path: &Path, what: &str, pragmas: &str) -> Result<rusqlite::Connection> {
+    let fail = |e: rusqlite::Error| {
+        StoreError::Internal(format!("opening {what} on {}: {e}", path.display()))
+    };
+    let c = rusqlite::Connection::open(path).map_err(fail)?;
+    c.execute_batch(pragmas).map_err(fail)?;
+    Ok(c)
+}
+
+const PG_NOW: &str = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)";
+
+async fn pg_now(c: &mut Conn) -> R<i64> {
+    c.scalar(PG_NOW, &[]).await
 }
 
 // ---------------------------------------------------------------------------
@@ -364,55 +416,53 @@ fn parse_turn_id(s: Option<String>) -> R<Option<TurnId>> {
         .transpose()
 }
 
-fn session_row(r: &AnyRow) -> R<SessionRow> {
-    let id: String = r.try_get("id")?;
-    let policy: String = r.try_get("policy")?;
+fn session_row(r: &Row) -> R<SessionRow> {
+    let id: String = r.get("id")?;
+    let policy: String = r.get("policy")?;
     Ok(SessionRow {
         id: SessionId::parse(&id).map_err(|_| corrupt("session id", &id))?,
-        owner: r.try_get("owner")?,
-        agent: r.try_get("agent")?,
+        owner: r.get("owner")?,
+        agent: r.get("agent")?,
         policy: policy.parse().map_err(|_| corrupt("policy", &policy))?,
-        metadata: r.try_get("metadata")?,
-        created_at: r.try_get("created_at")?,
-        last_seq: r.try_get("last_seq")?,
-        consumed_seq: r.try_get("consumed_seq")?,
-        active_turn: parse_turn_id(r.try_get("active_turn")?)?,
-        lease_owner: r.try_get("lease_owner")?,
-        lease_epoch: r.try_get("lease_epoch")?,
-        lease_expires_at: r.try_get("lease_expires_at")?,
-        fingerprint: r.try_get("request_fingerprint")?,
-        agent_session: r.try_get("agent_session")?,
+        metadata: r.get("metadata")?,
+        created_at: r.get("created_at")?,
+        last_seq: r.get("last_seq")?,
+        consumed_seq: r.get("consumed_seq")?,
+        active_turn: parse_turn_id(r.get("active_turn")?)?,
+        lease_owner: r.get("lease_owner")?,
+        lease_epoch: r.get("lease_epoch")?,
+        lease_expires_at: r.get("lease_expires_at")?,
+        fingerprint: r.get("request_fingerprint")?,
+        agent_session: r.get("agent_session")?,
         queue: QueueSummary {
-            waiting: r.try_get::<i64, _>("waiting_count")?.max(0) as u64,
-            last_gather: r
-                .try_get::<Option<i64>, _>("last_gather_seq")?
-                .map(|s| s as Seq),
-            after_gather: r.try_get::<i64, _>("after_gather_count")?.max(0) as u64,
+            waiting: r.get::<i64>("waiting_count")?.max(0) as u64,
+            last_gather: r.get::<Option<i64>>("last_gather_seq")?.map(|s| s as Seq),
+            after_gather: r.get::<i64>("after_gather_count")?.max(0) as u64,
         },
     })
 }
 
-fn entry_row(r: &AnyRow) -> R<Entry> {
-    let sid: String = r.try_get("session_id")?;
-    let kind: String = r.try_get("kind")?;
-    let role: Option<String> = r.try_get("role")?;
-    let status: Option<String> = r.try_get("status")?;
-    let from: Option<i64> = r.try_get("input_from")?;
-    let to: Option<i64> = r.try_get("input_to")?;
-    let tool: Option<String> = r.try_get("tool")?;
+fn entry_row(r: &Row) -> R<Entry> {
+    let sid: String = r.get("session_id")?;
+    let kind: String = r.get("kind")?;
+    let role: Option<String> = r.get("role")?;
+    let status: Option<String> = r.get("status")?;
+    let from: Option<i64> = r.get("input_from")?;
+    let to: Option<i64> = r.get("input_to")?;
+    let tool: Option<String> = r.get("tool")?;
     Ok(Entry {
-        seq: r.try_get::<i64, _>("seq")? as Seq,
+        seq: r.get::<i64>("seq")? as Seq,
         session_id: SessionId::parse(&sid).map_err(|_| corrupt("session id", &sid))?,
         kind: EntryType::parse(&kind).ok_or_else(|| corrupt("entry kind", &kind))?,
         role: role
             .map(|s| Role::parse(&s).ok_or_else(|| corrupt("role", &s)))
             .transpose()?,
-        turn_id: parse_turn_id(r.try_get("turn_id")?)?,
-        content: r.try_get("content")?,
+        turn_id: parse_turn_id(r.get("turn_id")?)?,
+        content: r.get("content")?,
         status: status
             .map(|s| TurnStatus::parse(&s).ok_or_else(|| corrupt("turn status", &s)))
             .transpose()?,
-        reason: r.try_get("reason")?,
+        reason: r.get("reason")?,
         input: from.zip(to).map(|(f, t)| InputRange {
             from: f as Seq,
             to: t as Seq,
@@ -420,25 +470,25 @@ fn entry_row(r: &AnyRow) -> R<Entry> {
         tool: tool
             .map(|s| serde_json::from_str::<ToolInfo>(&s).map_err(|_| corrupt("tool", &s)))
             .transpose()?,
-        created_at: Timestamp(r.try_get("created_at")?),
+        created_at: Timestamp(r.get("created_at")?),
     })
 }
 
-fn turn_row(r: &AnyRow) -> R<Turn> {
-    let id: String = r.try_get("id")?;
-    let sid: String = r.try_get("session_id")?;
-    let status: String = r.try_get("status")?;
+fn turn_row(r: &Row) -> R<Turn> {
+    let id: String = r.get("id")?;
+    let sid: String = r.get("session_id")?;
+    let status: String = r.get("status")?;
     Ok(Turn {
         id: TurnId::parse(&id).map_err(|_| corrupt("turn id", &id))?,
         session_id: SessionId::parse(&sid).map_err(|_| corrupt("session id", &sid))?,
         status: TurnStatus::parse(&status).ok_or_else(|| corrupt("turn status", &status))?,
         input: InputRange {
-            from: r.try_get::<i64, _>("input_from")? as Seq,
-            to: r.try_get::<i64, _>("input_to")? as Seq,
+            from: r.get::<i64>("input_from")? as Seq,
+            to: r.get::<i64>("input_to")? as Seq,
         },
-        started_at: Timestamp(r.try_get("started_at")?),
-        ended_at: r.try_get::<Option<i64>, _>("ended_at")?.map(Timestamp),
-        reason: r.try_get("reason")?,
+        started_at: Timestamp(r.get("started_at")?),
+        ended_at: r.get::<Option<i64>>("ended_at")?.map(Timestamp),
+        reason: r.get("reason")?,
     })
 }
 
@@ -465,30 +515,18 @@ fn session_view(s: &SessionRow) -> R<Session> {
 // ---------------------------------------------------------------------------
 // Statements shared by the operations
 
-async fn lock_session(c: &mut AnyConnection, d: Dialect, id: SessionId) -> R<Option<SessionRow>> {
+async fn lock_session(c: &mut Conn, d: Dialect, id: SessionId) -> R<Option<SessionRow>> {
     fetch_session(c, id, d.for_update()).await
 }
 
 /// Reads a session row; `suffix` is empty for a plain read.
-async fn fetch_session(
-    c: &mut AnyConnection,
-    id: SessionId,
-    suffix: &str,
-) -> R<Option<SessionRow>> {
+async fn fetch_session(c: &mut Conn, id: SessionId, suffix: &str) -> R<Option<SessionRow>> {
     let sql = format!("SELECT {SESSION_COLS} FROM sessions WHERE id = $1{suffix}");
-    let row = sqlx::query(&sql)
-        .bind(id.to_string())
-        .fetch_optional(&mut *c)
-        .await?;
+    let row = c.fetch_optional(&sql, &args![id.to_string()]).await?;
     row.as_ref().map(session_row).transpose()
 }
 
-async fn lock_owned(
-    c: &mut AnyConnection,
-    d: Dialect,
-    owner: &str,
-    id: SessionId,
-) -> R<SessionRow> {
+async fn lock_owned(c: &mut Conn, d: Dialect, owner: &str, id: SessionId) -> R<SessionRow> {
     match lock_session(c, d, id).await? {
         Some(s) if s.owner == owner => Ok(s),
         _ => Err(StoreError::NotFound.into()),
@@ -496,7 +534,7 @@ async fn lock_owned(
 }
 
 /// Locks the session for a write of `lease`'s holder; anyone else is stale.
-async fn lock_fenced(c: &mut AnyConnection, d: Dialect, lease: &Lease) -> R<SessionRow> {
+async fn lock_fenced(c: &mut Conn, d: Dialect, lease: &Lease) -> R<SessionRow> {
     match lock_session(c, d, lease.session_id).await? {
         Some(s)
             if s.lease_owner.as_deref() == Some(lease.owner.as_str())
@@ -508,24 +546,10 @@ async fn lock_fenced(c: &mut AnyConnection, d: Dialect, lease: &Lease) -> R<Sess
     }
 }
 
-async fn save_session(c: &mut AnyConnection, s: &SessionRow) -> R<()> {
-    sqlx::query(
-        "UPDATE sessions SET last_seq = $2, consumed_seq = $3, active_turn = $4, lease_owner = $5, \
+async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
+    c.execute("UPDATE sessions SET last_seq = $2, consumed_seq = $3, active_turn = $4, lease_owner = $5, \
          lease_epoch = $6, lease_expires_at = $7, agent_session = $8, waiting_count = $9, \
-         last_gather_seq = $10, after_gather_count = $11 WHERE id = $1",
-    )
-    .bind(s.id.to_string())
-    .bind(s.last_seq)
-    .bind(s.consumed_seq)
-    .bind(s.active_turn.map(|t| t.to_string()))
-    .bind(s.lease_owner.clone())
-    .bind(s.lease_epoch)
-    .bind(s.lease_expires_at)
-    .bind(s.agent_session.clone())
-    .bind(s.queue.waiting as i64)
-    .bind(s.queue.last_gather.map(|g| g as i64))
-    .bind(s.queue.after_gather as i64)
-    .execute(&mut *c)
+         last_gather_seq = $10, after_gather_count = $11 WHERE id = $1", &args![s.id.to_string(), s.last_seq, s.consumed_seq, s.active_turn.map(|t| t.to_string()), s.lease_owner.clone(), s.lease_epoch, s.lease_expires_at, s.agent_session.clone(), s.queue.waiting as i64, s.queue.last_gather.map(|g| g as i64), s.queue.after_gather as i64])
     .await?;
     Ok(())
 }
@@ -541,7 +565,7 @@ struct UserMeta<'a> {
 /// Appends `e` at the next seq (I1: the counter lives in `s` and is saved by
 /// the caller in the same transaction).
 async fn append(
-    c: &mut AnyConnection,
+    c: &mut Conn,
     s: &mut SessionRow,
     now: i64,
     e: NewEntry,
@@ -559,28 +583,9 @@ async fn append(
         .map(|u| serde_json::to_string(u.disposition))
         .transpose()
         .map_err(|err| StoreError::Internal(format!("encoding a disposition: {err}")))?;
-    sqlx::query(
-        "INSERT INTO entries (session_id, seq, kind, role, turn_id, content, status, reason, input_from, \
+    c.execute("INSERT INTO entries (session_id, seq, kind, role, turn_id, content, status, reason, input_from, \
          input_to, tool, policy, requested_policy, disposition, idempotency_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-    )
-    .bind(s.id.to_string())
-    .bind(s.last_seq)
-    .bind(e.kind.as_str())
-    .bind(e.role.map(Role::as_str))
-    .bind(e.turn_id.map(|t| t.to_string()))
-    .bind(e.content.clone())
-    .bind(e.status.map(TurnStatus::as_str))
-    .bind(e.reason.clone())
-    .bind(e.input.map(|i| i.from as i64))
-    .bind(e.input.map(|i| i.to as i64))
-    .bind(tool)
-    .bind(user.as_ref().map(|u| u.policy.as_str()))
-    .bind(user.as_ref().and_then(|u| u.requested.map(Policy::as_str)))
-    .bind(disposition)
-    .bind(user.as_ref().and_then(|u| u.key.map(str::to_owned)))
-    .bind(now)
-    .execute(&mut *c)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)", &args![s.id.to_string(), s.last_seq, e.kind.as_str(), e.role.map(Role::as_str), e.turn_id.map(|t| t.to_string()), e.content.clone(), e.status.map(TurnStatus::as_str), e.reason.clone(), e.input.map(|i| i.from as i64), e.input.map(|i| i.to as i64), tool, user.as_ref().map(|u| u.policy.as_str()), user.as_ref().and_then(|u| u.requested.map(Policy::as_str)), disposition, user.as_ref().and_then(|u| u.key.map(str::to_owned)), now])
     .await?;
     Ok(e.committed(s.id, s.last_seq as Seq, Timestamp(now)))
 }
@@ -588,22 +593,23 @@ async fn append(
 /// Creates a turn consuming `input`: the turn row, the cursor, the
 /// `turn_started` entry — one transaction with whatever made it start.
 async fn start_turn(
-    c: &mut AnyConnection,
+    c: &mut Conn,
     s: &mut SessionRow,
     now: i64,
     id: TurnId,
     input: InputRange,
 ) -> R<Entry> {
-    sqlx::query(
+    c.execute(
         "INSERT INTO turns (id, session_id, status, input_from, input_to, started_at) \
          VALUES ($1, $2, 'starting', $3, $4, $5)",
+        &args![
+            id.to_string(),
+            s.id.to_string(),
+            input.from as i64,
+            input.to as i64,
+            now
+        ],
     )
-    .bind(id.to_string())
-    .bind(s.id.to_string())
-    .bind(input.from as i64)
-    .bind(input.to as i64)
-    .bind(now)
-    .execute(&mut *c)
     .await?;
     s.active_turn = Some(id);
     s.consumed_seq = input.to as i64;
@@ -612,20 +618,19 @@ async fn start_turn(
 
 /// Starts the next planned turn if messages wait and none is active. Reads
 /// one indexed row (the first waiting message), never the whole queue.
-async fn start_next(c: &mut AnyConnection, s: &mut SessionRow, now: i64) -> R<Option<Entry>> {
+async fn start_next(c: &mut Conn, s: &mut SessionRow, now: i64) -> R<Option<Entry>> {
     if s.active_turn.is_some() {
         return Ok(None);
     }
     let Some(next) = s.queue.next() else {
         return Ok(None);
     };
-    let first: Option<i64> = sqlx::query_scalar(
-        "SELECT MIN(seq) FROM entries WHERE session_id = $1 AND role = 'user' AND seq > $2",
-    )
-    .bind(s.id.to_string())
-    .bind(s.consumed_seq)
-    .fetch_one(&mut *c)
-    .await?;
+    let first: Option<i64> = c
+        .scalar(
+            "SELECT MIN(seq) FROM entries WHERE session_id = $1 AND role = 'user' AND seq > $2",
+            &args![s.id.to_string(), s.consumed_seq],
+        )
+        .await?;
     let Some(from) = first else {
         return Err(StoreError::Internal(format!(
             "session {} counts {} waiting messages but has none after seq {}",
@@ -666,7 +671,7 @@ fn claim(s: &mut SessionRow, node: &str, now: i64, ttl: Duration) -> Lease {
 /// (compare-and-set: ended is absorbing), appends `entries`, and starts the
 /// next turn if messages wait.
 async fn finish_turn(
-    c: &mut AnyConnection,
+    c: &mut Conn,
     s: &mut SessionRow,
     now: i64,
     turn: TurnId,
@@ -674,17 +679,14 @@ async fn finish_turn(
     reason: Option<String>,
     entries: Vec<NewEntry>,
 ) -> R<Ended> {
-    let done = sqlx::query(
-        "UPDATE turns SET status = $2, ended_at = $3, reason = $4 \
+    let done = c
+        .execute(
+            "UPDATE turns SET status = $2, ended_at = $3, reason = $4 \
          WHERE id = $1 AND status IN ('starting', 'running')",
-    )
-    .bind(turn.to_string())
-    .bind(status.as_str())
-    .bind(now)
-    .bind(reason)
-    .execute(&mut *c)
-    .await?;
-    if done.rows_affected() != 1 || s.active_turn != Some(turn) {
+            &args![turn.to_string(), status.as_str(), now, reason],
+        )
+        .await?;
+    if done != 1 || s.active_turn != Some(turn) {
         return Err(StoreError::TurnNotActive { turn_id: turn }.into());
     }
     let mut committed = Vec::with_capacity(entries.len() + 1);
@@ -701,11 +703,73 @@ async fn finish_turn(
     })
 }
 
+/// The session's active turn if it is still `starting`, with its input
+/// messages and any cancel requested before it ran.
+async fn starting_turn(c: &mut Conn, s: &SessionRow) -> R<Option<(TurnToRun, Option<String>)>> {
+    let Some(turn_id) = s.active_turn else {
+        return Ok(None);
+    };
+    let sql = format!("SELECT {TURN_COLS}, cancel_reason FROM turns WHERE id = $1");
+    let row = c.fetch_one(&sql, &args![turn_id.to_string()]).await?;
+    let turn = turn_row(&row)?;
+    if turn.status != TurnStatus::Starting {
+        return Ok(None);
+    }
+    let cancel = row.get("cancel_reason")?;
+    let sql = format!(
+        "SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND role = 'user' AND seq >= $2 AND seq <= $3 ORDER BY seq"
+    );
+    let rows = c
+        .fetch_all(
+            &sql,
+            &args![
+                s.id.to_string(),
+                turn.input.from as i64,
+                turn.input.to as i64
+            ],
+        )
+        .await?;
+    let inputs = rows.iter().map(entry_row).collect::<R<Vec<_>>>()?;
+    let todo = TurnToRun {
+        turn,
+        agent: s.agent.clone(),
+        inputs,
+        agent_session: s.agent_session.clone(),
+    };
+    Ok(Some((todo, cancel)))
+}
+
+/// Moves the locked session's starting `turn` to `running` under `lease`,
+/// unless a cancel came first (then it stays `starting`, to be ended).
+async fn begin(
+    c: &mut Conn,
+    s: &mut SessionRow,
+    now: i64,
+    cfg: &StoreConfig,
+    lease: &Lease,
+    turn: TurnId,
+    cancel: Option<String>,
+) -> R<Begin> {
+    if let Some(reason) = cancel {
+        return Ok(Begin::Cancelled(reason));
+    }
+    c.execute(
+        "UPDATE turns SET status = 'running', epoch = $2 WHERE id = $1 AND status = 'starting'",
+        &args![turn.to_string(), lease.epoch],
+    )
+    .await?;
+    // Starting a turn proves the holder alive: extend the lease, so
+    // back-to-back turns shorter than a heartbeat never let it lapse.
+    s.lease_expires_at = Some(now + cfg.lease_ttl.as_micros() as i64);
+    save_session(c, s).await?;
+    Ok(Begin::Run)
+}
+
 // ---------------------------------------------------------------------------
 // Operations
 
 async fn op_create(
-    c: &mut AnyConnection,
+    c: &mut Conn,
     d: Dialect,
     now: i64,
     cfg: &StoreConfig,
@@ -716,11 +780,7 @@ async fn op_create(
             "SELECT {SESSION_COLS} FROM sessions WHERE owner = $1 AND idempotency_key = $2{}",
             d.for_update()
         );
-        let row = sqlx::query(&sql)
-            .bind(&req.owner)
-            .bind(key)
-            .fetch_optional(&mut *c)
-            .await?;
+        let row = c.fetch_optional(&sql, &args![&req.owner, key]).await?;
         if let Some(row) = row {
             let s = session_row(&row)?;
             if s.fingerprint.as_deref() != Some(req.fingerprint.as_str()) {
@@ -756,19 +816,8 @@ async fn op_create(
         agent_session: None,
         queue: QueueSummary::default(),
     };
-    sqlx::query(
-        "INSERT INTO sessions (id, owner, agent, policy, metadata, created_at, idempotency_key, request_fingerprint) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(s.id.to_string())
-    .bind(&s.owner)
-    .bind(&s.agent)
-    .bind(s.policy.as_str())
-    .bind(&s.metadata)
-    .bind(now)
-    .bind(req.idempotency_key.clone())
-    .bind(s.fingerprint.clone())
-    .execute(&mut *c)
+    c.execute("INSERT INTO sessions (id, owner, agent, policy, metadata, created_at, idempotency_key, request_fingerprint) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", &args![s.id.to_string(), &s.owner, &s.agent, s.policy.as_str(), &s.metadata, now, req.idempotency_key.clone(), s.fingerprint.clone()])
     .await?;
     let mut committed = Vec::new();
     let mut lease = None;
@@ -808,7 +857,7 @@ async fn op_create(
 }
 
 async fn op_post(
-    c: &mut AnyConnection,
+    c: &mut Conn,
     d: Dialect,
     now: i64,
     cfg: &StoreConfig,
@@ -819,20 +868,18 @@ async fn op_post(
         let sql = format!(
             "SELECT {ENTRY_COLS}, requested_policy, disposition FROM entries WHERE session_id = $1 AND idempotency_key = $2"
         );
-        let row = sqlx::query(&sql)
-            .bind(s.id.to_string())
-            .bind(key)
-            .fetch_optional(&mut *c)
+        let row = c
+            .fetch_optional(&sql, &args![s.id.to_string(), key])
             .await?;
         if let Some(row) = row {
             let entry = entry_row(&row)?;
-            let requested: Option<String> = row.try_get("requested_policy")?;
+            let requested: Option<String> = row.get("requested_policy")?;
             let same = entry.content.as_deref() == Some(req.content.as_str())
                 && requested.as_deref() == req.policy.map(Policy::as_str);
             if !same {
                 return Err(StoreError::IdempotencyConflict.into());
             }
-            let raw: Option<String> = row.try_get("disposition")?;
+            let raw: Option<String> = row.get("disposition")?;
             let raw = raw.unwrap_or_default();
             let disposition =
                 serde_json::from_str(&raw).map_err(|_| corrupt("disposition", &raw))?;
@@ -920,18 +967,18 @@ async fn op_post(
     })
 }
 
-async fn request_cancel_turn(c: &mut AnyConnection, turn: TurnId, reason: &str) -> R<()> {
+async fn request_cancel_turn(c: &mut Conn, turn: TurnId, reason: &str) -> R<()> {
     // The first reason sticks: a later cancel is idempotent.
-    sqlx::query("UPDATE turns SET cancel_reason = COALESCE(cancel_reason, $2) WHERE id = $1")
-        .bind(turn.to_string())
-        .bind(reason)
-        .execute(&mut *c)
-        .await?;
+    c.execute(
+        "UPDATE turns SET cancel_reason = COALESCE(cancel_reason, $2) WHERE id = $1",
+        &args![turn.to_string(), reason],
+    )
+    .await?;
     Ok(())
 }
 
 async fn op_recover_one(
-    c: &mut AnyConnection,
+    c: &mut Conn,
     d: Dialect,
     now: i64,
     cfg: &StoreConfig,
@@ -951,12 +998,14 @@ async fn op_recover_one(
         return Ok(None);
     }
     let lease = claim(&mut s, node, now, cfg.lease_ttl);
-    let row = sqlx::query("SELECT status, recoveries FROM turns WHERE id = $1")
-        .bind(turn.to_string())
-        .fetch_one(&mut *c)
+    let row = c
+        .fetch_one(
+            "SELECT status, recoveries FROM turns WHERE id = $1",
+            &args![turn.to_string()],
+        )
         .await?;
-    let status: String = row.try_get("status")?;
-    let recoveries: i64 = row.try_get("recoveries")?;
+    let status: String = row.get("status")?;
+    let recoveries: i64 = row.get("recoveries")?;
     let mut committed = Vec::new();
     let end = match status.as_str() {
         "running" => Some((
@@ -968,10 +1017,11 @@ async fn op_recover_one(
             format!("failed: handed to {recoveries} workers that vanished before running it"),
         )),
         _ => {
-            sqlx::query("UPDATE turns SET recoveries = recoveries + 1 WHERE id = $1")
-                .bind(turn.to_string())
-                .execute(&mut *c)
-                .await?;
+            c.execute(
+                "UPDATE turns SET recoveries = recoveries + 1 WHERE id = $1",
+                &args![turn.to_string()],
+            )
+            .await?;
             None
         }
     };
@@ -990,7 +1040,7 @@ async fn op_recover_one(
 macro_rules! op {
     ($store:expr, [$($cap:ident),*], |$c:ident, $now:ident| $body:expr) => {{
         $store
-            .write(move |$c: &mut AnyConnection, $now: i64| {
+            .write(move |$c: &mut Conn, $now: i64| {
                 $(let $cap = $cap.clone();)*
                 Box::pin(async move { $body })
             })
@@ -1001,11 +1051,8 @@ macro_rules! op {
 #[async_trait]
 impl Store for SqlStore {
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.read)
-            .await
-            .map(|_| ())
-            .map_err(classify)
+        let mut c = self.reader().await?;
+        c.execute("SELECT 1", &[]).await.map(|_| ()).map_err(unfail)
     }
 
     async fn create_session(&self, req: CreateSession) -> Result<Created> {
@@ -1015,7 +1062,7 @@ impl Store for SqlStore {
     }
 
     async fn session(&self, owner: &str, id: SessionId) -> Result<Session> {
-        let mut c = self.read.acquire().await.map_err(classify)?;
+        let mut c = self.reader().await?;
         let get = async {
             let s = fetch_session(&mut c, id, "").await?;
             match s {
@@ -1027,12 +1074,12 @@ impl Store for SqlStore {
     }
 
     async fn sessions(&self, owner: &str) -> Result<Vec<Session>> {
-        let mut c = self.read.acquire().await.map_err(classify)?;
+        let mut c = self.reader().await?;
         let list = async {
             let sql = format!(
                 "SELECT {SESSION_COLS} FROM sessions WHERE owner = $1 ORDER BY created_at, id LIMIT 1000"
             );
-            let rows = sqlx::query(&sql).bind(owner).fetch_all(&mut *c).await?;
+            let rows = c.fetch_all(&sql, &args![owner]).await?;
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {
                 let s = session_row(r)?;
@@ -1048,14 +1095,13 @@ impl Store for SqlStore {
         op!(self, [owner], |c, _now| {
             lock_owned(c, d, &owner, id).await?;
             for table in ["entries", "turns"] {
-                sqlx::query(&format!("DELETE FROM {table} WHERE session_id = $1"))
-                    .bind(id.to_string())
-                    .execute(&mut *c)
-                    .await?;
+                c.execute(
+                    &format!("DELETE FROM {table} WHERE session_id = $1"),
+                    &args![id.to_string()],
+                )
+                .await?;
             }
-            sqlx::query("DELETE FROM sessions WHERE id = $1")
-                .bind(id.to_string())
-                .execute(&mut *c)
+            c.execute("DELETE FROM sessions WHERE id = $1", &args![id.to_string()])
                 .await?;
             Ok(())
         })
@@ -1068,25 +1114,31 @@ impl Store for SqlStore {
     }
 
     async fn entries(&self, id: SessionId, after: Seq, limit: u32) -> Result<Page> {
-        let mut c = self.read.acquire().await.map_err(classify)?;
+        let mut c = self.reader().await?;
         let page = async {
             // Read the counter first: every seq up to it is committed, so
             // `last_seq` never promises an entry the page could not show.
-            let last: Option<i64> =
-                sqlx::query_scalar("SELECT last_seq FROM sessions WHERE id = $1")
-                    .bind(id.to_string())
-                    .fetch_optional(&mut *c)
-                    .await?;
-            let last = last.ok_or(StoreError::NotFound)?;
+            let last: i64 = c
+                .fetch_optional(
+                    "SELECT last_seq FROM sessions WHERE id = $1",
+                    &args![id.to_string()],
+                )
+                .await?
+                .ok_or(StoreError::NotFound)?
+                .first()?;
             let sql = format!(
                 "SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
             );
-            let rows = sqlx::query(&sql)
-                .bind(id.to_string())
-                .bind(after.min(i64::MAX as u64) as i64)
-                .bind(last)
-                .bind(i64::from(limit))
-                .fetch_all(&mut *c)
+            let rows = c
+                .fetch_all(
+                    &sql,
+                    &args![
+                        id.to_string(),
+                        after.min(i64::MAX as u64) as i64,
+                        last,
+                        i64::from(limit)
+                    ],
+                )
                 .await?;
             let entries = rows.iter().map(entry_row).collect::<R<Vec<_>>>()?;
             Ok(Page {
@@ -1101,15 +1153,12 @@ impl Store for SqlStore {
         let sql = format!(
             "SELECT {TURN_COLS} FROM turns WHERE session_id = $1 ORDER BY started_at, input_from"
         );
-        let rows = sqlx::query(&sql)
-            .bind(id.to_string())
-            .fetch_all(&self.read)
-            .await
-            .map_err(classify)?;
-        rows.iter()
-            .map(turn_row)
-            .collect::<R<Vec<_>>>()
-            .map_err(unfail)
+        let mut c = self.reader().await?;
+        let list = async {
+            let rows = c.fetch_all(&sql, &args![id.to_string()]).await?;
+            rows.iter().map(turn_row).collect::<R<Vec<_>>>()
+        };
+        list.await.map_err(unfail)
     }
 
     async fn request_cancel(
@@ -1129,7 +1178,7 @@ impl Store for SqlStore {
     }
 
     async fn next_turn(&self, lease: &Lease) -> Result<Option<TurnToRun>> {
-        let mut c = self.read.acquire().await.map_err(classify)?;
+        let mut c = self.reader().await?;
         let next = async {
             let Some(s) = fetch_session(&mut c, lease.session_id, "").await? else {
                 return Err(StoreError::StaleEpoch { epoch: lease.epoch }.into());
@@ -1139,34 +1188,7 @@ impl Store for SqlStore {
             {
                 return Err(StoreError::StaleEpoch { epoch: lease.epoch }.into());
             }
-            let Some(turn_id) = s.active_turn else {
-                return Ok(None);
-            };
-            let sql = format!("SELECT {TURN_COLS} FROM turns WHERE id = $1");
-            let row = sqlx::query(&sql)
-                .bind(turn_id.to_string())
-                .fetch_one(&mut *c)
-                .await?;
-            let turn = turn_row(&row)?;
-            if turn.status != TurnStatus::Starting {
-                return Ok(None);
-            }
-            let sql = format!(
-                "SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND role = 'user' AND seq >= $2 AND seq <= $3 ORDER BY seq"
-            );
-            let rows = sqlx::query(&sql)
-                .bind(s.id.to_string())
-                .bind(turn.input.from as i64)
-                .bind(turn.input.to as i64)
-                .fetch_all(&mut *c)
-                .await?;
-            let inputs = rows.iter().map(entry_row).collect::<R<Vec<_>>>()?;
-            Ok(Some(TurnToRun {
-                turn,
-                agent: s.agent.clone(),
-                inputs,
-                agent_session: s.agent_session.clone(),
-            }))
+            Ok(starting_turn(&mut c, &s).await?.map(|(todo, _)| todo))
         };
         next.await.map_err(unfail)
     }
@@ -1178,27 +1200,39 @@ impl Store for SqlStore {
             if s.active_turn != Some(turn) {
                 return Err(StoreError::TurnNotActive { turn_id: turn }.into());
             }
-            let row = sqlx::query("SELECT status, cancel_reason FROM turns WHERE id = $1")
-                .bind(turn.to_string())
-                .fetch_one(&mut *c)
+            let row = c
+                .fetch_one(
+                    "SELECT status, cancel_reason FROM turns WHERE id = $1",
+                    &args![turn.to_string()],
+                )
                 .await?;
-            let status: String = row.try_get("status")?;
+            let status: String = row.get("status")?;
             if status != "starting" {
                 return Err(StoreError::TurnNotActive { turn_id: turn }.into());
             }
-            if let Some(reason) = row.try_get::<Option<String>, _>("cancel_reason")? {
-                return Ok(Begin::Cancelled(reason));
+            let cancel = row.get("cancel_reason")?;
+            begin(c, &mut s, now, &cfg, &lease, turn, cancel).await
+        })
+    }
+
+    async fn take_turn(&self, lease: &Lease) -> Result<Take> {
+        let (d, cfg, lease) = (self.dialect, self.cfg.clone(), lease.clone());
+        op!(self, [cfg, lease], |c, now| {
+            let mut s = lock_fenced(c, d, &lease).await?;
+            if s.active_turn.is_none() {
+                // Idle: give the lease up in the same transaction that saw
+                // nothing to do, so a message that arrives later finds the
+                // lease free and its node starts the turn.
+                s.lease_owner = None;
+                s.lease_expires_at = None;
+                save_session(c, &s).await?;
+                return Ok(Take::Released);
             }
-            sqlx::query("UPDATE turns SET status = 'running', epoch = $2 WHERE id = $1 AND status = 'starting'")
-                .bind(turn.to_string())
-                .bind(lease.epoch)
-                .execute(&mut *c)
-                .await?;
-            // Starting a turn proves the holder alive: extend the lease, so
-            // back-to-back turns shorter than a heartbeat never let it lapse.
-            s.lease_expires_at = Some(now + cfg.lease_ttl.as_micros() as i64);
-            save_session(c, &s).await?;
-            Ok(Begin::Run)
+            let Some((todo, cancel)) = starting_turn(c, &s).await? else {
+                return Ok(Take::Busy);
+            };
+            let begun = begin(c, &mut s, now, &cfg, &lease, todo.turn.id, cancel).await?;
+            Ok(Take::Run(todo, begun))
         })
     }
 
@@ -1256,11 +1290,12 @@ impl Store for SqlStore {
             save_session(c, &s).await?;
             let mut renewal = Renewal::default();
             if let Some(turn) = s.active_turn {
-                let reason: Option<String> =
-                    sqlx::query_scalar("SELECT cancel_reason FROM turns WHERE id = $1")
-                        .bind(turn.to_string())
-                        .fetch_one(&mut *c)
-                        .await?;
+                let reason: Option<String> = c
+                    .scalar(
+                        "SELECT cancel_reason FROM turns WHERE id = $1",
+                        &args![turn.to_string()],
+                    )
+                    .await?;
                 renewal.cancel = reason.map(|r| (turn, r));
             }
             Ok(renewal)
@@ -1293,16 +1328,20 @@ impl Store for SqlStore {
 
     async fn recover(&self, node: &str, all_foreign: bool) -> Result<Vec<Recovered>> {
         let now = self.now().await?;
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM sessions WHERE active_turn IS NOT NULL \
-             AND (lease_owner IS NULL OR lease_expires_at < $1 OR ($2 = 1 AND lease_owner <> $3)) LIMIT 500",
-        )
-        .bind(now)
-        .bind(i64::from(all_foreign))
-        .bind(node)
-        .fetch_all(&self.read)
-        .await
-        .map_err(classify)?;
+        let mut c = self.reader().await?;
+        let ids = async {
+            c.fetch_all(
+                "SELECT id FROM sessions WHERE active_turn IS NOT NULL \
+                 AND (lease_owner IS NULL OR lease_expires_at < $1 OR ($2 = 1 AND lease_owner <> $3)) LIMIT 500",
+                &args![now, i64::from(all_foreign), node],
+            )
+            .await?
+            .iter()
+            .map(Row::first::<String>)
+            .collect::<R<Vec<String>>>()
+        };
+        let ids = ids.await.map_err(unfail)?;
+        drop(c);
         let mut out = Vec::new();
         for id in ids {
             let id = SessionId::parse(&id)

@@ -103,6 +103,7 @@ contract_tests!(
     starting_turns_are_handed_over_then_failed,
     all_foreign_recovery_takes_unexpired_leases,
     release_lease_only_when_idle,
+    take_turn_begins_or_releases,
     reads_page_and_agree,
     delete_removes_everything,
 );

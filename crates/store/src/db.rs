@@ -1,0 +1,370 @@
+//! [`Conn`]: the one connection type the store's statements run on, so every
+//! transaction is written once for both databases.
+//!
+//! PostgreSQL (and the embedded store's readers) go through sqlx. The
+//! embedded store's single writer is a synchronous `rusqlite` connection on
+//! its own thread: a write is a handful of cached statements run in-process
+//! with no hop to another thread per statement, which is what lets group
+//! commit pay off on a disk where an fsync is cheap. Its futures never wait,
+//! so the writer thread polls each job once.
+//!
+//! Statements use `$N` placeholders (PostgreSQL's; SQLite reads `$N` as a
+//! named parameter, bound here by its number). Values are typed even when
+//! null, because PostgreSQL types its parameters.
+
+use std::sync::Arc;
+
+use sqlx::any::{AnyRow, AnyTypeInfoKind};
+use sqlx::{Row as _, ValueRef as _};
+
+use crate::StoreError;
+
+/// A bound parameter.
+#[derive(Clone, Debug)]
+pub(crate) enum Val {
+    Int(Option<i64>),
+    Text(Option<String>),
+}
+
+impl From<i64> for Val {
+    fn from(v: i64) -> Self {
+        Self::Int(Some(v))
+    }
+}
+
+impl From<Option<i64>> for Val {
+    fn from(v: Option<i64>) -> Self {
+        Self::Int(v)
+    }
+}
+
+impl From<&str> for Val {
+    fn from(v: &str) -> Self {
+        Self::Text(Some(v.to_owned()))
+    }
+}
+
+impl From<String> for Val {
+    fn from(v: String) -> Self {
+        Self::Text(Some(v))
+    }
+}
+
+impl From<&String> for Val {
+    fn from(v: &String) -> Self {
+        Self::Text(Some(v.clone()))
+    }
+}
+
+impl From<Option<String>> for Val {
+    fn from(v: Option<String>) -> Self {
+        Self::Text(v)
+    }
+}
+
+impl From<Option<&str>> for Val {
+    fn from(v: Option<&str>) -> Self {
+        Self::Text(v.map(str::to_owned))
+    }
+}
+
+/// Parameters: `args![a, b, …]`.
+macro_rules! args {
+    ($($v:expr),* $(,)?) => { [$($crate::db::Val::from($v)),*] };
+}
+pub(crate) use args;
+
+/// A value read back.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Cell {
+    Null,
+    Int(i64),
+    Text(String),
+    /// A type the store never stores (a float, a blob).
+    Other(&'static str),
+}
+
+/// A result row, its columns found by name.
+#[derive(Debug)]
+pub(crate) struct Row {
+    names: Arc<[String]>,
+    cells: Vec<Cell>,
+}
+
+/// A failure inside an operation: a store outcome, or a database error that
+/// the executor classifies (retry, unavailable, internal).
+pub(crate) enum Fail {
+    Store(StoreError),
+    Db(sqlx::Error),
+    Lite(rusqlite::Error),
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<sqlx::Error> for Fail {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Lite(e)
+    }
+}
+
+pub(crate) type R<T> = std::result::Result<T, Fail>;
+
+fn decode_error(what: String) -> Fail {
+    Fail::Store(StoreError::Internal(what))
+}
+
+/// A Rust type a column decodes into.
+pub(crate) trait FromCell: Sized {
+    fn from_cell(cell: &Cell, column: &str) -> R<Self>;
+}
+
+impl FromCell for Option<i64> {
+    fn from_cell(cell: &Cell, column: &str) -> R<Self> {
+        match cell {
+            Cell::Null => Ok(None),
+            Cell::Int(v) => Ok(Some(*v)),
+            other => Err(decode_error(format!(
+                "column {column}: expected an integer, found {other:?}"
+            ))),
+        }
+    }
+}
+
+impl FromCell for Option<String> {
+    fn from_cell(cell: &Cell, column: &str) -> R<Self> {
+        match cell {
+            Cell::Null => Ok(None),
+            Cell::Text(v) => Ok(Some(v.clone())),
+            other => Err(decode_error(format!(
+                "column {column}: expected text, found {other:?}"
+            ))),
+        }
+    }
+}
+
+impl FromCell for i64 {
+    fn from_cell(cell: &Cell, column: &str) -> R<Self> {
+        Option::<i64>::from_cell(cell, column)?
+            .ok_or_else(|| decode_error(format!("column {column}: unexpected NULL")))
+    }
+}
+
+impl FromCell for String {
+    fn from_cell(cell: &Cell, column: &str) -> R<Self> {
+        Option::<String>::from_cell(cell, column)?
+            .ok_or_else(|| decode_error(format!("column {column}: unexpected NULL")))
+    }
+}
+
+impl Row {
+    /// The column `name`.
+    pub fn get<T: FromCell>(&self, name: &str) -> R<T> {
+        let i = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| decode_error(format!("no column {name} in the result")))?;
+        T::from_cell(&self.cells[i], name)
+    }
+
+    /// The first column.
+    pub fn first<T: FromCell>(&self) -> R<T> {
+        let cell = self
+            .cells
+            .first()
+            .ok_or_else(|| decode_error("an empty result row".into()))?;
+        T::from_cell(cell, self.names.first().map_or("", String::as_str))
+    }
+
+    fn from_sqlx(r: &AnyRow, names: &Arc<[String]>) -> R<Self> {
+        let mut cells = Vec::with_capacity(names.len());
+        for i in 0..names.len() {
+            let raw = r.try_get_raw(i)?;
+            let cell = if raw.is_null() {
+                Cell::Null
+            } else {
+                match raw.type_info().kind() {
+                    AnyTypeInfoKind::BigInt => Cell::Int(r.try_get::<i64, _>(i)?),
+                    AnyTypeInfoKind::Integer => Cell::Int(r.try_get::<i32, _>(i)?.into()),
+                    AnyTypeInfoKind::SmallInt => Cell::Int(r.try_get::<i16, _>(i)?.into()),
+                    AnyTypeInfoKind::Bool => Cell::Int(r.try_get::<bool, _>(i)?.into()),
+                    AnyTypeInfoKind::Text => Cell::Text(r.try_get::<String, _>(i)?),
+                    AnyTypeInfoKind::Null => Cell::Null,
+                    AnyTypeInfoKind::Real | AnyTypeInfoKind::Double => Cell::Other("a float"),
+                    AnyTypeInfoKind::Blob => Cell::Other("a blob"),
+                }
+            };
+            cells.push(cell);
+        }
+        Ok(Self {
+            names: names.clone(),
+            cells,
+        })
+    }
+}
+
+/// Where a transaction's statements go.
+pub(crate) enum Conn {
+    /// A pooled sqlx connection: reads, on either database.
+    Pool(sqlx::pool::PoolConnection<sqlx::Any>),
+    /// A PostgreSQL write transaction.
+    Tx(sqlx::Transaction<'static, sqlx::Any>),
+    /// The embedded store's writer (its batch transaction is already open).
+    Lite(rusqlite::Connection),
+}
+
+fn sqlx_query<'q>(
+    sql: &'q str,
+    args: &[Val],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let mut q = sqlx::query(sql);
+    for a in args {
+        q = match a {
+            Val::Int(v) => q.bind(*v),
+            Val::Text(v) => q.bind(v.clone()),
+        };
+    }
+    q
+}
+
+/// Binds `$N` parameters of a SQLite statement by their number.
+fn lite_bind(st: &mut rusqlite::CachedStatement<'_>, args: &[Val]) -> R<()> {
+    for i in 1..=st.parameter_count() {
+        let n = st
+            .parameter_name(i)
+            .and_then(|name| name.strip_prefix('$'))
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| (1..=args.len()).contains(n))
+            .ok_or_else(|| {
+                decode_error(format!(
+                    "statement parameter {i} is not one of $1..${}",
+                    args.len()
+                ))
+            })?;
+        match &args[n - 1] {
+            Val::Int(Some(v)) => st.raw_bind_parameter(i, v)?,
+            Val::Text(Some(v)) => st.raw_bind_parameter(i, v.as_str())?,
+            Val::Int(None) | Val::Text(None) => st.raw_bind_parameter(i, rusqlite::types::Null)?,
+        }
+    }
+    Ok(())
+}
+
+fn lite_rows(c: &rusqlite::Connection, sql: &str, args: &[Val], limit: usize) -> R<Vec<Row>> {
+    let mut st = c.prepare_cached(sql)?;
+    lite_bind(&mut st, args)?;
+    let names: Arc<[String]> = st.column_names().iter().map(|n| (*n).to_owned()).collect();
+    let mut rows = st.raw_query();
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(r) = rows.next()? else { break };
+        let mut cells = Vec::with_capacity(names.len());
+        for i in 0..names.len() {
+            use rusqlite::types::ValueRef;
+            cells.push(match r.get_ref(i)? {
+                ValueRef::Null => Cell::Null,
+                ValueRef::Integer(v) => Cell::Int(v),
+                ValueRef::Text(t) => Cell::Text(
+                    std::str::from_utf8(t)
+                        .map_err(|e| decode_error(format!("column {}: {e}", names[i])))?
+                        .to_owned(),
+                ),
+                ValueRef::Real(_) => Cell::Other("a float"),
+                ValueRef::Blob(_) => Cell::Other("a blob"),
+            });
+        }
+        out.push(Row {
+            names: names.clone(),
+            cells,
+        });
+    }
+    Ok(out)
+}
+
+impl Conn {
+    fn sqlx(&mut self) -> Option<&mut sqlx::AnyConnection> {
+        match self {
+            Self::Pool(c) => Some(&mut **c),
+            Self::Tx(t) => Some(&mut **t),
+            Self::Lite(_) => None,
+        }
+    }
+
+    /// Runs a statement; the number of rows it changed.
+    pub async fn execute(&mut self, sql: &str, args: &[Val]) -> R<u64> {
+        match self {
+            Self::Lite(c) => {
+                let mut st = c.prepare_cached(sql)?;
+                lite_bind(&mut st, args)?;
+                Ok(st.raw_execute()? as u64)
+            }
+            other => {
+                let c = other
+                    .sqlx()
+                    .ok_or_else(|| decode_error("no connection".into()))?;
+                Ok(sqlx_query(sql, args).execute(c).await?.rows_affected())
+            }
+        }
+    }
+
+    /// Every row of a query.
+    pub async fn fetch_all(&mut self, sql: &str, args: &[Val]) -> R<Vec<Row>> {
+        self.fetch(sql, args, usize::MAX).await
+    }
+
+    /// The query's first row, if any.
+    pub async fn fetch_optional(&mut self, sql: &str, args: &[Val]) -> R<Option<Row>> {
+        Ok(self.fetch(sql, args, 1).await?.pop())
+    }
+
+    /// The query's first row; an error if there is none.
+    pub async fn fetch_one(&mut self, sql: &str, args: &[Val]) -> R<Row> {
+        self.fetch_optional(sql, args)
+            .await?
+            .ok_or_else(|| decode_error(format!("no row for {sql}")))
+    }
+
+    /// The first column of the query's first row.
+    pub async fn scalar<T: FromCell>(&mut self, sql: &str, args: &[Val]) -> R<T> {
+        self.fetch_one(sql, args).await?.first()
+    }
+
+    async fn fetch(&mut self, sql: &str, args: &[Val], limit: usize) -> R<Vec<Row>> {
+        match self {
+            Self::Lite(c) => lite_rows(c, sql, args, limit),
+            other => {
+                let c = other
+                    .sqlx()
+                    .ok_or_else(|| decode_error("no connection".into()))?;
+                let rows = if limit == 1 {
+                    sqlx_query(sql, args)
+                        .fetch_optional(c)
+                        .await?
+                        .into_iter()
+                        .collect()
+                } else {
+                    sqlx_query(sql, args).fetch_all(c).await?
+                };
+                let Some(first) = rows.first() else {
+                    return Ok(Vec::new());
+                };
+                let names: Arc<[String]> = first
+                    .columns()
+                    .iter()
+                    .map(|col| sqlx::Column::name(col).to_owned())
+                    .collect();
+                rows.iter().map(|r| Row::from_sqlx(r, &names)).collect()
+            }
+        }
+    }
+}
