@@ -1,0 +1,259 @@
+//! The session actor against scripted agents on a real embedded store: how
+//! it batches an agent's output into transactions, keeps the live bus in
+//! the agent's order, and stays responsive to a cancel while an agent floods
+//! it with output.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use baton_agent::{
+    AgentDriver, AgentError, AgentEvent, Agents, TurnControl, TurnHandle, TurnInput,
+};
+use baton_core::turn::{AgentOutput, StopReason};
+use baton_core::{Entry, EntryType, Policy, SessionId, TurnStatus};
+use baton_engine::{Bus, BusEvent, Engine, EngineConfig};
+use baton_store::{CreateSession, PostMessage, SqlStore, StoreConfig};
+use tokio::sync::{broadcast, mpsc};
+
+/// An agent whose whole turn is already in its channel when `start` returns.
+struct Burst(Vec<AgentEvent>);
+
+struct NoControl;
+
+impl TurnControl for NoControl {
+    fn cancel(&self) {}
+    fn force_stop(&self) {}
+}
+
+#[async_trait]
+impl AgentDriver for Burst {
+    async fn start(&self, _input: TurnInput) -> Result<TurnHandle, AgentError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for ev in &self.0 {
+            let _ = tx.send(ev.clone());
+        }
+        Ok(TurnHandle {
+            events: rx,
+            control: Box::new(NoControl),
+        })
+    }
+}
+
+/// An agent that streams deltas without ever pausing until it is cancelled,
+/// then stops `cancelled`.
+struct Flood;
+
+struct FloodControl(Arc<AtomicBool>);
+
+impl TurnControl for FloodControl {
+    fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    fn force_stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl AgentDriver for Flood {
+    async fn start(&self, _input: TurnInput) -> Result<TurnHandle, AgentError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        tokio::spawn(async move {
+            // Bounded: a broken actor fails the test, never hangs the machine.
+            for i in 0..2_000_000u64 {
+                if flag.load(Ordering::SeqCst) {
+                    let _ = tx.send(AgentEvent::Stopped(StopReason::Cancelled));
+                    return;
+                }
+                if tx.send(AgentEvent::Delta(format!("{i} "))).is_err() {
+                    return;
+                }
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            let _ = tx.send(AgentEvent::Stopped(StopReason::Completed));
+        });
+        Ok(TurnHandle {
+            events: rx,
+            control: Box::new(FloodControl(stop)),
+        })
+    }
+}
+
+struct Fixture {
+    engine: Engine,
+    _dir: tempfile::TempDir,
+}
+
+async fn engine(name: &str, driver: Arc<dyn AgentDriver>) -> Fixture {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = SqlStore::open_sqlite(&dir.path().join("baton.db"), StoreConfig::default())
+        .await
+        .expect("open the embedded store");
+    let mut agents = Agents::default();
+    agents.insert(name, driver);
+    let cfg = EngineConfig {
+        cancel_drain: Duration::from_secs(30),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(Arc::new(store), Bus::default(), agents, cfg);
+    engine.start().await.expect("engine start");
+    Fixture { engine, _dir: dir }
+}
+
+async fn session(f: &Fixture, agent: &str) -> SessionId {
+    f.engine
+        .create_session(CreateSession {
+            owner: "o".into(),
+            agent: agent.into(),
+            policy: Policy::Queue,
+            metadata: serde_json::json!({}),
+            idempotency_key: None,
+            fingerprint: "{}".into(),
+            message: None,
+            node: f.engine.node().to_owned(),
+        })
+        .await
+        .expect("create a session")
+        .session
+        .id
+}
+
+async fn post(f: &Fixture, id: SessionId, content: &str) {
+    f.engine
+        .post_message(PostMessage {
+            owner: "o".into(),
+            session_id: id,
+            content: content.into(),
+            policy: None,
+            idempotency_key: None,
+            node: f.engine.node().to_owned(),
+        })
+        .await
+        .expect("post a message");
+}
+
+/// What the bus carried for the session until its first `turn_ended`.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Entry(EntryType, Option<String>),
+    Delta(String),
+}
+
+async fn until_turn_ended(rx: &mut broadcast::Receiver<BusEvent>) -> (Vec<Seen>, Vec<Entry>) {
+    let mut seen = Vec::new();
+    let mut entries = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(20));
+    tokio::pin!(deadline);
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev.expect("the bus stays open and this subscriber keeps up"),
+            _ = &mut deadline => panic!("no turn_ended within 20 s; saw {seen:?}"),
+        };
+        match ev {
+            BusEvent::Entry(e) => {
+                seen.push(Seen::Entry(e.kind, e.content.clone()));
+                let ended = e.kind == EntryType::TurnEnded;
+                entries.push(*e);
+                if ended {
+                    return (seen, entries);
+                }
+            }
+            BusEvent::Delta { text, .. } => seen.push(Seen::Delta(text)),
+            _ => {}
+        }
+    }
+}
+
+/// Output that arrives in one burst is stored in one transaction with the
+/// turn's end (one commit, not one per entry); a delta between two outputs
+/// splits them, so the bus still shows stored output before the deltas that
+/// follow it, exactly in the agent's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_one_transaction_and_the_bus_keeps_the_agents_order() {
+    let script = vec![
+        AgentEvent::Delta("one".into()),
+        AgentEvent::Output(AgentOutput::Message("one".into())),
+        AgentEvent::Delta("two".into()),
+        AgentEvent::Output(AgentOutput::Message("two".into())),
+        AgentEvent::Output(AgentOutput::System("note".into())),
+        AgentEvent::Stopped(StopReason::Completed),
+    ];
+    let f = engine("burst", Arc::new(Burst(script))).await;
+    let id = session(&f, "burst").await;
+    let mut rx = f.engine.bus().subscribe(id);
+    post(&f, id, "go").await;
+    let (seen, entries) = until_turn_ended(&mut rx).await;
+    use EntryType::*;
+    assert_eq!(
+        seen,
+        vec![
+            Seen::Entry(Message, Some("go".into())),
+            Seen::Entry(TurnStarted, None),
+            Seen::Delta("one".into()),
+            Seen::Entry(Message, Some("one".into())),
+            Seen::Delta("two".into()),
+            Seen::Entry(Message, Some("two".into())),
+            Seen::Entry(Message, Some("note".into())),
+            Seen::Entry(TurnEnded, None),
+        ],
+        "the bus shows the agent's order"
+    );
+    let ended = entries.last().expect("turn_ended");
+    assert_eq!(ended.status, Some(TurnStatus::Completed));
+    // Entries of one transaction carry its one timestamp.
+    let (one, two, note) = (&entries[2], &entries[3], &entries[4]);
+    assert_eq!(
+        (two.created_at, note.created_at),
+        (ended.created_at, ended.created_at),
+        "the last burst is stored with turn_ended, in its transaction"
+    );
+    assert_eq!(
+        (one.seq + 1, two.seq + 1, note.seq + 1),
+        (two.seq, note.seq, ended.seq),
+        "I1: gapless"
+    );
+    f.engine.shutdown().await;
+}
+
+/// An agent that never pauses cannot starve the actor: a cancel still ends
+/// the turn, and the session takes its next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_agent_is_still_cancelled() {
+    let f = engine("flood", Arc::new(Flood)).await;
+    let id = session(&f, "flood").await;
+    let mut rx = f.engine.bus().subscribe(id);
+    post(&f, id, "go").await;
+    // Wait until it floods, then cancel.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+            Ok(Ok(BusEvent::Delta { .. })) => break,
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+            other => panic!("waiting for the flood: {other:?}"),
+        }
+    }
+    f.engine.cancel("o", id).await.expect("cancel");
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match rx.recv().await {
+                Ok(BusEvent::Entry(e)) if e.kind == EntryType::TurnEnded => return *e,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("bus closed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the cancel reached the actor and the turn ended within 20 s");
+    assert_eq!(ended.status, Some(TurnStatus::Cancelled));
+    assert_eq!(
+        ended.reason.as_deref(),
+        Some("cancelled by user"),
+        "ended by the cancel, not forced at the drain deadline (30 s)"
+    );
+    f.engine.shutdown().await;
+}
