@@ -4,7 +4,9 @@
 //! run — the embedded store's single writer with group commit
 //! ([`crate::writer`]), or a pooled PostgreSQL transaction with the session
 //! row locked `FOR UPDATE` and retried on serialization failures — and whose
-//! clock stamps it.
+//! clock stamps it. Statements run on [`crate::db::Conn`], so each
+//! transaction is written once for sqlx (PostgreSQL, the embedded readers)
+//! and for the embedded writer's synchronous connection.
 
 use std::path::Path;
 use std::sync::Arc;

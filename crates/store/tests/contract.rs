@@ -117,7 +117,7 @@ async fn open_file(path: &Path) -> SqlStore {
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
 }
 
-/// Drops a store and gives its writer task time to close the file.
+/// Drops a store and gives its writer thread time to close the file.
 async fn close(store: SqlStore) {
     drop(store);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -292,4 +292,96 @@ async fn sqlite_file_is_locked_while_open() {
         errors[0]
     );
     drop((a, b));
+}
+
+/// The checkpoint thread: while the store is open, committed writes reach the
+/// database file and the WAL stays bounded; once the store is dropped, the
+/// last checkpoint empties the WAL, and everything is there on reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_checkpoints_beside_the_writer() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = db_path(&dir);
+    let wal = dir.path().join("baton.db-wal");
+    let store = Arc::new(open_file(&path).await);
+    let owner = "checkpoint-owner";
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let created = store
+            .create_session(CreateSession {
+                owner: owner.to_owned(),
+                agent: "demo".to_owned(),
+                policy: Policy::Queue,
+                metadata: serde_json::json!({}),
+                idempotency_key: None,
+                fingerprint: "{}".to_owned(),
+                message: None,
+                node: "node-1".to_owned(),
+            })
+            .await
+            .expect("create");
+        ids.push(created.session.id);
+    }
+    // Concurrent writers, so batches commit many jobs at once.
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let (store, ids) = (store.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            for k in 0..50 {
+                store
+                    .post_message(PostMessage {
+                        owner: owner.to_owned(),
+                        session_id: ids[(w + k) % ids.len()],
+                        content: format!("writer {w} message {k} {}", "x".repeat(200)),
+                        policy: None,
+                        idempotency_key: None,
+                        node: "node-1".to_owned(),
+                    })
+                    .await
+                    .expect("post");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer task");
+    }
+    let mut before = Vec::new();
+    for id in &ids {
+        before.push(check_log(&*store, owner, *id).await);
+    }
+    assert_eq!(
+        before.iter().map(Vec::len).sum::<usize>(),
+        32 * 50 + ids.len(),
+        "every message, and each session's first turn_started"
+    );
+
+    // A passive checkpoint copies the WAL into the file while the store is
+    // open: the database file grows past its empty size.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) < 256 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint reached the database file within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let store = Arc::into_inner(store).expect("the tasks are done");
+    drop(store);
+    // The checkpoint thread's last act is a TRUNCATE checkpoint.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL was not emptied within 20 s of closing the store"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = open_file(&path).await;
+    for (id, log) in ids.iter().zip(&before) {
+        assert_eq!(
+            &check_log(&store, owner, *id).await,
+            log,
+            "I2: every entry survives the checkpoints and a reopen"
+        );
+    }
 }
