@@ -258,6 +258,28 @@ struct Run {
     lat: Stats,
     /// Appends/s in the run's second half over its first half.
     drift: f64,
+    /// CPU time of the store's writer thread during the run, where the
+    /// platform tells (Linux).
+    writer_cpu: Option<Duration>,
+}
+
+/// CPU time (user + system) so far of this process's thread named `name`,
+/// from `/proc` (in ticks of 1/100 s, the kernel's fixed `USER_HZ`).
+fn thread_cpu(name: &str) -> Option<Duration> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // Fields after the parenthesized name: state is field 3; utime and
+        // stime are fields 14 and 15.
+        let rest = stat.get(stat.rfind(')')? + 2..)?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        return Some(Duration::from_millis(ticks * 10));
+    }
+    None
 }
 
 impl Run {
@@ -267,6 +289,12 @@ impl Run {
         } else {
             self.ok as f64 / self.elapsed.as_secs_f64()
         }
+    }
+    /// Writer-thread CPU per append: what bounds throughput once commits
+    /// are shared, and far steadier than appends/s on a shared machine.
+    fn cpu_per_append(&self) -> Option<Duration> {
+        let cpu = self.writer_cpu?;
+        (self.ok > 0).then(|| cpu / self.ok as u32)
     }
 }
 
@@ -407,6 +435,13 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
             b.drift,
             b.errors,
         );
+        if let Some(cpu) = s.cpu_per_append() {
+            println!(
+                "        store writer thread: {:.1} µs of CPU per append ({:.0}% busy)",
+                cpu.as_secs_f64() * 1e6,
+                100.0 * s.writer_cpu.unwrap_or_default().as_secs_f64() / s.elapsed.as_secs_f64()
+            );
+        }
         for (what, r) in [("store", s), ("baseline", b)] {
             if let Some(e) = &r.first_error {
                 println!("        first {what} error: {e}");
@@ -454,7 +489,12 @@ async fn run_store(
             .with_context(|| format!("opening the store at {}", db.display()))?,
     );
     let ids = create_sessions(&store, sessions, 64).await?;
-    let result = post_load(&store, &ids, writers, window).await?;
+    let cpu_before = thread_cpu("baton-writer");
+    let (mut run, depth) = post_load(&store, &ids, writers, window).await?;
+    if let (Some(a), Some(b)) = (cpu_before, thread_cpu("baton-writer")) {
+        run.writer_cpu = Some(b.saturating_sub(a));
+    }
+    let result = (run, depth);
     drop(store);
     // Let the writer task close its connection (checkpoint) before the next run.
     tokio::time::sleep(Duration::from_millis(300)).await;

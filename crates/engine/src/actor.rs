@@ -378,6 +378,13 @@ async fn save(
 }
 
 /// Records the turn's end; retried briefly if the store is unreachable.
+///
+/// `entries` may carry the turn's last output with its `turn_ended`. If the
+/// store refuses that write for a reason other than reachability, the same
+/// entries would be refused again: the turn then ends `failed` with only
+/// its terminal entry, as when storing output fails mid-turn (a transcript
+/// with a hole must not look complete), rather than being left to end
+/// `lost` once its lease expires.
 async fn end(
     inner: &Inner,
     lease: &Lease,
@@ -386,6 +393,7 @@ async fn end(
     reason: Option<String>,
     entries: Vec<NewEntry>,
 ) -> Result<Outcome, StoreError> {
+    let (mut status, mut reason, mut entries) = (status, reason, entries);
     let mut attempt = 0u32;
     loop {
         match inner
@@ -402,6 +410,12 @@ async fn end(
                 | StoreError::TurnNotActive { .. }
                 | StoreError::NotFound,
             ) => return Ok(Outcome::Fenced),
+            Err(e) if entries.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %e, "could not store the end of a turn with its output; ending it failed");
+                status = TurnStatus::Failed;
+                reason = Some(format!("could not store the agent's output: {e}"));
+                entries = vec![NewEntry::turn_ended(turn_id, status, reason.clone())];
+            }
             Err(e) if attempt < 10 => {
                 attempt += 1;
                 tracing::warn!(error = %e, attempt, "could not record the end of a turn; retrying");

@@ -1,7 +1,7 @@
 //! The session actor against scripted agents on a real embedded store: how
 //! it batches an agent's output into transactions, keeps the live bus in
-//! the agent's order, and stays responsive to a cancel while an agent floods
-//! it with output.
+//! the agent's order, stays responsive to a cancel while an agent floods it
+//! with output, and ends a turn whose output the store refuses.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,9 +12,14 @@ use baton_agent::{
     AgentDriver, AgentError, AgentEvent, Agents, TurnControl, TurnHandle, TurnInput,
 };
 use baton_core::turn::{AgentOutput, StopReason};
-use baton_core::{Entry, EntryType, Policy, SessionId, TurnStatus};
+use baton_core::{
+    Entry, EntryType, NewEntry, Policy, Seq, Session, SessionId, Turn, TurnId, TurnStatus,
+};
 use baton_engine::{Bus, BusEvent, Engine, EngineConfig};
-use baton_store::{CreateSession, PostMessage, SqlStore, StoreConfig};
+use baton_store::{
+    Begin, CreateSession, Created, Ended, Lease, Page, PostMessage, Posted, Recovered, Renewal,
+    Result as StoreResult, SqlStore, Store, StoreConfig, StoreError, Take, TurnToRun,
+};
 use tokio::sync::{broadcast, mpsc};
 
 /// An agent whose whole turn is already in its channel when `start` returns.
@@ -254,6 +259,186 @@ async fn a_flooding_agent_is_still_cancelled() {
         ended.reason.as_deref(),
         Some("cancelled by user"),
         "ended by the cancel, not forced at the drain deadline (30 s)"
+    );
+    f.engine.shutdown().await;
+}
+
+/// An agent that answers each turn with its last message, at once.
+struct Echo;
+
+#[async_trait]
+impl AgentDriver for Echo {
+    async fn start(&self, input: TurnInput) -> Result<TurnHandle, AgentError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let last = input.messages.last().cloned().unwrap_or_default();
+        let _ = tx.send(AgentEvent::Output(AgentOutput::Message(last)));
+        let _ = tx.send(AgentEvent::Stopped(StopReason::Completed));
+        Ok(TurnHandle {
+            events: rx,
+            control: Box::new(NoControl),
+        })
+    }
+}
+
+/// The embedded store, except that it refuses (as a database refuses a
+/// row it cannot take) any write of output whose text is "poison".
+struct PoisonOutput(SqlStore);
+
+fn poisoned(entries: &[NewEntry]) -> bool {
+    entries
+        .iter()
+        .any(|e| e.content.as_deref() == Some("poison"))
+}
+
+fn refused() -> StoreError {
+    StoreError::Internal("injected: the database refused the row".into())
+}
+
+#[async_trait]
+impl Store for PoisonOutput {
+    async fn ping(&self) -> StoreResult<()> {
+        self.0.ping().await
+    }
+    async fn create_session(&self, req: CreateSession) -> StoreResult<Created> {
+        self.0.create_session(req).await
+    }
+    async fn session(&self, owner: &str, id: SessionId) -> StoreResult<Session> {
+        self.0.session(owner, id).await
+    }
+    async fn sessions(&self, owner: &str) -> StoreResult<Vec<Session>> {
+        self.0.sessions(owner).await
+    }
+    async fn delete_session(&self, owner: &str, id: SessionId) -> StoreResult<()> {
+        self.0.delete_session(owner, id).await
+    }
+    async fn post_message(&self, req: PostMessage) -> StoreResult<Posted> {
+        self.0.post_message(req).await
+    }
+    async fn entries(&self, id: SessionId, after: Seq, limit: u32) -> StoreResult<Page> {
+        self.0.entries(id, after, limit).await
+    }
+    async fn turns(&self, id: SessionId) -> StoreResult<Vec<Turn>> {
+        self.0.turns(id).await
+    }
+    async fn request_cancel(
+        &self,
+        owner: &str,
+        id: SessionId,
+        reason: &str,
+    ) -> StoreResult<Option<TurnId>> {
+        self.0.request_cancel(owner, id, reason).await
+    }
+    async fn next_turn(&self, lease: &Lease) -> StoreResult<Option<TurnToRun>> {
+        self.0.next_turn(lease).await
+    }
+    async fn begin_turn(&self, lease: &Lease, turn: TurnId) -> StoreResult<Begin> {
+        self.0.begin_turn(lease, turn).await
+    }
+    async fn append_output(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        entries: Vec<NewEntry>,
+    ) -> StoreResult<Vec<Entry>> {
+        if poisoned(&entries) {
+            return Err(refused());
+        }
+        self.0.append_output(lease, turn, entries).await
+    }
+    async fn end_turn(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        status: TurnStatus,
+        reason: Option<String>,
+        entries: Vec<NewEntry>,
+    ) -> StoreResult<Ended> {
+        if poisoned(&entries) {
+            return Err(refused());
+        }
+        self.0.end_turn(lease, turn, status, reason, entries).await
+    }
+    async fn take_turn(&self, lease: &Lease) -> StoreResult<Take> {
+        self.0.take_turn(lease).await
+    }
+    async fn renew_lease(&self, lease: &Lease) -> StoreResult<Renewal> {
+        self.0.renew_lease(lease).await
+    }
+    async fn release_lease(&self, lease: &Lease, force: bool) -> StoreResult<bool> {
+        self.0.release_lease(lease, force).await
+    }
+    async fn set_agent_session(&self, lease: &Lease, agent_session: &str) -> StoreResult<()> {
+        self.0.set_agent_session(lease, agent_session).await
+    }
+    async fn recover(&self, node: &str, all_foreign: bool) -> StoreResult<Vec<Recovered>> {
+        self.0.recover(node, all_foreign).await
+    }
+}
+
+/// A reply the store refuses, arriving with the agent's stop (so it is to
+/// be stored inside the turn's end), ends the turn `failed` at once with
+/// only its terminal entry; the session then takes its next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_the_store_refuses_at_the_end_fails_the_turn() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = SqlStore::open_sqlite(&dir.path().join("baton.db"), StoreConfig::default())
+        .await
+        .expect("open the embedded store");
+    let mut agents = Agents::default();
+    agents.insert("echo", Arc::new(Echo));
+    let engine = Engine::new(
+        Arc::new(PoisonOutput(store)),
+        Bus::default(),
+        agents,
+        EngineConfig::default(),
+    );
+    engine.start().await.expect("engine start");
+    let f = Fixture { engine, _dir: dir };
+    let id = session(&f, "echo").await;
+    let mut rx = f.engine.bus().subscribe(id);
+
+    post(&f, id, "poison").await;
+    let (_, entries) = until_turn_ended(&mut rx).await;
+    let ended = entries.last().expect("turn_ended");
+    assert_eq!(
+        ended.status,
+        Some(TurnStatus::Failed),
+        "ended failed by the actor, not lost by a takeover: {ended:?}"
+    );
+    let why = ended.reason.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("could not store the agent's output") && why.contains("injected"),
+        "{why}"
+    );
+
+    post(&f, id, "fine").await;
+    let (_, entries) = until_turn_ended(&mut rx).await;
+    assert_eq!(
+        entries.last().and_then(|e| e.status),
+        Some(TurnStatus::Completed)
+    );
+    let log = f
+        .engine
+        .store()
+        .entries(id, 0, 100)
+        .await
+        .expect("entries")
+        .entries;
+    let texts: Vec<(EntryType, Option<&str>)> =
+        log.iter().map(|e| (e.kind, e.content.as_deref())).collect();
+    use EntryType::*;
+    assert_eq!(
+        texts,
+        [
+            (Message, Some("poison")),
+            (TurnStarted, None),
+            (TurnEnded, None),
+            (Message, Some("fine")),
+            (TurnStarted, None),
+            (Message, Some("fine")),
+            (TurnEnded, None),
+        ],
+        "the refused reply is not in the log; the failed turn has exactly one terminal entry"
     );
     f.engine.shutdown().await;
 }

@@ -25,7 +25,7 @@ use sqlx::{AnyPool, Connection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::{args, Conn, Fail, Row, R};
-use crate::writer::{self, Clock, Completion, Job};
+use crate::writer::{self, Clock, Job};
 use crate::{
     Begin, CreateSession, Created, Ended, Lease, Page, PostMessage, Posted, Recovered, Renewal,
     Result, Store, StoreError, Take, TurnToRun,
@@ -73,7 +73,7 @@ impl Dialect {
 }
 
 enum Exec {
-    Sqlite(mpsc::Sender<Job>),
+    Sqlite(mpsc::Sender<Box<dyn Job>>),
     Postgres(AnyPool),
 }
 
@@ -278,21 +278,10 @@ impl SqlStore {
         match &self.exec {
             Exec::Sqlite(jobs) => {
                 let (tx, rx) = oneshot::channel::<Result<T>>();
-                let job: Job = Box::new(move |conn, now| {
-                    Box::pin(async move {
-                        let result = f(conn, now).await.map_err(unfail);
-                        Completion {
-                            ok: result.is_ok(),
-                            finish: Box::new(move |commit_error| {
-                                let _ = tx.send(match commit_error {
-                                    None => result,
-                                    Some(e) => {
-                                        Err(StoreError::Unavailable(format!("commit failed: {e}")))
-                                    }
-                                });
-                            }),
-                        }
-                    })
+                let job: Box<dyn Job> = Box::new(WriteJob {
+                    body: f,
+                    result: None,
+                    reply: tx,
                 });
                 jobs.send(job)
                     .await
@@ -330,6 +319,40 @@ impl SqlStore {
                 }
             }
         }
+    }
+}
+
+/// A transaction body queued for the embedded store's writer, with the
+/// result of its last run and the caller waiting for it.
+struct WriteJob<T, F> {
+    body: F,
+    result: Option<Result<T>>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Job for WriteJob<T, F>
+where
+    T: Send + 'static,
+    F: for<'c> Fn(&'c mut Conn, i64) -> BoxFuture<'c, R<T>> + Send + Sync + 'static,
+{
+    fn run(&mut self, conn: &mut Conn, now: i64) -> Option<bool> {
+        let result = writer::complete((self.body)(conn, now))?.map_err(unfail);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        Some(ok)
+    }
+
+    fn finish(self: Box<Self>, commit_error: Option<String>) {
+        let result = match (self.result, commit_error) {
+            // A job that failed wrote nothing: its own error is the answer.
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(v)), None) => Ok(v),
+            (None, None) => Err(StoreError::Unavailable(
+                "the write was refused by the store's writer".into(),
+            )),
+            (_, Some(e)) => Err(StoreError::Unavailable(format!("commit failed: {e}"))),
+        };
+        let _ = self.reply.send(result);
     }
 }
 
@@ -388,8 +411,8 @@ const TURN_COLS: &str =
     "id, session_id, status, input_from, input_to, started_at, ended_at, reason";
 
 #[derive(Clone, Debug)]
-struct SessionRow {
-    id: SessionId,
+pub(crate) struct SessionRow {
+    pub(crate) id: SessionId,
     owner: String,
     agent: String,
     policy: Policy,
@@ -523,9 +546,16 @@ async fn lock_session(c: &mut Conn, d: Dialect, id: SessionId) -> R<Option<Sessi
 
 /// Reads a session row; `suffix` is empty for a plain read.
 async fn fetch_session(c: &mut Conn, id: SessionId, suffix: &str) -> R<Option<SessionRow>> {
+    if let Some(s) = c.remembered(id) {
+        return Ok(Some(s.clone()));
+    }
     let sql = format!("SELECT {SESSION_COLS} FROM sessions WHERE id = $1{suffix}");
     let row = c.fetch_optional(&sql, &args![id.to_string()]).await?;
-    row.as_ref().map(session_row).transpose()
+    let s = row.as_ref().map(session_row).transpose()?;
+    if let Some(s) = &s {
+        c.remember(s);
+    }
+    Ok(s)
 }
 
 async fn lock_owned(c: &mut Conn, d: Dialect, owner: &str, id: SessionId) -> R<SessionRow> {
@@ -549,10 +579,56 @@ async fn lock_fenced(c: &mut Conn, d: Dialect, lease: &Lease) -> R<SessionRow> {
 }
 
 async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
-    c.execute("UPDATE sessions SET last_seq = $2, consumed_seq = $3, active_turn = $4, lease_owner = $5, \
-         lease_epoch = $6, lease_expires_at = $7, agent_session = $8, waiting_count = $9, \
-         last_gather_seq = $10, after_gather_count = $11 WHERE id = $1", &args![s.id.to_string(), s.last_seq, s.consumed_seq, s.active_turn.map(|t| t.to_string()), s.lease_owner.clone(), s.lease_epoch, s.lease_expires_at, s.agent_session.clone(), s.queue.waiting as i64, s.queue.last_gather.map(|g| g as i64), s.queue.after_gather as i64])
-    .await?;
+    // Most posts only move the log's counters (a message queued behind a
+    // running turn). When the writer remembers the row, it knows that, and
+    // writes just those columns: none is indexed, so no index entry moves.
+    let counters_only = c.remembered(s.id).is_some_and(|old| {
+        old.active_turn == s.active_turn
+            && old.lease_owner == s.lease_owner
+            && old.lease_epoch == s.lease_epoch
+            && old.lease_expires_at == s.lease_expires_at
+            && old.agent_session == s.agent_session
+    });
+    let n = if counters_only {
+        c.execute(
+            "UPDATE sessions SET last_seq = $2, consumed_seq = $3, waiting_count = $4, \
+             last_gather_seq = $5, after_gather_count = $6 WHERE id = $1",
+            &args![
+                s.id.to_string(),
+                s.last_seq,
+                s.consumed_seq,
+                s.queue.waiting as i64,
+                s.queue.last_gather.map(|g| g as i64),
+                s.queue.after_gather as i64
+            ],
+        )
+        .await?
+    } else {
+        c.execute(
+            "UPDATE sessions SET last_seq = $2, consumed_seq = $3, active_turn = $4, lease_owner = $5, \
+             lease_epoch = $6, lease_expires_at = $7, agent_session = $8, waiting_count = $9, \
+             last_gather_seq = $10, after_gather_count = $11 WHERE id = $1",
+            &args![
+                s.id.to_string(),
+                s.last_seq,
+                s.consumed_seq,
+                s.active_turn.map(|t| t.to_string()),
+                s.lease_owner.clone(),
+                s.lease_epoch,
+                s.lease_expires_at,
+                s.agent_session.clone(),
+                s.queue.waiting as i64,
+                s.queue.last_gather.map(|g| g as i64),
+                s.queue.after_gather as i64
+            ],
+        )
+        .await?
+    };
+    if n == 1 {
+        c.remember(s);
+    } else {
+        c.forget(s.id);
+    }
     Ok(())
 }
 
@@ -618,8 +694,9 @@ async fn start_turn(
     append(c, s, now, NewEntry::turn_started(id, input), None).await
 }
 
-/// Starts the next planned turn if messages wait and none is active. Reads
-/// one indexed row (the first waiting message), never the whole queue.
+/// Starts the next planned turn if messages wait and none is active. Finds
+/// the first waiting message by scanning the primary key from the cursor
+/// (past the previous turn's output), never the whole queue.
 async fn start_next(c: &mut Conn, s: &mut SessionRow, now: i64) -> R<Option<Entry>> {
     if s.active_turn.is_some() {
         return Ok(None);
@@ -1105,6 +1182,7 @@ impl Store for SqlStore {
             }
             c.execute("DELETE FROM sessions WHERE id = $1", &args![id.to_string()])
                 .await?;
+            c.forget(id);
             Ok(())
         })
     }

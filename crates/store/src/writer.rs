@@ -4,13 +4,15 @@
 //! thread and its one connection (reads use a separate pool; WAL lets them
 //! run beside it). Jobs that arrive while a transaction is in flight queue in
 //! the channel; the next round takes all of them (up to [`MAX_BATCH`]) into
-//! one transaction and one `fsync`. Each job runs inside its own savepoint,
-//! so a job that fails (a rejected message, a stale epoch) is rolled back
-//! alone, and each caller is told its own result only after the commit (I2).
+//! one transaction and one `fsync`, and each caller is told its own result
+//! only after the commit (I2). A job that fails (a rejected message, a stale
+//! epoch) fails before it writes, so jobs run without savepoints; should one
+//! fail having written, the batch is rolled back and replayed without it,
+//! each job in its own savepoint.
 //!
 //! The connection is synchronous (`rusqlite`, statements cached), so a job's
-//! future completes on its first poll; the thread polls it once and never
-//! blocks an async runtime.
+//! future completes on its first poll ([`complete`]); the thread never blocks
+//! an async runtime.
 //!
 //! Checkpoints (copying the WAL back into the database file) run on a second
 //! thread and connection, [`checkpointer`], so the writer never stalls on one:
@@ -20,26 +22,40 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use futures_util::future::BoxFuture;
+use std::future::Future;
 use tokio::sync::mpsc;
 
-use crate::db::Conn;
+use crate::db::{Conn, Lite};
 
 /// How many jobs share one transaction at most.
 pub(crate) const MAX_BATCH: usize = 512;
 
-/// What a job leaves to do once its transaction's fate is known.
-pub(crate) struct Completion {
-    /// Whether the job succeeded (its savepoint is kept) or not (rolled back).
-    pub ok: bool,
-    /// Delivers the job's result, or the commit's failure, to its caller.
-    pub finish: Box<dyn FnOnce(Option<String>) + Send>,
+/// A write: a transaction body the writer runs inside its batch
+/// transaction. It can run more than once (a batch is replayed when another
+/// job in it fails after writing); only the last run's result is delivered.
+pub(crate) trait Job: Send {
+    /// Runs the body with the store clock's reading and keeps its result;
+    /// whether it succeeded. `None`: the body waited, which a body on the
+    /// writer's synchronous connection never does; it counts as a failure.
+    fn run(&mut self, conn: &mut Conn, now: i64) -> Option<bool>;
+
+    /// Delivers the kept result once the transaction's fate is known:
+    /// `commit_error` is why it did not commit, if it did not.
+    fn finish(self: Box<Self>, commit_error: Option<String>);
 }
 
-/// A write: runs on the writer's connection inside the batch transaction,
-/// with the store clock's reading.
-pub(crate) type Job =
-    Box<dyn for<'c> FnOnce(&'c mut Conn, i64) -> BoxFuture<'c, Completion> + Send>;
+/// Polls a future that never waits (every statement on the writer's
+/// connection is synchronous) to its end.
+pub(crate) fn complete<T>(fut: impl Future<Output = T>) -> Option<T> {
+    let mut fut = std::pin::pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => {
+            tracing::error!("a write job waited on the embedded store's writer; refused");
+            None
+        }
+    }
+}
 
 /// The store's clock for the embedded store: wall-clock microseconds, never
 /// going backwards (a turn never starts before the previous one ended).
@@ -66,30 +82,74 @@ const WAL_RESTART_PAGES: i64 = 16_384;
 /// At most one checkpoint per this interval.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Batches at most this size are answered by the writer itself; larger ones
+/// by the replies thread, so that waking hundreds of callers (a cross-thread
+/// wake each) overlaps the next batch instead of delaying it, while a lone
+/// caller is not made to wait for one more thread hop.
+const INLINE_REPLIES: usize = 4;
+
+/// A settled batch: its jobs, and why it did not commit, if it did not.
+type Settled = (Vec<Box<dyn Job>>, Option<String>);
+
 /// Runs the writer on the current (dedicated) thread until every sender is
 /// dropped; each commit nudges the checkpointer.
 pub(crate) fn run(
     conn: rusqlite::Connection,
-    mut jobs: mpsc::Receiver<Job>,
+    mut jobs: mpsc::Receiver<Box<dyn Job>>,
     clock: std::sync::Arc<Clock>,
     committed: std::sync::mpsc::SyncSender<()>,
 ) {
-    let mut conn = Conn::Lite(conn);
-    while let Some(first) = jobs.blocking_recv() {
-        let mut batch: Vec<Job> = Vec::with_capacity(16);
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    let mut conn = Conn::Lite(Lite::new(conn));
+    std::thread::scope(|scope| {
+        let (replies, settled) = std::sync::mpsc::channel::<Settled>();
+        let spawned = std::thread::Builder::new()
+            .name("baton-replies".into())
+            .spawn_scoped(scope, move || {
+                for (batch, outcome) in settled {
+                    reply(batch, &outcome);
+                }
+            });
+        let replies = match spawned {
+            Ok(_) => Some(replies),
+            Err(e) => {
+                tracing::warn!(error = %e, "no replies thread; the writer answers every caller itself");
+                None
+            }
+        };
+        while let Some(first) = jobs.blocking_recv() {
+            let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(16);
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let (batch, outcome) = run_batch(&mut conn, batch, &clock);
+            // A nudge already pending is as good as a new one.
+            let _ = committed.try_send(());
+            match &replies {
+                Some(r) if batch.len() > INLINE_REPLIES => {
+                    if let Err(std::sync::mpsc::SendError((batch, outcome))) =
+                        r.send((batch, outcome))
+                    {
+                        reply(batch, &outcome);
+                    }
+                }
+                _ => reply(batch, &outcome),
             }
         }
-        run_batch(&mut conn, batch, &clock);
-        // A nudge already pending is as good as a new one.
-        let _ = committed.try_send(());
-    }
+        // Ends the replies thread once it has answered everything.
+        drop(replies);
+    });
     // Every handle is gone: dropping the connection (and `committed`, which
     // stops the checkpointer after a last full checkpoint) closes it.
+}
+
+fn reply(batch: Vec<Box<dyn Job>>, outcome: &Option<String>) {
+    for job in batch {
+        job.finish(outcome.clone());
+    }
 }
 
 /// Keeps the WAL short beside the writer: a `PASSIVE` checkpoint after
@@ -126,82 +186,326 @@ pub(crate) fn checkpointer(conn: rusqlite::Connection, commits: std::sync::mpsc:
 }
 
 fn exec(conn: &mut Conn, sql: &'static str) -> Result<(), String> {
+    let l = lite(conn)?;
+    if sql.starts_with("ROLLBACK") {
+        // Whatever the rolled-back writes left in memory is not on disk.
+        l.forget_sessions();
+    }
+    l.conn
+        .prepare_cached(sql)
+        .and_then(|mut st| st.raw_execute())
+        .map(|_| ())
+        .map_err(|e| format!("{sql}: {e}"))
+}
+
+fn lite(conn: &mut Conn) -> Result<&mut Lite, String> {
     match conn {
-        Conn::Lite(c) => c
-            .prepare_cached(sql)
-            .and_then(|mut st| st.raw_execute())
-            .map(|_| ())
-            .map_err(|e| format!("{sql}: {e}")),
-        _ => Err(format!("{sql}: the writer has no SQLite connection")),
+        Conn::Lite(c) => Ok(c),
+        _ => Err("the writer has no SQLite connection".into()),
     }
 }
 
-/// Runs a job: its future completes on the first poll, because every
-/// statement on the writer's connection is synchronous.
-fn run_job(conn: &mut Conn, job: Job, now: i64) -> Option<Completion> {
-    let mut fut = job(conn, now);
-    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(c) => Some(c),
-        Poll::Pending => {
-            // Unreachable by construction; dropping the future drops the
-            // caller's reply channel, so the caller is told it failed.
-            tracing::error!("a write job waited on the embedded store's writer; refused");
-            None
-        }
-    }
+/// Whether the batch transaction is still open (SQLite ends it itself on
+/// some errors: an I/O error, a full disk).
+fn in_transaction(conn: &mut Conn) -> bool {
+    lite(conn).is_ok_and(|l| !l.conn.is_autocommit())
 }
 
-fn run_batch(conn: &mut Conn, batch: Vec<Job>, clock: &Clock) {
-    let single = batch.len() == 1;
-    let mut done: Vec<Completion> = Vec::with_capacity(batch.len());
-    let mut failure = exec(conn, "BEGIN IMMEDIATE").err();
-    for job in batch {
-        if failure.is_some() {
-            // The transaction is unusable. Dropping the job unrun drops its
-            // reply channel, so its caller is told the write did not happen.
-            drop(job);
-            continue;
-        }
-        if !single {
-            if let Err(e) = exec(conn, "SAVEPOINT job") {
-                failure = Some(e);
-                continue;
+/// How a batch's jobs are isolated from one another.
+#[derive(Clone, Copy, PartialEq)]
+enum Isolation {
+    /// No savepoints: a job that fails without having changed a row leaves
+    /// nothing to undo, which is how jobs fail (they check, then write).
+    /// Savepoints cost every job two statements and a copy of every page it
+    /// touches into the sub-journal.
+    Optimistic,
+    /// A savepoint per job, each failed job rolled back alone: the replay
+    /// after a job failed having written.
+    Savepoints,
+}
+
+/// What one pass over a batch came to.
+enum Pass {
+    /// Every job ran (or the transaction failed): commit or not, and tell.
+    Settled(Option<String>),
+    /// Job `i` failed after changing rows, with no savepoint to undo it:
+    /// the transaction was rolled back, to be replayed without that job.
+    Dirty(usize),
+}
+
+/// Runs and commits (or not) one batch; the jobs are answered by the caller.
+fn run_batch(conn: &mut Conn, mut batch: Vec<Box<dyn Job>>, clock: &Clock) -> Settled {
+    let mut outcome = match pass(conn, &mut batch, clock, Isolation::Optimistic) {
+        Pass::Settled(outcome) => outcome,
+        Pass::Dirty(i) => {
+            // Its result is its own failure; the others run again, in their
+            // order, as if it had never been sent.
+            let failed = batch.remove(i);
+            failed.finish(None);
+            match pass(conn, &mut batch, clock, Isolation::Savepoints) {
+                Pass::Settled(outcome) => outcome,
+                Pass::Dirty(_) => Some("a failed write could not be undone".into()),
             }
         }
-        let c = run_job(conn, job, clock.now());
-        let ok = c.as_ref().is_some_and(|c| c.ok);
-        if !single {
-            let undo = if ok {
-                Ok(())
-            } else {
-                exec(conn, "ROLLBACK TO job")
-            };
-            if let Err(e) = undo.and(exec(conn, "RELEASE job")) {
-                failure = Some(e);
-            }
-        } else if !ok {
-            if let Err(e) = exec(conn, "ROLLBACK") {
-                tracing::error!(error = %e, "rolling back a failed write");
-            }
-            if let Some(c) = c {
-                (c.finish)(None);
-            }
-            return;
-        }
-        done.extend(c);
-    }
-    let outcome = match failure {
-        Some(e) => {
-            let _ = exec(conn, "ROLLBACK");
-            Some(e)
-        }
-        None => exec(conn, "COMMIT").err(),
     };
+    if outcome.is_none() {
+        outcome = exec(conn, "COMMIT").err();
+    }
     if let Some(e) = &outcome {
         tracing::error!(error = %e, "group commit failed; every write in the batch is refused");
-        let _ = exec(conn, "ROLLBACK");
+        if in_transaction(conn) {
+            let _ = exec(conn, "ROLLBACK");
+        }
+        if let Ok(l) = lite(conn) {
+            l.forget_sessions();
+        }
     }
-    for c in done {
-        (c.finish)(outcome.clone());
+    (batch, outcome)
+}
+
+/// Runs every job of `batch` in one open transaction (left open for the
+/// caller to commit unless the pass failed).
+fn pass(conn: &mut Conn, batch: &mut [Box<dyn Job>], clock: &Clock, iso: Isolation) -> Pass {
+    let began = lite(conn).and_then(|l| {
+        l.begin()
+            .map_err(|e| format!("beginning the batch transaction: {e}"))
+    });
+    if let Err(e) = began {
+        if in_transaction(conn) {
+            let _ = exec(conn, "ROLLBACK");
+        }
+        return Pass::Settled(Some(e));
+    }
+    for (i, job) in batch.iter_mut().enumerate() {
+        let step = match iso {
+            Isolation::Optimistic => optimistic(conn, job.as_mut(), clock),
+            Isolation::Savepoints => isolated(conn, job.as_mut(), clock),
+        };
+        let failure = match step {
+            Ok(true) => None,
+            Ok(false) => {
+                let _ = exec(conn, "ROLLBACK");
+                return Pass::Dirty(i);
+            }
+            Err(e) => Some(e),
+        };
+        if failure.is_some() {
+            if in_transaction(conn) {
+                let _ = exec(conn, "ROLLBACK");
+            }
+            return Pass::Settled(failure);
+        }
+    }
+    Pass::Settled(None)
+}
+
+/// Runs a job with no savepoint. `Ok(false)`: it failed having changed rows.
+fn optimistic(conn: &mut Conn, job: &mut dyn Job, clock: &Clock) -> Result<bool, String> {
+    let before = lite(conn)?.conn.total_changes();
+    let ok = job.run(conn, clock.now()).unwrap_or(false);
+    if !in_transaction(conn) {
+        lite(conn)?.forget_sessions();
+        return Err("the batch transaction was aborted".into());
+    }
+    Ok(ok || lite(conn)?.conn.total_changes() == before)
+}
+
+/// Runs a job inside its own savepoint, rolled back alone if it fails.
+fn isolated(conn: &mut Conn, job: &mut dyn Job, clock: &Clock) -> Result<bool, String> {
+    exec(conn, "SAVEPOINT job")?;
+    let ok = job.run(conn, clock.now()).unwrap_or(false);
+    if !in_transaction(conn) {
+        lite(conn)?.forget_sessions();
+        return Err("the batch transaction was aborted".into());
+    }
+    if !ok {
+        exec(conn, "ROLLBACK TO job")?;
+    }
+    exec(conn, "RELEASE job")?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The batch rules against real SQLite: a failed job leaves no trace and
+    //! costs no one else their write, whether it failed before or after
+    //! writing; an aborted transaction refuses the whole batch.
+
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Copy)]
+    enum Act {
+        /// Inserts its key.
+        Insert,
+        /// Inserts its key, then fails.
+        InsertThenFail,
+        /// Fails before writing.
+        Refuse,
+        /// Inserts its key and records how many rows it saw before.
+        Count,
+        /// Ends the transaction behind the writer's back.
+        Abort,
+    }
+
+    /// What each job's caller was told: (key, Ok(rows seen) or the error).
+    type Told = Arc<Mutex<Vec<(String, Result<i64, String>)>>>;
+
+    struct TestJob {
+        key: String,
+        act: Act,
+        runs: usize,
+        seen: Option<Result<i64, String>>,
+        told: Told,
+    }
+
+    fn insert(c: &rusqlite::Connection, key: &str) -> rusqlite::Result<usize> {
+        c.execute("INSERT INTO t (k) VALUES (?1)", [key])
+    }
+
+    impl Job for TestJob {
+        fn run(&mut self, conn: &mut Conn, _now: i64) -> Option<bool> {
+            self.runs += 1;
+            let Conn::Lite(Lite { conn: c, .. }) = conn else {
+                return None;
+            };
+            let count = || c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get::<_, i64>(0));
+            let seen = match self.act {
+                Act::Insert => insert(c, &self.key).map(|_| 0),
+                Act::Count => count().and_then(|n| insert(c, &self.key).map(|_| n)),
+                Act::InsertThenFail => {
+                    let _ = insert(c, &self.key);
+                    Err(rusqlite::Error::InvalidQuery)
+                }
+                Act::Refuse => Err(rusqlite::Error::InvalidQuery),
+                Act::Abort => c.execute_batch("ROLLBACK").map(|_| 0),
+            };
+            let ok = seen.is_ok();
+            self.seen = Some(seen.map_err(|e| e.to_string()));
+            Some(ok)
+        }
+
+        fn finish(self: Box<Self>, commit_error: Option<String>) {
+            let told = match (self.seen, commit_error) {
+                (Some(Err(e)), _) => Err(e),
+                (Some(Ok(n)), None) => Ok(n),
+                (_, Some(e)) => Err(format!("refused: {e}")),
+                (None, None) => Err("never ran".into()),
+            };
+            self.told.lock().expect("the record").push((self.key, told));
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Conn) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let c = rusqlite::Connection::open(dir.path().join("w.db")).expect("open");
+        c.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (k TEXT PRIMARY KEY);")
+            .expect("schema");
+        (dir, Conn::Lite(Lite::new(c)))
+    }
+
+    fn batch(jobs: &[(&str, Act)], told: &Told) -> Vec<Box<dyn Job>> {
+        jobs.iter()
+            .map(|&(key, act)| {
+                Box::new(TestJob {
+                    key: key.into(),
+                    act,
+                    runs: 0,
+                    seen: None,
+                    told: told.clone(),
+                }) as Box<dyn Job>
+            })
+            .collect()
+    }
+
+    fn settle(conn: &mut Conn, jobs: Vec<Box<dyn Job>>) {
+        let (jobs, outcome) = run_batch(conn, jobs, &Clock::default());
+        reply(jobs, &outcome);
+    }
+
+    fn keys(conn: &mut Conn) -> Vec<String> {
+        let c = &lite(conn).expect("the writer's connection").conn;
+        let mut st = c.prepare("SELECT k FROM t ORDER BY k").expect("prepare");
+        let rows = st.query_map([], |r| r.get(0)).expect("query");
+        rows.collect::<rusqlite::Result<_>>().expect("rows")
+    }
+
+    fn told(t: &Told, key: &str) -> Result<i64, String> {
+        let t = t.lock().expect("the record");
+        let (_, r) = t
+            .iter()
+            .find(|(k, _)| k == key)
+            .expect("every caller is told");
+        r.clone()
+    }
+
+    #[test]
+    fn a_job_refused_before_writing_costs_no_one_else() {
+        let (_dir, mut conn) = store();
+        let t = Told::default();
+        let jobs = batch(
+            &[("a", Act::Insert), ("b", Act::Refuse), ("c", Act::Count)],
+            &t,
+        );
+        settle(&mut conn, jobs);
+        assert_eq!(keys(&mut conn), ["a", "c"]);
+        assert!(told(&t, "b").is_err());
+        assert_eq!(told(&t, "c"), Ok(1));
+        assert_eq!(t.lock().expect("the record").len(), 3);
+    }
+
+    #[test]
+    fn a_job_failing_after_writing_is_undone_alone() {
+        let (_dir, mut conn) = store();
+        let t = Told::default();
+        let jobs = batch(
+            &[
+                ("a", Act::Insert),
+                ("b", Act::InsertThenFail),
+                ("c", Act::Count),
+                ("d", Act::InsertThenFail),
+                ("e", Act::Count),
+            ],
+            &t,
+        );
+        settle(&mut conn, jobs);
+        // Neither failed job's row survives, and the jobs after them saw
+        // only the rows of jobs that succeeded before them.
+        assert_eq!(keys(&mut conn), ["a", "c", "e"]);
+        assert!(told(&t, "b").is_err());
+        assert!(told(&t, "d").is_err());
+        assert_eq!(told(&t, "c"), Ok(1));
+        assert_eq!(told(&t, "e"), Ok(2));
+        assert_eq!(t.lock().expect("the record").len(), 5);
+        // The writer is ready for the next batch.
+        settle(&mut conn, batch(&[("f", Act::Count)], &t));
+        assert_eq!(told(&t, "f"), Ok(3));
+    }
+
+    #[test]
+    fn a_lone_job_failing_after_writing_leaves_nothing() {
+        let (_dir, mut conn) = store();
+        let t = Told::default();
+        settle(&mut conn, batch(&[("a", Act::InsertThenFail)], &t));
+        assert!(keys(&mut conn).is_empty());
+        assert!(told(&t, "a").is_err());
+    }
+
+    #[test]
+    fn an_aborted_transaction_refuses_the_whole_batch() {
+        let (_dir, mut conn) = store();
+        let t = Told::default();
+        let jobs = batch(
+            &[("a", Act::Insert), ("b", Act::Abort), ("c", Act::Insert)],
+            &t,
+        );
+        settle(&mut conn, jobs);
+        assert!(keys(&mut conn).is_empty());
+        for k in ["a", "b", "c"] {
+            assert!(told(&t, k).is_err(), "{k} must be refused");
+        }
+        settle(&mut conn, batch(&[("d", Act::Count)], &t));
+        assert_eq!(told(&t, "d"), Ok(0));
     }
 }

@@ -385,3 +385,217 @@ async fn sqlite_checkpoints_beside_the_writer() {
         );
     }
 }
+
+fn new_session(owner: &str, policy: Policy) -> CreateSession {
+    CreateSession {
+        owner: owner.to_owned(),
+        agent: "demo".to_owned(),
+        policy,
+        metadata: serde_json::json!({}),
+        idempotency_key: None,
+        fingerprint: "{}".to_owned(),
+        message: None,
+        node: "node-1".to_owned(),
+    }
+}
+
+fn message(
+    owner: &str,
+    id: baton_core::SessionId,
+    content: &str,
+    policy: Option<Policy>,
+) -> PostMessage {
+    PostMessage {
+        owner: owner.to_owned(),
+        session_id: id,
+        content: content.to_owned(),
+        policy,
+        idempotency_key: None,
+        node: "node-1".to_owned(),
+    }
+}
+
+/// Another connection on the same file (an operator's `sqlite3` shell; the
+/// store's lock keeps only other Baton processes out).
+fn outside(path: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(path).expect("a second connection");
+    c.busy_timeout(Duration::from_secs(10))
+        .expect("busy_timeout");
+    c
+}
+
+/// The writer remembers session rows between transactions; a commit by
+/// another connection must make it read them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_writer_sees_commits_by_other_connections() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = db_path(&dir);
+    let store = open_file(&path).await;
+    let owner = "outside-owner";
+    let id = store
+        .create_session(new_session(owner, Policy::Queue))
+        .await
+        .expect("create")
+        .session
+        .id;
+    for m in ["m1", "m2"] {
+        store
+            .post_message(message(owner, id, m, None))
+            .await
+            .expect("post");
+    }
+
+    // Another connection switches the session's policy to reject…
+    let c = outside(&path);
+    let n = c
+        .execute(
+            "UPDATE sessions SET policy = 'reject' WHERE id = ?1",
+            [id.to_string()],
+        )
+        .expect("update");
+    assert_eq!(n, 1);
+    let err = store
+        .post_message(message(owner, id, "m3", None))
+        .await
+        .expect_err("the session's policy is now reject and a turn is active");
+    assert!(
+        matches!(err, baton_store::StoreError::SessionBusy { .. }),
+        "{err:?}"
+    );
+
+    // …then deletes it.
+    c.execute_batch(&format!(
+        "BEGIN; DELETE FROM entries WHERE session_id = '{id}'; \
+         DELETE FROM turns WHERE session_id = '{id}'; \
+         DELETE FROM sessions WHERE id = '{id}'; COMMIT;"
+    ))
+    .expect("delete");
+    let err = store
+        .post_message(message(owner, id, "m4", None))
+        .await
+        .expect_err("the session is gone");
+    assert!(matches!(err, baton_store::StoreError::NotFound), "{err:?}");
+    drop(c);
+    close(store).await;
+}
+
+/// A write that changed a session and then failed is undone whole, in
+/// memory too: the posts batched with it keep their writes, and the next
+/// write to its session sees the row as it was before.
+///
+/// The failure is real: with no turn active but a message waiting (a state
+/// this store never leaves behind, made here by another connection), a post
+/// first starts the waiting turn, then is rejected by policy `reject`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_write_failing_after_it_wrote_leaves_no_trace() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = db_path(&dir);
+    let store = Arc::new(open_file(&path).await);
+    let owner = "undo-owner";
+    let a = store
+        .create_session(new_session(owner, Policy::Queue))
+        .await
+        .expect("create")
+        .session
+        .id;
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        others.push(
+            store
+                .create_session(new_session(owner, Policy::Queue))
+                .await
+                .expect("create")
+                .session
+                .id,
+        );
+    }
+    let first = store
+        .post_message(message(owner, a, "a1", None))
+        .await
+        .expect("post a1");
+    let t1 = first.disposition.turn_id.expect("a1 starts a turn");
+    store
+        .post_message(message(owner, a, "a2", None))
+        .await
+        .expect("post a2");
+    let c = outside(&path);
+    c.execute_batch(&format!(
+        "BEGIN; UPDATE turns SET status = 'failed', ended_at = 1, reason = 'ended outside' WHERE id = '{t1}'; \
+         INSERT INTO entries (session_id, seq, kind, turn_id, status, reason, created_at) \
+         VALUES ('{a}', 4, 'turn_ended', '{t1}', 'failed', 'ended outside', 1); \
+         UPDATE sessions SET active_turn = NULL, last_seq = 4 WHERE id = '{a}'; COMMIT;"
+    ))
+    .expect("end the turn outside the store");
+    drop(c);
+
+    // Rounds of a rejected post racing 24 posts to other sessions, so that
+    // it shares batches with them.
+    let mut expected_others = 0;
+    for round in 0..10 {
+        let mut tasks = Vec::new();
+        for k in 0..24 {
+            let (store, id) = (store.clone(), others[k % others.len()]);
+            tasks.push(tokio::spawn(async move {
+                store
+                    .post_message(message(owner, id, &format!("r{round} k{k}"), None))
+                    .await
+                    .map(|_| ())
+            }));
+        }
+        let rejected = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .post_message(message(
+                        owner,
+                        a,
+                        &format!("rejected {round}"),
+                        Some(Policy::Reject),
+                    ))
+                    .await
+            })
+        };
+        let err = rejected
+            .await
+            .expect("task")
+            .expect_err("a reject post meets the turn it just started");
+        assert!(
+            matches!(err, baton_store::StoreError::SessionBusy { .. }),
+            "round {round}: {err:?}"
+        );
+        for t in tasks {
+            t.await
+                .expect("task")
+                .expect("posts to other sessions succeed");
+            expected_others += 1;
+        }
+    }
+
+    // Nothing of the rejected posts or their undone turn starts is left:
+    // the next post starts the waiting turn at the next seq.
+    let healed = store
+        .post_message(message(owner, a, "a3", None))
+        .await
+        .expect("post a3");
+    let kinds: Vec<(u64, EntryType)> = healed.committed.iter().map(|e| (e.seq, e.kind)).collect();
+    assert_eq!(
+        kinds,
+        [(5, EntryType::TurnStarted), (6, EntryType::Message)],
+        "the waiting turn starts at seq 5, then a3 at 6"
+    );
+    let log = check_log(&*store, owner, a).await;
+    assert_eq!(log.len(), 6, "{log:#?}");
+    assert!(log.iter().all(|e| e
+        .content
+        .as_deref()
+        .is_none_or(|c| !c.starts_with("rejected"))));
+    let mut stored = 0;
+    for id in &others {
+        stored += check_log(&*store, owner, *id)
+            .await
+            .iter()
+            .filter(|e| e.kind == EntryType::Message)
+            .count();
+    }
+    assert_eq!(stored, expected_others);
+}
