@@ -1,6 +1,7 @@
 //! Several nodes on one PostgreSQL database (needs `DATABASE_URL`; each test
-//! says so on stderr and returns when it is unset): every invariant holds
-//! across nodes as on one.
+//! says so on stderr and returns when it is unset, unless
+//! `BATON_REQUIRE_POSTGRES=1`): every invariant holds across nodes as on one.
+//! Each test works in a schema of its own.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -10,18 +11,16 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use baton_cli::{App, ServeConfig};
+use baton_store::testing::PgSchema;
 use common::{Client, PATIENCE};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-fn database_url(test: &str) -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!("skipping PostgreSQL cluster test {test}: DATABASE_URL is not set");
-            None
-        }
-    }
+/// A schema of its own in the `DATABASE_URL` database, or `None` (the test
+/// is skipped, which `BATON_REQUIRE_POSTGRES=1` refuses).
+async fn database(test: &str) -> Option<PgSchema> {
+    let url = baton_store::testing::database_url(test)?;
+    Some(PgSchema::create(&url).await)
 }
 
 struct Node {
@@ -114,9 +113,10 @@ fn check_transcript(entries: &[Value]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_share_sessions_without_breaking_order() {
-    let Some(url) = database_url("three_nodes_share_sessions_without_breaking_order") else {
+    let Some(schema) = database("three_nodes_share_sessions_without_breaking_order").await else {
         return;
     };
+    let url = schema.url().to_owned();
     let nodes = vec![node(&url).await, node(&url).await, node(&url).await];
     let clients: Vec<Client> = nodes.iter().map(|n| n.client.clone()).collect();
     let mut sessions = Vec::new();
@@ -180,10 +180,11 @@ async fn three_nodes_share_sessions_without_breaking_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_follows_another_nodes_turn_and_resumes_on_a_third() {
-    let Some(url) = database_url("a_stream_follows_another_nodes_turn_and_resumes_on_a_third")
+    let Some(schema) = database("a_stream_follows_another_nodes_turn_and_resumes_on_a_third").await
     else {
         return;
     };
+    let url = schema.url().to_owned();
     let (a, b, c) = (node(&url).await, node(&url).await, node(&url).await);
     // The turn runs on B: B's transaction started it and took the lease.
     let s = b
@@ -268,10 +269,11 @@ async fn spawn_pg_binary(url: &str) -> (tokio::process::Child, Client) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_nodes_turn_ends_lost_and_its_queue_runs_elsewhere() {
-    let Some(url) = database_url("a_killed_nodes_turn_ends_lost_and_its_queue_runs_elsewhere")
+    let Some(schema) = database("a_killed_nodes_turn_ends_lost_and_its_queue_runs_elsewhere").await
     else {
         return;
     };
+    let url = schema.url().to_owned();
     let survivor = node(&url).await;
     let (mut doomed, doomed_client) = spawn_pg_binary(&url).await;
     let s = doomed_client
@@ -352,10 +354,12 @@ async fn proxy_to(target: std::net::SocketAddr) -> Proxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_loses_the_database_fences_itself_and_answers_503() {
-    let Some(url) = database_url("a_node_that_loses_the_database_fences_itself_and_answers_503")
+    let Some(schema) =
+        database("a_node_that_loses_the_database_fences_itself_and_answers_503").await
     else {
         return;
     };
+    let url = schema.url().to_owned();
     let parsed = reqwest::Url::parse(&url).unwrap();
     let target: std::net::SocketAddr = format!(
         "{}:{}",

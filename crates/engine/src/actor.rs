@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use baton_agent::{AgentEvent, TurnControl, TurnInput};
 use baton_core::turn::{Action, Event, StopReason, TurnMachine};
-use baton_core::{NewEntry, TurnStatus};
+use baton_core::{EntryType, NewEntry, TurnStatus};
 use baton_store::{Begin, Lease, StoreError, Take, TurnToRun};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{sleep, sleep_until, Instant};
@@ -229,8 +229,13 @@ async fn run_turn(
                         entries,
                     } => {
                         agent.events = None;
-                        unsaved.extend(entries);
-                        return end(inner, lease, turn_id, status, reason, unsaved).await;
+                        let last = End {
+                            status,
+                            reason,
+                            output: unsaved,
+                            closing: entries,
+                        };
+                        return end(inner, lease, turn_id, last).await;
                     }
                     Action::Abandon => return Ok(Outcome::Fenced),
                 }
@@ -377,23 +382,40 @@ async fn save(
     }
 }
 
-/// Records the turn's end; retried briefly if the store is unreachable.
+/// How a turn ends: its output not yet stored, and the machine's closing
+/// entries (results for tool calls left open, then `turn_ended`).
+struct End {
+    status: TurnStatus,
+    reason: Option<String>,
+    output: Vec<NewEntry>,
+    closing: Vec<NewEntry>,
+}
+
+/// Tries of a turn's end with its output before that output is given up.
+const TRIES_WITH_OUTPUT: u32 = 3;
+
+/// Records the turn's end, with its last output in the same transaction;
+/// retried briefly if the store fails.
 ///
-/// `entries` may carry the turn's last output with its `turn_ended`. If the
-/// store refuses that write for a reason other than reachability, the same
-/// entries would be refused again: the turn then ends `failed` with only
-/// its terminal entry, as when storing output fails mid-turn (a transcript
-/// with a hole must not look complete), rather than being left to end
-/// `lost` once its lease expires.
+/// If the store keeps refusing the end with the output for a reason other
+/// than reachability, the output is given up: the turn ends `failed`, as
+/// when storing output fails mid-turn (a transcript with a hole must not
+/// look complete), with its tool calls closed ([`without_output`]), rather
+/// than being left to end `lost` once its lease expires.
 async fn end(
     inner: &Inner,
     lease: &Lease,
     turn_id: baton_core::TurnId,
-    status: TurnStatus,
-    reason: Option<String>,
-    entries: Vec<NewEntry>,
+    last: End,
 ) -> Result<Outcome, StoreError> {
-    let (mut status, mut reason, mut entries) = (status, reason, entries);
+    let End {
+        mut status,
+        mut reason,
+        output,
+        closing,
+    } = last;
+    let mut with_output = !output.is_empty();
+    let mut entries: Vec<NewEntry> = output.iter().chain(&closing).cloned().collect();
     let mut attempt = 0u32;
     loop {
         match inner
@@ -410,11 +432,17 @@ async fn end(
                 | StoreError::TurnNotActive { .. }
                 | StoreError::NotFound,
             ) => return Ok(Outcome::Fenced),
-            Err(e) if entries.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
-                tracing::warn!(error = %e, "could not store the end of a turn with its output; ending it failed");
+            Err(e)
+                if with_output
+                    && attempt + 1 >= TRIES_WITH_OUTPUT
+                    && !matches!(e, StoreError::Unavailable(_)) =>
+            {
+                tracing::warn!(error = %e, "could not store a turn's last output; ending it failed without it");
+                with_output = false;
+                attempt = 0;
                 status = TurnStatus::Failed;
                 reason = Some(format!("could not store the agent's output: {e}"));
-                entries = vec![NewEntry::turn_ended(turn_id, status, reason.clone())];
+                entries = without_output(turn_id, &output, &closing, reason.clone());
             }
             Err(e) if attempt < 10 => {
                 attempt += 1;
@@ -425,5 +453,102 @@ async fn end(
             // whoever takes the session over.
             Err(_) => return Ok(Outcome::Fenced),
         }
+    }
+}
+
+/// A turn's closing entries once its unstored `output` is given up: every
+/// tool call that is stored and not answered by a stored result gets one
+/// (the machine's own for calls it saw open, and one for each call whose
+/// result was in the lost output; none for calls that were themselves in
+/// it), then `turn_ended` as `failed`.
+fn without_output(
+    turn_id: baton_core::TurnId,
+    output: &[NewEntry],
+    closing: &[NewEntry],
+    reason: Option<String>,
+) -> Vec<NewEntry> {
+    let call_id = |e: &NewEntry, kind: EntryType| {
+        (e.kind == kind)
+            .then(|| e.tool.as_ref().map(|t| t.id.clone()))
+            .flatten()
+    };
+    let lost_calls: Vec<String> = output
+        .iter()
+        .filter_map(|e| call_id(e, EntryType::ToolCall))
+        .collect();
+    let mut open: Vec<String> = Vec::new();
+    let answered = closing
+        .iter()
+        .chain(output)
+        .filter_map(|e| call_id(e, EntryType::ToolResult));
+    for id in answered {
+        if !lost_calls.contains(&id) && !open.contains(&id) {
+            open.push(id);
+        }
+    }
+    let status = TurnStatus::Failed;
+    let mut entries: Vec<NewEntry> = open
+        .into_iter()
+        .map(|id| {
+            NewEntry::tool_result(
+                turn_id,
+                id,
+                format!("tool call cancelled: the turn ended {}", status.as_str()),
+            )
+        })
+        .collect();
+    entries.push(NewEntry::turn_ended(turn_id, status, reason));
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use baton_core::{EntryType, NewEntry, ToolInfo, TurnId, TurnStatus};
+
+    use super::without_output;
+
+    fn call(turn: TurnId, id: &str) -> NewEntry {
+        NewEntry::tool_call(
+            turn,
+            ToolInfo {
+                id: id.into(),
+                name: None,
+                arguments: None,
+            },
+        )
+    }
+
+    /// Giving up unstored output closes exactly the stored calls left
+    /// unanswered: the machine's open calls, and calls answered only in the
+    /// lost output; never a call that was itself lost.
+    #[test]
+    fn given_up_output_leaves_no_stored_call_open() {
+        let t = TurnId::new();
+        let output = vec![
+            NewEntry::assistant_message(t, "lost reply"),
+            call(t, "lost-call"),
+            NewEntry::tool_result(t, "stored-call-1".into(), "lost answer"),
+        ];
+        let closing = vec![
+            NewEntry::tool_result(t, "lost-call".into(), "cancelled"),
+            NewEntry::tool_result(t, "stored-call-2".into(), "cancelled"),
+            NewEntry::turn_ended(t, TurnStatus::Completed, None),
+        ];
+        let entries = without_output(t, &output, &closing, Some("why".into()));
+        let shape: Vec<(EntryType, Option<&str>)> = entries
+            .iter()
+            .map(|e| (e.kind, e.tool.as_ref().map(|x| x.id.as_str())))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (EntryType::ToolResult, Some("stored-call-2")),
+                (EntryType::ToolResult, Some("stored-call-1")),
+                (EntryType::TurnEnded, None),
+            ]
+        );
+        let ended = entries.last().expect("turn_ended");
+        assert_eq!(ended.status, Some(TurnStatus::Failed));
+        assert_eq!(ended.reason.as_deref(), Some("why"));
     }
 }

@@ -375,9 +375,11 @@ impl Store for PoisonOutput {
     }
 }
 
-/// A reply the store refuses, arriving with the agent's stop (so it is to
-/// be stored inside the turn's end), ends the turn `failed` at once with
-/// only its terminal entry; the session then takes its next message.
+/// A reply the store keeps refusing, arriving with the agent's stop (so it
+/// is to be stored inside the turn's end), is given up after a few tries:
+/// the actor ends the turn `failed` with only its terminal entry, instead of
+/// leaving it to end `lost` when its lease expires; the session then takes
+/// its next message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_the_store_refuses_at_the_end_fails_the_turn() {
     let dir = tempfile::tempdir().expect("a temporary directory");

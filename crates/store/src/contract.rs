@@ -26,10 +26,10 @@
 //! `all_foreign` any session at all), so contracts that call it hold an
 //! in-process exclusive lock and all others a shared one: inside one test
 //! binary no contract's lease is taken over by another contract's recovery.
-//! That lock is per process: on a PostgreSQL database shared with other
-//! processes, [`all_foreign_recovery_takes_unexpired_leases`] also takes over
-//! their live sessions (that is what `all_foreign` means), and their sweepers
-//! may take over this suite's expired leases first.
+//! That lock is per process, so the workspace's PostgreSQL tests also give
+//! each test a schema of its own ([`crate::testing::PgSchema`]): a test
+//! runner that runs every test in its own process, or another test binary's
+//! sweepers, then never see (or take over) a contract's sessions.
 
 use std::future::Future;
 use std::time::Duration;

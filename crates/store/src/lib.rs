@@ -21,6 +21,7 @@ mod sql;
 mod writer;
 
 pub mod contract;
+pub mod testing;
 
 use std::sync::Arc;
 

@@ -336,6 +336,8 @@ where
     F: for<'c> Fn(&'c mut Conn, i64) -> BoxFuture<'c, R<T>> + Send + Sync + 'static,
 {
     fn run(&mut self, conn: &mut Conn, now: i64) -> Option<bool> {
+        // A replayed job's earlier result is void, whatever this run does.
+        self.result = None;
         let result = writer::complete((self.body)(conn, now))?.map_err(unfail);
         let ok = result.is_ok();
         self.result = Some(result);

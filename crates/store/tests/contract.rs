@@ -39,17 +39,6 @@ impl Sqlite {
     }
 }
 
-/// `DATABASE_URL`, or `None` after saying on stderr that `test` is skipped.
-fn database_url(test: &str) -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!("skipping PostgreSQL contract test {test}: DATABASE_URL is not set");
-            None
-        }
-    }
-}
-
 fn open_postgres(
     url: &str,
     cfg: StoreConfig,
@@ -80,10 +69,11 @@ macro_rules! contract_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    let Some(url) = super::database_url(stringify!($name)) else {
+                    let Some(url) = baton_store::testing::database_url(stringify!($name)) else {
                         return;
                     };
-                    baton_store::contract::$name(|cfg| super::open_postgres(&url, cfg)).await;
+                    let schema = baton_store::testing::PgSchema::create(&url).await;
+                    baton_store::contract::$name(|cfg| super::open_postgres(schema.url(), cfg)).await;
                 }
             )+
         }
