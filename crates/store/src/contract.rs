@@ -2464,3 +2464,91 @@ pub async fn delete_removes_everything<Fut: Future<Output = SharedStore>>(
         .expect("the other session's lease is intact");
     f.cleanup().await;
 }
+
+/// The store refuses, writing nothing, output a running turn may not store
+/// (I7's backstop: no second terminal entry, no user message in a turn's
+/// output, nothing of another turn) and an end that is not terminal or does
+/// not close with the turn's one `turn_ended`.
+pub async fn output_and_ends_are_checked<Fut: Future<Output = SharedStore>>(
+    open: impl Fn(StoreConfig) -> Fut,
+) {
+    let _g = shared().await;
+    let f = Fixture::open(open, base_config()).await;
+    let id = f.session(Policy::Queue).await;
+    let (_, t1, lease) = f.start(id, "m1").await;
+    assert_eq!(
+        f.store.begin_turn(&lease, t1).await.expect("begin"),
+        Begin::Run
+    );
+    let other = TurnId::new();
+    let bad_output = [
+        (
+            "a turn_ended",
+            NewEntry::turn_ended(t1, TurnStatus::Completed, None),
+        ),
+        (
+            "a turn_started",
+            NewEntry::turn_started(t1, InputRange { from: 1, to: 1 }),
+        ),
+        ("a user message", NewEntry::user_message("from the agent?")),
+        (
+            "another turn's message",
+            NewEntry::assistant_message(other, "hi"),
+        ),
+    ];
+    for (what, e) in bad_output {
+        expect_err!(
+            f.store
+                .append_output(&lease, t1, vec![NewEntry::assistant_message(t1, "ok"), e])
+                .await,
+            StoreError::Internal(_),
+            "output with {what}"
+        );
+    }
+    let ended = |status| vec![NewEntry::turn_ended(t1, status, None)];
+    let bad_ends = [
+        (
+            "a running status",
+            TurnStatus::Running,
+            ended(TurnStatus::Running),
+        ),
+        (
+            "no turn_ended",
+            TurnStatus::Completed,
+            vec![NewEntry::assistant_message(t1, "bye")],
+        ),
+        (
+            "a turn_ended of another status",
+            TurnStatus::Completed,
+            ended(TurnStatus::Failed),
+        ),
+        ("turn_ended not last", TurnStatus::Completed, {
+            let mut v = ended(TurnStatus::Completed);
+            v.push(NewEntry::assistant_message(t1, "after the end"));
+            v
+        }),
+        ("two turn_ended", TurnStatus::Completed, {
+            let mut v = ended(TurnStatus::Completed);
+            v.extend(ended(TurnStatus::Completed));
+            v
+        }),
+    ];
+    for (what, status, entries) in bad_ends {
+        expect_err!(
+            f.store.end_turn(&lease, t1, status, None, entries).await,
+            StoreError::Internal(_),
+            "an end with {what}"
+        );
+    }
+    let log = check_log(&*f.store, &f.owner, id).await;
+    assert_eq!(log.len(), 2, "nothing refused was written: {log:#?}");
+    // The turn is untouched: its output and its end are still taken.
+    f.store
+        .append_output(&lease, t1, vec![NewEntry::assistant_message(t1, "ok")])
+        .await
+        .expect("output");
+    f.end(&lease, t1, TurnStatus::Completed, None).await;
+    let log = check_log(&*f.store, &f.owner, id).await;
+    assert_eq!(log.len(), 4);
+    f.cleanup().await;
+}

@@ -670,6 +670,51 @@ async fn append(
     Ok(e.committed(s.id, s.last_seq as Seq, Timestamp(now)))
 }
 
+/// Refuses, before anything is written, entries a running turn may not
+/// store as output: anything but the agent's messages, tool calls and tool
+/// results, or an entry of another turn. A `turn_ended` in the output would
+/// be a second terminal entry (I7).
+fn check_output(turn: TurnId, entries: &[NewEntry]) -> Result<()> {
+    for e in entries {
+        let output = match e.kind {
+            EntryType::Message => e.role.is_some_and(|r| r != Role::User),
+            EntryType::ToolCall | EntryType::ToolResult => true,
+            EntryType::TurnStarted | EntryType::TurnEnded => false,
+        };
+        if !output || e.turn_id != Some(turn) {
+            return Err(StoreError::Internal(format!(
+                "not output of turn {turn}: a {:?} entry (role {:?}) of turn {:?}",
+                e.kind, e.role, e.turn_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a turn end that is not: a terminal `status`, output, then the
+/// turn's one `turn_ended` with that status, last.
+fn check_end(turn: TurnId, status: TurnStatus, entries: &[NewEntry]) -> Result<()> {
+    if !status.is_terminal() {
+        return Err(StoreError::Internal(format!(
+            "turn {turn} cannot end {}: not a terminal status",
+            status.as_str()
+        )));
+    }
+    match entries.split_last() {
+        Some((last, output))
+            if last.kind == EntryType::TurnEnded
+                && last.turn_id == Some(turn)
+                && last.status == Some(status) =>
+        {
+            check_output(turn, output)
+        }
+        _ => Err(StoreError::Internal(format!(
+            "the end of turn {turn} must close with its turn_ended ({})",
+            status.as_str()
+        ))),
+    }
+}
+
 /// Creates a turn consuming `input`: the turn row, the cursor, the
 /// `turn_started` entry — one transaction with whatever made it start.
 async fn start_turn(
@@ -1324,6 +1369,7 @@ impl Store for SqlStore {
         turn: TurnId,
         entries: Vec<NewEntry>,
     ) -> Result<Vec<Entry>> {
+        check_output(turn, &entries)?;
         let (d, lease, entries) = (self.dialect, lease.clone(), Arc::new(entries));
         op!(self, [lease, entries], |c, now| {
             let mut s = lock_fenced(c, d, &lease).await?;
@@ -1347,6 +1393,7 @@ impl Store for SqlStore {
         reason: Option<String>,
         entries: Vec<NewEntry>,
     ) -> Result<Ended> {
+        check_end(turn, status, &entries)?;
         let (d, cfg, lease, entries) = (
             self.dialect,
             self.cfg.clone(),

@@ -96,6 +96,7 @@ contract_tests!(
     take_turn_begins_or_releases,
     reads_page_and_agree,
     delete_removes_everything,
+    output_and_ends_are_checked,
 );
 
 // ---------------------------------------------------------------------------
