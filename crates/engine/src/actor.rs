@@ -154,6 +154,10 @@ async fn run_turn(
     // appends share one transaction, and the last ones share `end_turn`'s
     // (a reply and its `turn_ended` commit together: one sync, not two).
     let mut unsaved: Vec<NewEntry> = Vec::new();
+    // Tool calls and results of output the store refused mid-turn: the
+    // turn's closing entries must not answer calls that were never stored,
+    // and must answer stored calls whose results were lost.
+    let mut lost: Vec<(EntryType, String)> = Vec::new();
     let mut drained = false;
     if *shutdown.borrow() {
         pending.push_back(Event::CancelRequested {
@@ -207,7 +211,9 @@ async fn run_turn(
                         // Keep the bus in the machine's order: stored output
                         // before the deltas that follow it.
                         if !unsaved.is_empty() {
-                            if let Some(ev) = save(inner, lease, turn_id, &mut unsaved).await {
+                            if let Some(ev) =
+                                save(inner, lease, turn_id, &mut unsaved, &mut lost).await
+                            {
                                 pending.push_front(ev);
                                 continue;
                             }
@@ -229,11 +235,20 @@ async fn run_turn(
                         entries,
                     } => {
                         agent.events = None;
+                        let closing = if lost.is_empty() {
+                            entries
+                        } else {
+                            let ended = entries.last().cloned().unwrap_or_else(|| {
+                                NewEntry::turn_ended(turn_id, status, reason.clone())
+                            });
+                            reclose(turn_id, &lost, &entries, ended)
+                        };
                         let last = End {
                             status,
                             reason,
                             output: unsaved,
-                            closing: entries,
+                            closing,
+                            lost,
                         };
                         return end(inner, lease, turn_id, last).await;
                     }
@@ -261,7 +276,7 @@ async fn run_turn(
             }
         }
         if !unsaved.is_empty() {
-            if let Some(ev) = save(inner, lease, turn_id, &mut unsaved).await {
+            if let Some(ev) = save(inner, lease, turn_id, &mut unsaved, &mut lost).await {
                 pending.push_back(ev);
             }
             continue;
@@ -358,12 +373,11 @@ async fn save(
     lease: &Lease,
     turn_id: baton_core::TurnId,
     unsaved: &mut Vec<NewEntry>,
+    lost: &mut Vec<(EntryType, String)>,
 ) -> Option<Event> {
-    match inner
-        .store
-        .append_output(lease, turn_id, std::mem::take(unsaved))
-        .await
-    {
+    let batch = std::mem::take(unsaved);
+    let tools = tool_ids(&batch);
+    match inner.store.append_output(lease, turn_id, batch).await {
         Ok(committed) => {
             inner.bus.publish_entries(&committed);
             None
@@ -375,6 +389,7 @@ async fn save(
             // Output that cannot be stored ends the turn: a transcript with
             // a hole must not look complete.
             tracing::warn!(error = %e, "could not store agent output");
+            lost.extend(tools);
             Some(Event::AgentStopped(StopReason::Failed(format!(
                 "could not store the agent's output: {e}"
             ))))
@@ -389,6 +404,8 @@ struct End {
     reason: Option<String>,
     output: Vec<NewEntry>,
     closing: Vec<NewEntry>,
+    /// Tool entries of output already refused mid-turn.
+    lost: Vec<(EntryType, String)>,
 }
 
 /// Tries of a turn's end with its output before that output is given up.
@@ -400,7 +417,7 @@ const TRIES_WITH_OUTPUT: u32 = 3;
 /// If the store keeps refusing the end with the output for a reason other
 /// than reachability, the output is given up: the turn ends `failed`, as
 /// when storing output fails mid-turn (a transcript with a hole must not
-/// look complete), with its tool calls closed ([`without_output`]), rather
+/// look complete), with its tool calls closed ([`reclose`]), rather
 /// than being left to end `lost` once its lease expires.
 async fn end(
     inner: &Inner,
@@ -413,6 +430,7 @@ async fn end(
         mut reason,
         output,
         closing,
+        mut lost,
     } = last;
     let mut with_output = !output.is_empty();
     let mut entries: Vec<NewEntry> = output.iter().chain(&closing).cloned().collect();
@@ -442,7 +460,9 @@ async fn end(
                 attempt = 0;
                 status = TurnStatus::Failed;
                 reason = Some(format!("could not store the agent's output: {e}"));
-                entries = without_output(turn_id, &output, &closing, reason.clone());
+                lost.extend(tool_ids(&output));
+                let ended = NewEntry::turn_ended(turn_id, status, reason.clone());
+                entries = reclose(turn_id, &lost, &closing, ended);
             }
             Err(e) if attempt < 10 => {
                 attempt += 1;
@@ -456,48 +476,52 @@ async fn end(
     }
 }
 
-/// A turn's closing entries once its unstored `output` is given up: every
-/// tool call that is stored and not answered by a stored result gets one
-/// (the machine's own for calls it saw open, and one for each call whose
-/// result was in the lost output; none for calls that were themselves in
-/// it), then `turn_ended` as `failed`.
-fn without_output(
+/// The tool calls and results among `entries`, as (kind, call id).
+fn tool_ids(entries: &[NewEntry]) -> Vec<(EntryType, String)> {
+    entries
+        .iter()
+        .filter(|e| matches!(e.kind, EntryType::ToolCall | EntryType::ToolResult))
+        .filter_map(|e| e.tool.as_ref().map(|t| (e.kind, t.id.clone())))
+        .collect()
+}
+
+/// A turn's closing entries when output with the tool entries `lost` was
+/// never stored: every stored tool call not answered by a stored result
+/// gets one (for the calls the machine saw open, and for each call whose
+/// result was lost; never for a call that was itself lost), then `ended`.
+fn reclose(
     turn_id: baton_core::TurnId,
-    output: &[NewEntry],
+    lost: &[(EntryType, String)],
     closing: &[NewEntry],
-    reason: Option<String>,
+    ended: NewEntry,
 ) -> Vec<NewEntry> {
-    let call_id = |e: &NewEntry, kind: EntryType| {
-        (e.kind == kind)
-            .then(|| e.tool.as_ref().map(|t| t.id.clone()))
-            .flatten()
-    };
-    let lost_calls: Vec<String> = output
+    let lost_call = |id: &String| lost.contains(&(EntryType::ToolCall, id.clone()));
+    let machine_open = closing
         .iter()
-        .filter_map(|e| call_id(e, EntryType::ToolCall))
-        .collect();
+        .filter(|e| e.kind == EntryType::ToolResult)
+        .filter_map(|e| e.tool.as_ref().map(|t| t.id.clone()));
+    let lost_results = lost
+        .iter()
+        .filter(|(kind, _)| *kind == EntryType::ToolResult)
+        .map(|(_, id)| id.clone());
     let mut open: Vec<String> = Vec::new();
-    let answered = closing
-        .iter()
-        .chain(output)
-        .filter_map(|e| call_id(e, EntryType::ToolResult));
-    for id in answered {
-        if !lost_calls.contains(&id) && !open.contains(&id) {
+    for id in machine_open.chain(lost_results) {
+        if !lost_call(&id) && !open.contains(&id) {
             open.push(id);
         }
     }
-    let status = TurnStatus::Failed;
+    let status = ended.status.map_or("failed", TurnStatus::as_str);
     let mut entries: Vec<NewEntry> = open
         .into_iter()
         .map(|id| {
             NewEntry::tool_result(
                 turn_id,
                 id,
-                format!("tool call cancelled: the turn ended {}", status.as_str()),
+                format!("tool call cancelled: the turn ended {status}"),
             )
         })
         .collect();
-    entries.push(NewEntry::turn_ended(turn_id, status, reason));
+    entries.push(ended);
     entries
 }
 
@@ -505,7 +529,7 @@ fn without_output(
 mod tests {
     use baton_core::{EntryType, NewEntry, ToolInfo, TurnId, TurnStatus};
 
-    use super::without_output;
+    use super::{reclose, tool_ids};
 
     fn call(turn: TurnId, id: &str) -> NewEntry {
         NewEntry::tool_call(
@@ -534,7 +558,8 @@ mod tests {
             NewEntry::tool_result(t, "stored-call-2".into(), "cancelled"),
             NewEntry::turn_ended(t, TurnStatus::Completed, None),
         ];
-        let entries = without_output(t, &output, &closing, Some("why".into()));
+        let ended = NewEntry::turn_ended(t, TurnStatus::Failed, Some("why".into()));
+        let entries = reclose(t, &tool_ids(&output), &closing, ended);
         let shape: Vec<(EntryType, Option<&str>)> = entries
             .iter()
             .map(|e| (e.kind, e.tool.as_ref().map(|x| x.id.as_str())))

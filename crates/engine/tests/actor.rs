@@ -13,7 +13,7 @@ use baton_agent::{
 };
 use baton_core::turn::{AgentOutput, StopReason};
 use baton_core::{
-    Entry, EntryType, NewEntry, Policy, Seq, Session, SessionId, Turn, TurnId, TurnStatus,
+    Entry, EntryType, NewEntry, Policy, Seq, Session, SessionId, ToolInfo, Turn, TurnId, TurnStatus,
 };
 use baton_engine::{Bus, BusEvent, Engine, EngineConfig};
 use baton_store::{
@@ -281,13 +281,14 @@ impl AgentDriver for Echo {
 }
 
 /// The embedded store, except that it refuses (as a database refuses a
-/// row it cannot take) any write of output whose text is "poison".
+/// row it cannot take) any write of output whose text or tool is "poison".
 struct PoisonOutput(SqlStore);
 
 fn poisoned(entries: &[NewEntry]) -> bool {
-    entries
-        .iter()
-        .any(|e| e.content.as_deref() == Some("poison"))
+    entries.iter().any(|e| {
+        e.content.as_deref() == Some("poison")
+            || e.tool.as_ref().and_then(|t| t.name.as_deref()) == Some("poison")
+    })
 }
 
 fn refused() -> StoreError {
@@ -441,6 +442,90 @@ async fn output_the_store_refuses_at_the_end_fails_the_turn() {
             (TurnEnded, None),
         ],
         "the refused reply is not in the log; the failed turn has exactly one terminal entry"
+    );
+    f.engine.shutdown().await;
+}
+
+/// An agent that calls a tool, then a second one, pausing after each so
+/// the actor stores each on its own, then stops.
+struct Tools;
+
+#[async_trait]
+impl AgentDriver for Tools {
+    async fn start(&self, _input: TurnInput) -> Result<TurnHandle, AgentError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let call = |id: &str, name: &str| {
+                AgentEvent::Output(AgentOutput::ToolCall(ToolInfo {
+                    id: id.into(),
+                    name: Some(name.into()),
+                    arguments: None,
+                }))
+            };
+            let script = [
+                call("stored", "search"),
+                call("lost", "poison"),
+                AgentEvent::Stopped(StopReason::Completed),
+            ];
+            for ev in script {
+                if tx.send(ev).is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Ok(TurnHandle {
+            events: rx,
+            control: Box::new(NoControl),
+        })
+    }
+}
+
+/// A tool call the store refuses mid-turn ends the turn `failed`; its
+/// closing entries answer the stored call and not the refused one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_tool_call_is_not_answered_at_the_end() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = SqlStore::open_sqlite(&dir.path().join("baton.db"), StoreConfig::default())
+        .await
+        .expect("open the embedded store");
+    let mut agents = Agents::default();
+    agents.insert("tools", Arc::new(Tools));
+    let engine = Engine::new(
+        Arc::new(PoisonOutput(store)),
+        Bus::default(),
+        agents,
+        EngineConfig::default(),
+    );
+    engine.start().await.expect("engine start");
+    let f = Fixture { engine, _dir: dir };
+    let id = session(&f, "tools").await;
+    let mut rx = f.engine.bus().subscribe(id);
+    post(&f, id, "go").await;
+    let (_, entries) = until_turn_ended(&mut rx).await;
+    assert_eq!(
+        entries.last().and_then(|e| e.status),
+        Some(TurnStatus::Failed)
+    );
+    let log = f
+        .engine
+        .store()
+        .entries(id, 0, 100)
+        .await
+        .expect("entries")
+        .entries;
+    let tools: Vec<(EntryType, Option<&str>)> = log
+        .iter()
+        .filter(|e| e.tool.is_some())
+        .map(|e| (e.kind, e.tool.as_ref().map(|t| t.id.as_str())))
+        .collect();
+    assert_eq!(
+        tools,
+        [
+            (EntryType::ToolCall, Some("stored")),
+            (EntryType::ToolResult, Some("stored")),
+        ],
+        "the stored call is answered, the refused one neither stored nor answered: {log:#?}"
     );
     f.engine.shutdown().await;
 }
