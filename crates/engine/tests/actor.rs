@@ -96,6 +96,15 @@ struct Fixture {
 }
 
 async fn engine(name: &str, driver: Arc<dyn AgentDriver>) -> Fixture {
+    engine_on(name, driver, |store| Arc::new(store)).await
+}
+
+/// [`engine`] on the embedded store as `wrap` presents it.
+async fn engine_on(
+    name: &str,
+    driver: Arc<dyn AgentDriver>,
+    wrap: impl FnOnce(SqlStore) -> Arc<dyn Store>,
+) -> Fixture {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let store = SqlStore::open_sqlite(&dir.path().join("baton.db"), StoreConfig::default())
         .await
@@ -106,7 +115,7 @@ async fn engine(name: &str, driver: Arc<dyn AgentDriver>) -> Fixture {
         cancel_drain: Duration::from_secs(30),
         ..EngineConfig::default()
     };
-    let engine = Engine::new(Arc::new(store), Bus::default(), agents, cfg);
+    let engine = Engine::new(wrap(store), Bus::default(), agents, cfg);
     engine.start().await.expect("engine start");
     Fixture { engine, _dir: dir }
 }
@@ -383,20 +392,10 @@ impl Store for PoisonOutput {
 /// its next message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_the_store_refuses_at_the_end_fails_the_turn() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = SqlStore::open_sqlite(&dir.path().join("baton.db"), StoreConfig::default())
-        .await
-        .expect("open the embedded store");
-    let mut agents = Agents::default();
-    agents.insert("echo", Arc::new(Echo));
-    let engine = Engine::new(
-        Arc::new(PoisonOutput(store)),
-        Bus::default(),
-        agents,
-        EngineConfig::default(),
-    );
-    engine.start().await.expect("engine start");
-    let f = Fixture { engine, _dir: dir };
+    let f = engine_on("echo", Arc::new(Echo), |store| {
+        Arc::new(PoisonOutput(store))
+    })
+    .await;
     let id = session(&f, "echo").await;
     let mut rx = f.engine.bus().subscribe(id);
 
@@ -485,20 +484,10 @@ impl AgentDriver for Tools {
 /// closing entries answer the stored call and not the refused one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_tool_call_is_not_answered_at_the_end() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = SqlStore::open_sqlite(&dir.path().join("baton.db"), StoreConfig::default())
-        .await
-        .expect("open the embedded store");
-    let mut agents = Agents::default();
-    agents.insert("tools", Arc::new(Tools));
-    let engine = Engine::new(
-        Arc::new(PoisonOutput(store)),
-        Bus::default(),
-        agents,
-        EngineConfig::default(),
-    );
-    engine.start().await.expect("engine start");
-    let f = Fixture { engine, _dir: dir };
+    let f = engine_on("tools", Arc::new(Tools), |store| {
+        Arc::new(PoisonOutput(store))
+    })
+    .await;
     let id = session(&f, "tools").await;
     let mut rx = f.engine.bus().subscribe(id);
     post(&f, id, "go").await;

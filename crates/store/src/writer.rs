@@ -186,16 +186,19 @@ pub(crate) fn checkpointer(conn: rusqlite::Connection, commits: std::sync::mpsc:
 }
 
 fn exec(conn: &mut Conn, sql: &'static str) -> Result<(), String> {
-    let l = lite(conn)?;
-    if sql.starts_with("ROLLBACK") {
-        // Whatever the rolled-back writes left in memory is not on disk.
-        l.forget_sessions();
-    }
-    l.conn
+    lite(conn)?
+        .conn
         .prepare_cached(sql)
         .and_then(|mut st| st.raw_execute())
         .map(|_| ())
         .map_err(|e| format!("{sql}: {e}"))
+}
+
+/// `ROLLBACK` or `ROLLBACK TO`: whatever the undone writes left in the
+/// writer's memory is not on disk any more, so it is forgotten too.
+fn rollback(conn: &mut Conn, sql: &'static str) -> Result<(), String> {
+    lite(conn)?.forget_sessions();
+    exec(conn, sql)
 }
 
 fn lite(conn: &mut Conn) -> Result<&mut Lite, String> {
@@ -212,7 +215,7 @@ fn in_transaction(conn: &mut Conn) -> bool {
 }
 
 /// How a batch's jobs are isolated from one another.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Isolation {
     /// No savepoints: a job that fails without having changed a row leaves
     /// nothing to undo, which is how jobs fail (they check, then write).
@@ -254,26 +257,24 @@ fn run_batch(conn: &mut Conn, mut batch: Vec<Box<dyn Job>>, clock: &Clock) -> Se
     if let Some(e) = &outcome {
         tracing::error!(error = %e, "group commit failed; every write in the batch is refused");
         if in_transaction(conn) {
-            let _ = exec(conn, "ROLLBACK");
-        }
-        if let Ok(l) = lite(conn) {
+            let _ = rollback(conn, "ROLLBACK");
+        } else if let Ok(l) = lite(conn) {
+            // SQLite ended the transaction itself (an I/O error, a full
+            // disk): nothing of it is on disk.
             l.forget_sessions();
         }
     }
     (batch, outcome)
 }
 
-/// Runs every job of `batch` in one open transaction (left open for the
-/// caller to commit unless the pass failed).
+/// Runs every job of `batch` in one open transaction, left open for the
+/// caller to commit, or to roll back if the pass failed.
 fn pass(conn: &mut Conn, batch: &mut [Box<dyn Job>], clock: &Clock, iso: Isolation) -> Pass {
     let began = lite(conn).and_then(|l| {
         l.begin()
             .map_err(|e| format!("beginning the batch transaction: {e}"))
     });
     if let Err(e) = began {
-        if in_transaction(conn) {
-            let _ = exec(conn, "ROLLBACK");
-        }
         return Pass::Settled(Some(e));
     }
     for (i, job) in batch.iter_mut().enumerate() {
@@ -281,19 +282,13 @@ fn pass(conn: &mut Conn, batch: &mut [Box<dyn Job>], clock: &Clock, iso: Isolati
             Isolation::Optimistic => optimistic(conn, job.as_mut(), clock),
             Isolation::Savepoints => isolated(conn, job.as_mut(), clock),
         };
-        let failure = match step {
-            Ok(true) => None,
+        match step {
+            Ok(true) => {}
             Ok(false) => {
-                let _ = exec(conn, "ROLLBACK");
+                let _ = rollback(conn, "ROLLBACK");
                 return Pass::Dirty(i);
             }
-            Err(e) => Some(e),
-        };
-        if failure.is_some() {
-            if in_transaction(conn) {
-                let _ = exec(conn, "ROLLBACK");
-            }
-            return Pass::Settled(failure);
+            Err(e) => return Pass::Settled(Some(e)),
         }
     }
     Pass::Settled(None)
@@ -304,7 +299,6 @@ fn optimistic(conn: &mut Conn, job: &mut dyn Job, clock: &Clock) -> Result<bool,
     let before = lite(conn)?.conn.total_changes();
     let ok = job.run(conn, clock.now()).unwrap_or(false);
     if !in_transaction(conn) {
-        lite(conn)?.forget_sessions();
         return Err("the batch transaction was aborted".into());
     }
     Ok(ok || lite(conn)?.conn.total_changes() == before)
@@ -315,11 +309,10 @@ fn isolated(conn: &mut Conn, job: &mut dyn Job, clock: &Clock) -> Result<bool, S
     exec(conn, "SAVEPOINT job")?;
     let ok = job.run(conn, clock.now()).unwrap_or(false);
     if !in_transaction(conn) {
-        lite(conn)?.forget_sessions();
         return Err("the batch transaction was aborted".into());
     }
     if !ok {
-        exec(conn, "ROLLBACK TO job")?;
+        rollback(conn, "ROLLBACK TO job")?;
     }
     exec(conn, "RELEASE job")?;
     Ok(true)

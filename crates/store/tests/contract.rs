@@ -285,6 +285,35 @@ async fn sqlite_file_is_locked_while_open() {
     drop((a, b));
 }
 
+fn new_session(owner: &str, policy: Policy) -> CreateSession {
+    CreateSession {
+        owner: owner.to_owned(),
+        agent: "demo".to_owned(),
+        policy,
+        metadata: serde_json::json!({}),
+        idempotency_key: None,
+        fingerprint: "{}".to_owned(),
+        message: None,
+        node: "node-1".to_owned(),
+    }
+}
+
+fn message(
+    owner: &str,
+    id: baton_core::SessionId,
+    content: &str,
+    policy: Option<Policy>,
+) -> PostMessage {
+    PostMessage {
+        owner: owner.to_owned(),
+        session_id: id,
+        content: content.to_owned(),
+        policy,
+        idempotency_key: None,
+        node: "node-1".to_owned(),
+    }
+}
+
 /// The checkpoint thread: while the store is open, committed writes reach the
 /// database file and the WAL stays bounded; once the store is dropped, the
 /// last checkpoint empties the WAL, and everything is there on reopen.
@@ -298,16 +327,7 @@ async fn sqlite_checkpoints_beside_the_writer() {
     let mut ids = Vec::new();
     for _ in 0..8 {
         let created = store
-            .create_session(CreateSession {
-                owner: owner.to_owned(),
-                agent: "demo".to_owned(),
-                policy: Policy::Queue,
-                metadata: serde_json::json!({}),
-                idempotency_key: None,
-                fingerprint: "{}".to_owned(),
-                message: None,
-                node: "node-1".to_owned(),
-            })
+            .create_session(new_session(owner, Policy::Queue))
             .await
             .expect("create");
         ids.push(created.session.id);
@@ -318,15 +338,9 @@ async fn sqlite_checkpoints_beside_the_writer() {
         let (store, ids) = (store.clone(), ids.clone());
         tasks.push(tokio::spawn(async move {
             for k in 0..50 {
+                let content = format!("writer {w} message {k} {}", "x".repeat(200));
                 store
-                    .post_message(PostMessage {
-                        owner: owner.to_owned(),
-                        session_id: ids[(w + k) % ids.len()],
-                        content: format!("writer {w} message {k} {}", "x".repeat(200)),
-                        policy: None,
-                        idempotency_key: None,
-                        node: "node-1".to_owned(),
-                    })
+                    .post_message(message(owner, ids[(w + k) % ids.len()], &content, None))
                     .await
                     .expect("post");
             }
@@ -374,35 +388,6 @@ async fn sqlite_checkpoints_beside_the_writer() {
             log,
             "I2: every entry survives the checkpoints and a reopen"
         );
-    }
-}
-
-fn new_session(owner: &str, policy: Policy) -> CreateSession {
-    CreateSession {
-        owner: owner.to_owned(),
-        agent: "demo".to_owned(),
-        policy,
-        metadata: serde_json::json!({}),
-        idempotency_key: None,
-        fingerprint: "{}".to_owned(),
-        message: None,
-        node: "node-1".to_owned(),
-    }
-}
-
-fn message(
-    owner: &str,
-    id: baton_core::SessionId,
-    content: &str,
-    policy: Option<Policy>,
-) -> PostMessage {
-    PostMessage {
-        owner: owner.to_owned(),
-        session_id: id,
-        content: content.to_owned(),
-        policy,
-        idempotency_key: None,
-        node: "node-1".to_owned(),
     }
 }
 
