@@ -261,25 +261,37 @@ struct Run {
     /// CPU time of the store's writer thread during the run, where the
     /// platform tells (Linux).
     writer_cpu: Option<Duration>,
+    /// CPU time of the whole process (every thread) during the run.
+    process_cpu: Option<Duration>,
 }
 
 /// CPU time (user + system) so far of this process's thread named `name`,
-/// from `/proc` (in ticks of 1/100 s, the kernel's fixed `USER_HZ`).
+/// from `/proc`.
 fn thread_cpu(name: &str) -> Option<Duration> {
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != name {
-            continue;
+        if comm.trim_end() == name {
+            return stat_cpu(&task.path().join("stat"));
         }
-        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-        // Fields after the parenthesized name: state is field 3; utime and
-        // stime are fields 14 and 15.
-        let rest = stat.get(stat.rfind(')')? + 2..)?;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-        return Some(Duration::from_millis(ticks * 10));
     }
     None
+}
+
+/// CPU time (user + system) so far of the whole process, from `/proc`.
+fn process_cpu() -> Option<Duration> {
+    stat_cpu(Path::new("/proc/self/stat"))
+}
+
+/// utime + stime of a `/proc` stat file, in ticks of 1/100 s (the kernel's
+/// fixed `USER_HZ`).
+fn stat_cpu(path: &Path) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesized name: state is field 3; utime and
+    // stime are fields 14 and 15.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 impl Run {
@@ -290,10 +302,12 @@ impl Run {
             self.ok as f64 / self.elapsed.as_secs_f64()
         }
     }
-    /// Writer-thread CPU per append: what bounds throughput once commits
-    /// are shared, and far steadier than appends/s on a shared machine.
-    fn cpu_per_append(&self) -> Option<Duration> {
-        let cpu = self.writer_cpu?;
+    /// CPU per append: of the writer thread, what bounds throughput once
+    /// commits are shared and far steadier than appends/s on a shared
+    /// machine; of the whole process, whose callers' side competes with the
+    /// writer for the second of two cores.
+    fn per_append(&self, cpu: Option<Duration>) -> Option<Duration> {
+        let cpu = cpu?;
         (self.ok > 0).then(|| cpu / self.ok as u32)
     }
 }
@@ -435,11 +449,18 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
             b.drift,
             b.errors,
         );
-        if let Some(cpu) = s.cpu_per_append() {
+        if let Some(cpu) = s.per_append(s.writer_cpu) {
             println!(
                 "        store writer thread: {:.1} µs of CPU per append ({:.0}% busy)",
                 cpu.as_secs_f64() * 1e6,
                 100.0 * s.writer_cpu.unwrap_or_default().as_secs_f64() / s.elapsed.as_secs_f64()
+            );
+        }
+        if let Some(cpu) = s.per_append(s.process_cpu) {
+            println!(
+                "        store process (all threads): {:.1} µs of CPU per append ({:.2} cores)",
+                cpu.as_secs_f64() * 1e6,
+                s.process_cpu.unwrap_or_default().as_secs_f64() / s.elapsed.as_secs_f64()
             );
         }
         for (what, r) in [("store", s), ("baseline", b)] {
@@ -489,11 +510,13 @@ async fn run_store(
             .with_context(|| format!("opening the store at {}", db.display()))?,
     );
     let ids = create_sessions(&store, sessions, 64).await?;
-    let cpu_before = thread_cpu("baton-writer");
+    let cpu = || (thread_cpu("baton-writer"), process_cpu());
+    let before = cpu();
     let (mut run, depth) = post_load(&store, &ids, writers, window).await?;
-    if let (Some(a), Some(b)) = (cpu_before, thread_cpu("baton-writer")) {
-        run.writer_cpu = Some(b.saturating_sub(a));
-    }
+    let after = cpu();
+    let spent = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
+    run.writer_cpu = spent(before.0, after.0);
+    run.process_cpu = spent(before.1, after.1);
     let result = (run, depth);
     drop(store);
     // Let the writer task close its connection (checkpoint) before the next run.

@@ -80,6 +80,7 @@ pub fn base_config() -> StoreConfig {
         queue_capacity: 100_000,
         max_recoveries: 3,
         max_connections: 8,
+        ..StoreConfig::default()
     }
 }
 

@@ -43,6 +43,10 @@ pub struct StoreConfig {
     pub max_recoveries: i64,
     /// PostgreSQL pool size.
     pub max_connections: u32,
+    /// Embedded store: WAL pages (4 KiB each) past which the writer finishes
+    /// the checkpoint itself between two batches, so that the WAL starts
+    /// over even under a load that never pauses.
+    pub wal_catch_up_pages: u32,
 }
 
 impl Default for StoreConfig {
@@ -52,6 +56,7 @@ impl Default for StoreConfig {
             queue_capacity: 1000,
             max_recoveries: 3,
             max_connections: 16,
+            wal_catch_up_pages: writer::WAL_CATCH_UP_PAGES,
         }
     }
 }
@@ -110,6 +115,30 @@ fn classify(e: sqlx::Error) -> StoreError {
 /// insert of the same idempotency key (the retry then finds the winner's row).
 fn retryable(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01" | "23505")))
+}
+
+/// How many times a PostgreSQL write transaction is tried.
+const PG_TRIES: u32 = 20;
+
+/// What a PostgreSQL write transaction's failure on try `attempt` comes to:
+/// a pause before the next try, or the caller's error. A conflict that
+/// outlasts every try is contention, not a fault: `Unavailable`, which
+/// callers may retry, never `Internal`.
+fn after_failure(f: Fail, attempt: u32) -> std::result::Result<Duration, StoreError> {
+    match f {
+        Fail::Db(e) if retryable(&e) => {
+            if attempt < PG_TRIES {
+                Ok(Duration::from_millis(fastrand::u64(
+                    1..=(5 * u64::from(attempt)),
+                )))
+            } else {
+                Err(StoreError::Unavailable(format!(
+                    "the write still conflicted after {attempt} tries: {e}"
+                )))
+            }
+        }
+        f => Err(unfail(f)),
+    }
 }
 
 fn classify_lite(e: rusqlite::Error) -> StoreError {
@@ -199,12 +228,15 @@ impl SqlStore {
         let (tx, rx) = mpsc::channel(4 * writer::MAX_BATCH);
         let (committed, commits) = std::sync::mpsc::sync_channel(1);
         let writer_clock = clock.clone();
+        let catch_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asks = catch_up.clone();
+        let past = i64::from(cfg.wal_catch_up_pages);
         let thread = |name: &str| std::thread::Builder::new().name(name.into());
         thread("baton-checkpoint")
-            .spawn(move || writer::checkpointer(ckpt, commits))
+            .spawn(move || writer::checkpointer(ckpt, commits, asks, past))
             .map_err(|e| StoreError::Internal(format!("starting the checkpoint thread: {e}")))?;
         thread("baton-writer")
-            .spawn(move || writer::run(lite, rx, writer_clock, committed))
+            .spawn(move || writer::run(lite, rx, writer_clock, committed, catch_up))
             .map_err(|e| {
                 StoreError::Internal(format!("starting the store's writer thread: {e}"))
             })?;
@@ -308,13 +340,10 @@ impl SqlStore {
                     .await;
                     match result {
                         Ok(v) => return Ok(v),
-                        Err(Fail::Db(e)) if retryable(&e) && attempt < 20 => {
-                            tokio::time::sleep(Duration::from_millis(fastrand::u64(
-                                1..=(5 * attempt as u64),
-                            )))
-                            .await;
-                        }
-                        Err(e) => return Err(unfail(e)),
+                        Err(e) => match after_failure(e, attempt) {
+                            Ok(pause) => tokio::time::sleep(pause).await,
+                            Err(e) => return Err(e),
+                        },
                     }
                 }
             }
@@ -1489,5 +1518,85 @@ impl Store for SqlStore {
             out.extend(got);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The PostgreSQL retry policy, on errors carrying real SQLSTATE codes.
+
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database error with a given SQLSTATE, as PostgreSQL reports it.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlstate {}
+
+    impl sqlx::error::DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            "injected"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn db(code: &'static str) -> Fail {
+        Fail::Db(sqlx::Error::Database(Box::new(Sqlstate(code))))
+    }
+
+    #[test]
+    fn conflicts_are_tried_again_then_reported_as_unavailable() {
+        // Serialization failure, deadlock, a concurrent insert of one key.
+        for code in ["40001", "40P01", "23505"] {
+            for attempt in 1..PG_TRIES {
+                let pause = after_failure(db(code), attempt)
+                    .unwrap_or_else(|e| panic!("{code} on try {attempt} is tried again: {e:?}"));
+                assert!(pause <= Duration::from_millis(5 * u64::from(attempt)));
+            }
+            match after_failure(db(code), PG_TRIES) {
+                Err(StoreError::Unavailable(why)) => {
+                    assert!(why.contains("after 20 tries"), "{why}")
+                }
+                other => panic!("{code} after every try: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn other_failures_are_not_tried_again() {
+        assert!(matches!(
+            after_failure(db("23502"), 1),
+            Err(StoreError::Internal(_))
+        ));
+        assert!(matches!(
+            after_failure(db("57P01"), 1),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            after_failure(Fail::Store(StoreError::NotFound), 1),
+            Err(StoreError::NotFound)
+        ));
     }
 }
