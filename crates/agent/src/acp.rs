@@ -16,7 +16,9 @@
 //!   A `session/load` history replay is routed to no sink, so it is never
 //!   stored as new output.
 //! - Process death fails every turn on it with the exit status and stderr
-//!   tail; the next turn respawns it, and resumes its ACP session with
+//!   tail. A process whose pipes close is retired before any turn on it ends
+//!   (and killed if it lingers), so the next turn never joins a dead
+//!   connection: it respawns the process, and resumes its ACP session with
 //!   `session/load` when the agent supports it. A process that keeps dying at
 //!   start backs off, and turns fail at once with a clear reason meanwhile.
 
@@ -200,8 +202,55 @@ struct Process {
     load_session: bool,
     /// ACP sessions opened or loaded on this process.
     known: HashSet<String>,
-    kill: mpsc::UnboundedSender<()>,
+    life: Life,
+}
+
+/// How long a process whose pipes closed may take to exit by itself before
+/// it is killed: its own exit status and last stderr say why it went.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a prompt whose pipes closed waits, after the kill, for the
+/// process's exit to end its turn.
+const REAP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// One process's life, shared by its connection, its prompts and its turns'
+/// controls.
+#[derive(Clone)]
+struct Life {
+    /// Cleared the moment the process is known to be useless (its pipes
+    /// closed, it exited, or it is being killed): no new turn joins it. It is
+    /// cleared before any turn on it ends, so the turn that follows starts a
+    /// new process rather than prompting a dead one.
     alive: Arc<std::sync::atomic::AtomicBool>,
+    kill: mpsc::UnboundedSender<()>,
+    /// Becomes true once the process was reaped and every turn on it ended.
+    exited: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Life {
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    fn kill(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        let _ = self.kill.send(());
+    }
+
+    /// The connection's pipes closed: retire the process, let it exit by
+    /// itself for a moment, then kill it; returns once it was reaped (or
+    /// `REAP_PATIENCE` after the kill).
+    async fn pipes_closed(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        let mut exited = self.exited.clone();
+        if tokio::time::timeout(EXIT_GRACE, exited.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            self.kill();
+            let _ = tokio::time::timeout(REAP_PATIENCE, exited.wait_for(|e| *e)).await;
+        }
+    }
 }
 
 struct Launcher {
@@ -297,6 +346,14 @@ impl AcpDriver {
             }
         });
 
+        let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<()>();
+        let (exited_tx, exited_rx) = tokio::sync::watch::channel(false);
+        let life = Life {
+            alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            kill: kill_tx,
+            exited: exited_rx,
+        };
+
         // The connection: handlers route and return at once.
         let (cx_tx, cx_rx) = oneshot::channel::<ConnectionTo<Agent>>();
         let (close_tx, close_rx) = oneshot::channel::<()>();
@@ -304,6 +361,7 @@ impl AcpDriver {
         let on_permission = self.shared.clone();
         let policy = self.cfg.permission;
         let transport = ByteStreams::new(stdin.compat_write(), stdout.compat());
+        let on_close = life.clone();
         tokio::spawn(async move {
             let result = agent_client_protocol::Client
                 .v1()
@@ -329,13 +387,18 @@ impl AcpDriver {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "ACP connection ended");
             }
+            // Also when the process closed its pipes but lingers: it can
+            // serve no turn.
+            on_close.pipes_closed().await;
         });
 
         // The process's life: killed on request, reaped on exit; either
         // way every turn on it ends.
-        let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<()>();
-        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (shared, alive_w, name) = (self.shared.clone(), alive.clone(), self.cfg.name.clone());
+        let (shared, alive, name) = (
+            self.shared.clone(),
+            life.alive.clone(),
+            self.cfg.name.clone(),
+        );
         tokio::spawn(async move {
             let status = tokio::select! {
                 s = child.wait() => s,
@@ -344,7 +407,7 @@ impl AcpDriver {
                     child.wait().await
                 }
             };
-            alive_w.store(false, Ordering::SeqCst);
+            alive.store(false, Ordering::SeqCst);
             let _ = close_tx.send(());
             let status = match status {
                 Ok(s) => s.to_string(),
@@ -369,6 +432,7 @@ impl AcpDriver {
                 st.last_exit = Some(why.clone());
             }
             shared.fail_all(generation, &why);
+            exited_tx.send_replace(true);
         });
 
         let cx = match tokio::time::timeout(self.cfg.setup_timeout, cx_rx).await {
@@ -398,8 +462,7 @@ impl AcpDriver {
             generation,
             load_session,
             known: HashSet::new(),
-            kill: kill_tx,
-            alive,
+            life,
         })
     }
 
@@ -419,10 +482,7 @@ impl AcpDriver {
     /// The live process, spawning one if needed (with back-off after
     /// repeated deaths at start).
     async fn process<'a>(&self, l: &'a mut Launcher) -> Result<&'a mut Process, AgentError> {
-        if l.process
-            .as_ref()
-            .is_some_and(|p| !p.alive.load(Ordering::SeqCst))
-        {
+        if l.process.as_ref().is_some_and(|p| !p.life.is_alive()) {
             l.process = None;
         }
         if l.process.is_none() {
@@ -660,8 +720,7 @@ struct Control {
     shared: Arc<Shared>,
     session: String,
     cx: ConnectionTo<Agent>,
-    kill: mpsc::UnboundedSender<()>,
-    alive: Arc<std::sync::atomic::AtomicBool>,
+    life: Life,
 }
 
 impl TurnControl for Control {
@@ -692,8 +751,7 @@ impl TurnControl for Control {
         if self.shared.take_sink(&self.session).is_some() {
             // Dead from now on for new turns, before the kill lands, so the
             // next turn starts a new process instead of joining this one.
-            self.alive.store(false, Ordering::SeqCst);
-            let _ = self.kill.send(());
+            self.life.kill();
         }
     }
 }
@@ -707,17 +765,12 @@ impl AgentDriver for AcpDriver {
             Ok(s) => s,
             Err(e) => {
                 // A process that cannot even open a session is restarted.
-                let _ = process.kill.send(());
+                process.life.kill();
                 launcher.process = None;
                 return Err(e);
             }
         };
-        let (cx, kill, generation, alive) = (
-            process.cx.clone(),
-            process.kill.clone(),
-            process.generation,
-            process.alive.clone(),
-        );
+        let (cx, generation, life) = (process.cx.clone(), process.generation, process.life.clone());
         launcher.failed_starts = 0;
         launcher.retry_at = None;
         drop(launcher);
@@ -754,14 +807,18 @@ impl AgentDriver for AcpDriver {
             .map(|m| ContentBlock::Text(TextContent::new(m.clone())))
             .collect();
         let prompt = cx.send_request(PromptRequest::new(session.clone(), blocks));
-        let (shared, sid) = (self.shared.clone(), session.clone());
+        let (shared, sid, prompt_life) = (self.shared.clone(), session.clone(), life.clone());
         tokio::spawn(async move {
             let answer = prompt.block_task().await;
-            if answer.is_err() {
-                // Most likely the process died: its exit handler ends the
-                // turn with the exit status and stderr tail; give it the
-                // first chance.
-                tokio::time::sleep(Duration::from_millis(300)).await;
+            if let Err(e) = &answer {
+                if agent_client_protocol::is_incoming_transport_closed(e)
+                    || agent_client_protocol::is_connection_terminated(e)
+                {
+                    // The process is gone or going. Retire it before this
+                    // turn ends, so the next turn cannot be sent to it; its
+                    // exit ends the turn, with the exit status and stderr.
+                    prompt_life.pipes_closed().await;
+                }
             }
             // Every update of a prompt is handled before its response: the
             // sink now holds the whole reply. Whoever takes the sink ends the
@@ -801,8 +858,7 @@ impl AgentDriver for AcpDriver {
                 shared: self.shared.clone(),
                 session,
                 cx,
-                kill,
-                alive,
+                life,
             }),
         })
     }

@@ -290,6 +290,62 @@ async fn death_mid_prompt_fails_with_stderr_and_recovers(kind: &str) {
     app.stop().await;
 }
 
+/// The process closes its pipes a second before it exits (a wrapper shell
+/// that outlives the agent): the turn on it must fail with the agent's own
+/// last words, and the next turn must start a new process, not be sent down
+/// the closed pipe.
+async fn pipes_closed_before_exit_retire_the_process(kind: &str) {
+    pipes_closed_then(kind, 1, "exit status: 0").await;
+}
+
+/// The same, but the process would linger for a minute: it is killed.
+async fn a_process_lingering_after_its_pipes_closed_is_killed(kind: &str) {
+    pipes_closed_then(kind, 60, "SIGKILL").await;
+}
+
+async fn pipes_closed_then(kind: &str, linger_secs: u32, status: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let app = server(
+        format!("sh -c \"{cmd}; exec >&-; exec sleep {linger_secs}\""),
+        |_| {},
+    )
+    .await;
+    let c = &app.client;
+    let id = c.create_session(json!({"message": "/die now"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.post(&id, "and then", None, None).await;
+    let t = ended_turn(c, &id, 0).await;
+    assert_eq!(t["status"], "failed", "{t}");
+    assert!(
+        t["reason"]
+            .as_str()
+            .unwrap()
+            .contains("peer dying on purpose"),
+        "the turn ends with the process's exit and stderr tail: {t}"
+    );
+    assert!(t["reason"].as_str().unwrap().contains(status), "{t}");
+    let t = ended_turn(c, &id, 1).await;
+    assert_eq!(
+        t["status"], "completed",
+        "the next turn ran on a new process: {t}"
+    );
+    let entries = c.entries(&id).await;
+    assert_eq!(replies(&entries), vec!["echo: and then"]);
+    check_log(&entries);
+    let (_, agents) = c.send(c.req(reqwest::Method::GET, "/v1/agents")).await;
+    let me = agents["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "peer")
+        .unwrap()
+        .clone();
+    assert_eq!(me["process"]["starts"], 2, "{me}");
+    app.stop().await;
+}
+
 async fn session_load_after_restart_keeps_history_single(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
     let state = tempfile::tempdir().unwrap();
@@ -483,6 +539,8 @@ for_each_peer!(
     cancel_mid_stream_and_late_updates,
     ignored_cancel_is_forced_and_the_next_turn_works,
     death_mid_prompt_fails_with_stderr_and_recovers,
+    pipes_closed_before_exit_retire_the_process,
+    a_process_lingering_after_its_pipes_closed_is_killed,
     session_load_after_restart_keeps_history_single,
     twenty_queued_messages_are_twenty_fifo_prompts,
     permission_policy_is_applied_and_recorded,
