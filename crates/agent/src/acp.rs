@@ -91,7 +91,19 @@ pub struct AcpConfig {
     pub permission: PermissionPolicy,
     /// How long `initialize` and session set-up may take.
     pub setup_timeout: Duration,
+    /// How long turns fail at once after the process died at start, before
+    /// it is started again; doubled at each further failed start, up to
+    /// `MAX_RESTART_BACKOFF`.
+    pub restart_backoff: Duration,
+    /// How long a session stays quiet after a cancelled prompt: its next
+    /// turn waits this long, and what the agent sends meanwhile is dropped
+    /// (ACP updates name no request, so late output of a cancelled prompt
+    /// would otherwise read as the next turn's).
+    pub quiet_after_cancel: Duration,
 }
+
+/// The longest wait between two failed starts.
+pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 
 impl AcpConfig {
     /// A configuration for `name` running `command` (shell-split).
@@ -108,6 +120,8 @@ impl AcpConfig {
             env_allow: DEFAULT_ENV_ALLOW.iter().map(|s| (*s).to_owned()).collect(),
             permission: PermissionPolicy::default(),
             setup_timeout: Duration::from_secs(15),
+            restart_backoff: Duration::from_millis(500),
+            quiet_after_cancel: Duration::from_millis(300),
         })
     }
 }
@@ -138,9 +152,6 @@ struct Shared {
     /// turn registered during this window it is dropped instead.
     quiet_until: Mutex<HashMap<String, Instant>>,
 }
-
-/// How long a session stays quiet after a cancelled prompt.
-const QUIET_AFTER_CANCEL: Duration = Duration::from_millis(300);
 
 #[derive(Clone, Debug, Default)]
 struct Status {
@@ -203,6 +214,8 @@ struct Process {
     /// ACP sessions opened or loaded on this process.
     known: HashSet<String>,
     life: Life,
+    /// Keeps the process running while it is the launcher's.
+    keep: mpsc::UnboundedSender<()>,
 }
 
 /// How long a process whose pipes closed may take to exit by itself before
@@ -222,10 +235,20 @@ struct Life {
     /// cleared before any turn on it ends, so the turn that follows starts a
     /// new process rather than prompting a dead one.
     alive: Arc<std::sync::atomic::AtomicBool>,
-    kill: mpsc::UnboundedSender<()>,
+    /// Weak: the process is also killed once the last strong sender (its
+    /// `Process` and the controls of turns on it) is gone, so a dropped
+    /// driver leaves no process behind.
+    kill: mpsc::WeakUnboundedSender<()>,
     /// Becomes true once the process was reaped and every turn on it ended.
     exited: tokio::sync::watch::Receiver<bool>,
+    /// Becomes true once its stderr reached end of file: all it wrote there
+    /// is in the tail.
+    stderr_closed: tokio::sync::watch::Receiver<bool>,
 }
+
+/// How long the stderr tail may wait for end of file once the process is
+/// gone (a grandchild may hold the pipe open).
+const STDERR_PATIENCE: Duration = Duration::from_secs(1);
 
 impl Life {
     fn is_alive(&self) -> bool {
@@ -234,7 +257,17 @@ impl Life {
 
     fn kill(&self) {
         self.alive.store(false, Ordering::SeqCst);
-        let _ = self.kill.send(());
+        // No sender left means the reaper is killing it already.
+        if let Some(kill) = self.kill.upgrade() {
+            let _ = kill.send(());
+        }
+    }
+
+    /// The last of what the process wrote to stderr, once it all arrived.
+    async fn last_words(&self, shared: &Shared) -> String {
+        let mut closed = self.stderr_closed.clone();
+        let _ = tokio::time::timeout(STDERR_PATIENCE, closed.wait_for(|c| *c)).await;
+        shared.stderr_tail()
     }
 
     /// The connection's pipes closed: retire the process, let it exit by
@@ -332,6 +365,7 @@ impl AcpDriver {
             st.starts += 1;
         }
         let shared = self.shared.clone();
+        let (stderr_closed_tx, stderr_closed) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             while let Ok(n) = stderr.read(&mut buf).await {
@@ -344,14 +378,16 @@ impl AcpDriver {
                     tail.pop_front();
                 }
             }
+            stderr_closed_tx.send_replace(true);
         });
 
         let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<()>();
         let (exited_tx, exited_rx) = tokio::sync::watch::channel(false);
         let life = Life {
             alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            kill: kill_tx,
+            kill: kill_tx.downgrade(),
             exited: exited_rx,
+            stderr_closed,
         };
 
         // The connection: handlers route and return at once.
@@ -394,11 +430,7 @@ impl AcpDriver {
 
         // The process's life: killed on request, reaped on exit; either
         // way every turn on it ends.
-        let (shared, alive, name) = (
-            self.shared.clone(),
-            life.alive.clone(),
-            self.cfg.name.clone(),
-        );
+        let (shared, reaper, name) = (self.shared.clone(), life.clone(), self.cfg.name.clone());
         tokio::spawn(async move {
             let status = tokio::select! {
                 s = child.wait() => s,
@@ -407,15 +439,13 @@ impl AcpDriver {
                     child.wait().await
                 }
             };
-            alive.store(false, Ordering::SeqCst);
+            reaper.alive.store(false, Ordering::SeqCst);
             let _ = close_tx.send(());
             let status = match status {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("unknown status ({e})"),
             };
-            // Let the stderr reader drain what the process wrote last.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let tail = shared.stderr_tail();
+            let tail = reaper.last_words(&shared).await;
             let why = if tail.is_empty() {
                 format!("agent {name:?} process exited ({status})")
             } else {
@@ -437,7 +467,7 @@ impl AcpDriver {
 
         let cx = match tokio::time::timeout(self.cfg.setup_timeout, cx_rx).await {
             Ok(Ok(cx)) => cx,
-            Ok(Err(_)) => return Err(self.died("while connecting").await),
+            Ok(Err(_)) => return Err(self.died(&life, "while connecting").await),
             Err(_) => return Err(self.unavailable("the connection did not come up")),
         };
         let init = match tokio::time::timeout(
@@ -448,7 +478,7 @@ impl AcpDriver {
         .await
         {
             Ok(Ok(init)) => init,
-            Ok(Err(e)) => return Err(self.died(&format!("at initialize ({e})")).await),
+            Ok(Err(e)) => return Err(self.died(&life, &format!("at initialize ({e})")).await),
             Err(_) => return Err(self.unavailable("initialize timed out")),
         };
         let load_session = init.agent_capabilities.load_session;
@@ -463,14 +493,13 @@ impl AcpDriver {
             load_session,
             known: HashSet::new(),
             life,
+            keep: kill_tx,
         })
     }
 
-    /// An error for a process that vanished during set-up, with its stderr
-    /// (after a moment for the reader to catch what it wrote last).
-    async fn died(&self, when: &str) -> AgentError {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let tail = self.shared.stderr_tail();
+    /// An error for a process that vanished during set-up, with its stderr.
+    async fn died(&self, life: &Life, when: &str) -> AgentError {
+        let tail = life.last_words(&self.shared).await;
         let tail = if tail.is_empty() {
             "no stderr"
         } else {
@@ -505,9 +534,11 @@ impl AcpDriver {
                 Ok(p) => l.process = Some(p),
                 Err(e) => {
                     l.failed_starts += 1;
-                    let backoff =
-                        Duration::from_millis(250) * 2u32.saturating_pow(l.failed_starts.min(7));
-                    l.retry_at = Some(Instant::now() + backoff.min(Duration::from_secs(30)));
+                    let backoff = self
+                        .cfg
+                        .restart_backoff
+                        .saturating_mul(2u32.saturating_pow(l.failed_starts.min(16) - 1));
+                    l.retry_at = Some(Instant::now() + backoff.min(MAX_RESTART_BACKOFF));
                     let mut st = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
                     st.state = "backing_off";
                     st.last_exit = Some(e.to_string());
@@ -560,7 +591,7 @@ impl AcpDriver {
         .await
         {
             Ok(Ok(created)) => created,
-            Ok(Err(e)) => return Err(self.died(&format!("at session/new ({e})")).await),
+            Ok(Err(e)) => return Err(self.died(&p.life, &format!("at session/new ({e})")).await),
             Err(_) => return Err(self.unavailable("session/new timed out")),
         };
         let id = created.session_id.0.to_string();
@@ -721,6 +752,8 @@ struct Control {
     session: String,
     cx: ConnectionTo<Agent>,
     life: Life,
+    /// Keeps the process running while this turn may need it.
+    _keep: mpsc::UnboundedSender<()>,
 }
 
 impl TurnControl for Control {
@@ -770,7 +803,12 @@ impl AgentDriver for AcpDriver {
                 return Err(e);
             }
         };
-        let (cx, generation, life) = (process.cx.clone(), process.generation, process.life.clone());
+        let (cx, generation, life, keep) = (
+            process.cx.clone(),
+            process.generation,
+            process.life.clone(),
+            process.keep.clone(),
+        );
         launcher.failed_starts = 0;
         launcher.retry_at = None;
         drop(launcher);
@@ -808,6 +846,7 @@ impl AgentDriver for AcpDriver {
             .collect();
         let prompt = cx.send_request(PromptRequest::new(session.clone(), blocks));
         let (shared, sid, prompt_life) = (self.shared.clone(), session.clone(), life.clone());
+        let quiet_after_cancel = self.cfg.quiet_after_cancel;
         tokio::spawn(async move {
             let answer = prompt.block_task().await;
             if let Err(e) = &answer {
@@ -831,7 +870,7 @@ impl AgentDriver for AcpDriver {
                     .quiet_until
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(sid.clone(), Instant::now() + QUIET_AFTER_CANCEL);
+                    .insert(sid.clone(), Instant::now() + quiet_after_cancel);
             }
             let stop = match answer {
                 _ if sink.cancelled => StopReason::Cancelled,
@@ -859,6 +898,7 @@ impl AgentDriver for AcpDriver {
                 session,
                 cx,
                 life,
+                _keep: keep,
             }),
         })
     }

@@ -187,6 +187,10 @@ async fn follow(
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = tokio::select! {
+            // Live events first: a resync that read the store past deltas
+            // still queued here would send a stored message before the
+            // deltas that led to it.
+            biased;
             ev = live.recv() => ev,
             _ = resync.tick() => {
                 cur.catch_up(&store, id, None).await?;

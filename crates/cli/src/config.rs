@@ -65,6 +65,14 @@ pub struct ServeConfig {
     /// (default deny).
     #[arg(long = "acp-permission", env = "BATON_ACP_PERMISSION", value_delimiter = ';', value_parser = parse_pair)]
     pub acp_permission: Vec<(String, String)>,
+    /// How long an ACP agent that died at start is left alone (turns fail at
+    /// once meanwhile); doubled at each further failed start, up to 30 s.
+    #[arg(long, env = "BATON_ACP_RESTART_BACKOFF_MS", default_value_t = 500)]
+    pub acp_restart_backoff_ms: u64,
+    /// How long an ACP session stays quiet after a cancelled prompt: the
+    /// next turn waits, and late output of the cancelled one is dropped.
+    #[arg(long, env = "BATON_ACP_QUIET_AFTER_CANCEL_MS", default_value_t = 300)]
+    pub acp_quiet_after_cancel_ms: u64,
     /// The demo agent's pause between streamed words.
     #[arg(long, env = "BATON_DEMO_WORD_DELAY_MS", default_value_t = 20)]
     pub demo_word_delay_ms: u64,
@@ -110,6 +118,8 @@ impl ServeConfig {
             acp_cwd: Vec::new(),
             acp_env: Vec::new(),
             acp_permission: Vec::new(),
+            acp_restart_backoff_ms: 500,
+            acp_quiet_after_cancel_ms: 300,
         }
     }
 
@@ -121,6 +131,9 @@ impl ServeConfig {
                 return Err("the name demo is taken by the built-in agent".into());
             }
             let mut cfg = baton_agent::AcpConfig::new(name.clone(), command)?;
+            cfg.restart_backoff = std::time::Duration::from_millis(self.acp_restart_backoff_ms);
+            cfg.quiet_after_cancel =
+                std::time::Duration::from_millis(self.acp_quiet_after_cancel_ms);
             for (n, dir) in &self.acp_cwd {
                 if n == name {
                     cfg.cwd = Some(dir.into());

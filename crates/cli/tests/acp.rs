@@ -183,7 +183,9 @@ async fn streamed_turn(kind: &str) {
 
 async fn cancel_mid_stream_and_late_updates(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
-    let app = server(cmd, |_| {}).await;
+    // The peers send their late update 50 ms after the cancelled answer: a
+    // quiet window far past that, however slowly a loaded machine runs them.
+    let app = server(cmd, |cfg| cfg.acp_quiet_after_cancel_ms = 3_000).await;
     let c = &app.client;
     let id = c.create_session(json!({})).await["id"]
         .as_str()
@@ -290,20 +292,20 @@ async fn death_mid_prompt_fails_with_stderr_and_recovers(kind: &str) {
     app.stop().await;
 }
 
-/// The process closes its pipes a second before it exits (a wrapper shell
+/// The process closes its pipes half a second before it exits (a wrapper shell
 /// that outlives the agent): the turn on it must fail with the agent's own
 /// last words, and the next turn must start a new process, not be sent down
 /// the closed pipe.
 async fn pipes_closed_before_exit_retire_the_process(kind: &str) {
-    pipes_closed_then(kind, 1, "exit status: 0").await;
+    pipes_closed_then(kind, "0.5", "exit status: 0").await;
 }
 
 /// The same, but the process would linger for a minute: it is killed.
 async fn a_process_lingering_after_its_pipes_closed_is_killed(kind: &str) {
-    pipes_closed_then(kind, 60, "SIGKILL").await;
+    pipes_closed_then(kind, "60", "SIGKILL").await;
 }
 
-async fn pipes_closed_then(kind: &str, linger_secs: u32, status: &str) {
+async fn pipes_closed_then(kind: &str, linger_secs: &str, status: &str) {
     let Some(cmd) = peer(kind) else { return };
     let app = server(
         format!("sh -c \"{cmd}; exec >&-; exec sleep {linger_secs}\""),
@@ -481,7 +483,11 @@ async fn permission_policy_is_applied_and_recorded(kind: &str) {
 
 async fn a_peer_that_cannot_start_backs_off(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
-    let app = server(format!("env ACP_PEER_CRASH_ON_START=1 {cmd}"), |_| {}).await;
+    // A back-off far longer than the second turn can take to come.
+    let app = server(format!("env ACP_PEER_CRASH_ON_START=1 {cmd}"), |cfg| {
+        cfg.acp_restart_backoff_ms = 30_000
+    })
+    .await;
     let c = &app.client;
     let id = c.create_session(json!({"message": "one"})).await["id"]
         .as_str()

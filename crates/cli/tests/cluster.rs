@@ -189,7 +189,7 @@ async fn a_stream_follows_another_nodes_turn_and_resumes_on_a_third() {
     // The turn runs on B: B's transaction started it and took the lease.
     let s = b
         .client
-        .create_session(json!({"message": "/sleep 1500 one two three four five six"}))
+        .create_session(json!({"message": "/sleep 4000 one two three four five six"}))
         .await;
     let id = s["id"].as_str().unwrap().to_owned();
     let mut on_a = a.client.open_stream(&id, None).await;

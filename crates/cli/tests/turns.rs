@@ -380,7 +380,7 @@ async fn merge_consumes_waiting_messages_in_one_turn() {
     let app = spawn_app(|_| {}).await;
     let c = &app.client;
     let s = c
-        .create_session(json!({"message": "/sleep 800 first"}))
+        .create_session(json!({"message": "/sleep 3000 first"}))
         .await;
     let id = sid(&s);
     let mut seqs = Vec::new();
@@ -955,7 +955,7 @@ async fn worker_whose_lease_renewal_fails_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn turn_timeout_ends_timed_out() {
     let app = spawn_app(|cfg| {
-        cfg.turn_timeout_ms = 300;
+        cfg.turn_timeout_ms = 1_000;
         cfg.cancel_drain_ms = 300;
     })
     .await;
@@ -965,7 +965,7 @@ async fn turn_timeout_ends_timed_out() {
     let id = sid(&s);
     let t1 = wait_turn(c, &id, |_| true).await;
     let ended = wait_ended(c, &id, t1["id"].as_str().unwrap()).await;
-    assert!(began.elapsed() >= Duration::from_millis(300));
+    assert!(began.elapsed() >= Duration::from_millis(1_000));
     assert_eq!(ended["status"], "timed_out", "{ended}");
     assert_eq!(ended["reason"], "turn timed out");
 
@@ -1007,7 +1007,7 @@ async fn fail_directive_ends_failed_and_queue_continues() {
     let c = &app.client;
     // A first turn holds the session so that both later messages queue.
     let s = c
-        .create_session(json!({"message": "/sleep 600 warm up"}))
+        .create_session(json!({"message": "/sleep 3000 warm up"}))
         .await;
     let id = sid(&s);
     let (status, fail) = c.post(&id, "/fail on purpose", None, None).await;
@@ -1196,7 +1196,7 @@ async fn export_openai_merges_and_orders() {
 
     // Queued and merged messages: user messages are stored when they arrive,
     // so the export follows the log's order, not the turns'.
-    let s = c.create_session(json!({"message": "/sleep 600 a"})).await;
+    let s = c.create_session(json!({"message": "/sleep 3000 a"})).await;
     let id = sid(&s);
     assert_eq!(c.post(&id, "b", None, None).await.0, StatusCode::CREATED);
     assert_eq!(
@@ -1218,7 +1218,7 @@ async fn export_openai_merges_and_orders() {
     assert_eq!(
         text,
         [
-            "/sleep 600 a",
+            "/sleep 3000 a",
             "b",
             "c",
             "echo: a",

@@ -121,6 +121,13 @@ async fn at(deadline: Option<Instant>) {
     }
 }
 
+/// How long one lease renewal may take: until self-fencing is due (two
+/// heartbeats before the lease would expire), and at least one heartbeat.
+fn renewal_budget(ttl: Duration, heartbeat: Duration, since_renewal: Duration) -> Duration {
+    ttl.saturating_sub(2 * heartbeat + since_renewal)
+        .max(heartbeat)
+}
+
 async fn run_turn(
     inner: &Inner,
     lease: &Lease,
@@ -306,9 +313,11 @@ async fn run_turn(
                 }
             },
             // A renewal that hangs (a database that stopped answering) counts
-            // as failed once a heartbeat has passed, so self-fencing happens
-            // before the lease can expire, not whenever the driver gives up.
-            _ = heartbeat.tick() => match tokio::time::timeout(inner.cfg.heartbeat, inner.store.renew_lease(lease))
+            // as failed when self-fencing is due, so that happens before the
+            // lease can expire, not whenever the driver gives up. A renewal
+            // that is merely slow still lands, and a stale epoch it reports
+            // fences at once.
+            _ = heartbeat.tick() => match tokio::time::timeout(renewal_budget(inner.lease_ttl(), inner.cfg.heartbeat, last_renewal.elapsed()), inner.store.renew_lease(lease))
                 .await
                 .unwrap_or_else(|_| Err(StoreError::Unavailable("lease renewal timed out".into())))
             {
@@ -529,7 +538,20 @@ fn reclose(
 mod tests {
     use baton_core::{EntryType, NewEntry, ToolInfo, TurnId, TurnStatus};
 
-    use super::{reclose, tool_ids};
+    use std::time::Duration;
+
+    use super::{reclose, renewal_budget, tool_ids};
+
+    /// A slow renewal may take until fencing is due; a hung one ends in time
+    /// for the fence to land a heartbeat before the lease expires.
+    #[test]
+    fn a_renewal_may_take_until_fencing_is_due() {
+        let ms = Duration::from_millis;
+        assert_eq!(renewal_budget(ms(2_000), ms(50), ms(0)), ms(1_900));
+        assert_eq!(renewal_budget(ms(2_000), ms(50), ms(1_000)), ms(900));
+        assert_eq!(renewal_budget(ms(2_000), ms(50), ms(1_890)), ms(50));
+        assert_eq!(renewal_budget(ms(1_200), ms(1_000), ms(0)), ms(1_000));
+    }
 
     fn call(turn: TurnId, id: &str) -> NewEntry {
         NewEntry::tool_call(

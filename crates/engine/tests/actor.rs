@@ -1,11 +1,12 @@
 //! The session actor against scripted agents on a real embedded store: how
 //! it batches an agent's output into transactions, keeps the live bus in
 //! the agent's order, stays responsive to a cancel while an agent floods it
-//! with output, and ends a turn whose output the store refuses.
+//! with output, ends a turn whose output the store refuses, and fences
+//! itself when its lease renewals hang.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use baton_agent::{
@@ -105,15 +106,29 @@ async fn engine_on(
     driver: Arc<dyn AgentDriver>,
     wrap: impl FnOnce(SqlStore) -> Arc<dyn Store>,
 ) -> Fixture {
+    engine_with(name, driver, wrap, EngineConfig::default()).await
+}
+
+/// [`engine_on`] with `cfg` (its lease TTL is also the store's).
+async fn engine_with(
+    name: &str,
+    driver: Arc<dyn AgentDriver>,
+    wrap: impl FnOnce(SqlStore) -> Arc<dyn Store>,
+    cfg: EngineConfig,
+) -> Fixture {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = SqlStore::open_sqlite(&dir.path().join("baton.db"), StoreConfig::default())
+    let store_cfg = StoreConfig {
+        lease_ttl: cfg.lease_ttl,
+        ..StoreConfig::default()
+    };
+    let store = SqlStore::open_sqlite(&dir.path().join("baton.db"), store_cfg)
         .await
         .expect("open the embedded store");
     let mut agents = Agents::default();
     agents.insert(name, driver);
     let cfg = EngineConfig {
         cancel_drain: Duration::from_secs(30),
-        ..EngineConfig::default()
+        ..cfg
     };
     let engine = Engine::new(wrap(store), Bus::default(), agents, cfg);
     engine.start().await.expect("engine start");
@@ -290,8 +305,25 @@ impl AgentDriver for Echo {
 }
 
 /// The embedded store, except that it refuses (as a database refuses a
-/// row it cannot take) any write of output whose text or tool is "poison".
-struct PoisonOutput(SqlStore);
+/// row it cannot take) any write of output whose text or tool is "poison",
+/// and, once told to, leaves every lease renewal hanging (a database that
+/// stopped answering).
+struct PoisonOutput {
+    store: SqlStore,
+    renewals_hang: Arc<AtomicBool>,
+    /// When the last renewal that was answered began.
+    renewed: Arc<Mutex<Option<Instant>>>,
+}
+
+impl PoisonOutput {
+    fn new(store: SqlStore) -> Self {
+        Self {
+            store,
+            renewals_hang: Arc::default(),
+            renewed: Arc::default(),
+        }
+    }
+}
 
 fn poisoned(entries: &[NewEntry]) -> bool {
     entries.iter().any(|e| {
@@ -307,28 +339,28 @@ fn refused() -> StoreError {
 #[async_trait]
 impl Store for PoisonOutput {
     async fn ping(&self) -> StoreResult<()> {
-        self.0.ping().await
+        self.store.ping().await
     }
     async fn create_session(&self, req: CreateSession) -> StoreResult<Created> {
-        self.0.create_session(req).await
+        self.store.create_session(req).await
     }
     async fn session(&self, owner: &str, id: SessionId) -> StoreResult<Session> {
-        self.0.session(owner, id).await
+        self.store.session(owner, id).await
     }
     async fn sessions(&self, owner: &str) -> StoreResult<Vec<Session>> {
-        self.0.sessions(owner).await
+        self.store.sessions(owner).await
     }
     async fn delete_session(&self, owner: &str, id: SessionId) -> StoreResult<()> {
-        self.0.delete_session(owner, id).await
+        self.store.delete_session(owner, id).await
     }
     async fn post_message(&self, req: PostMessage) -> StoreResult<Posted> {
-        self.0.post_message(req).await
+        self.store.post_message(req).await
     }
     async fn entries(&self, id: SessionId, after: Seq, limit: u32) -> StoreResult<Page> {
-        self.0.entries(id, after, limit).await
+        self.store.entries(id, after, limit).await
     }
     async fn turns(&self, id: SessionId) -> StoreResult<Vec<Turn>> {
-        self.0.turns(id).await
+        self.store.turns(id).await
     }
     async fn request_cancel(
         &self,
@@ -336,13 +368,13 @@ impl Store for PoisonOutput {
         id: SessionId,
         reason: &str,
     ) -> StoreResult<Option<TurnId>> {
-        self.0.request_cancel(owner, id, reason).await
+        self.store.request_cancel(owner, id, reason).await
     }
     async fn next_turn(&self, lease: &Lease) -> StoreResult<Option<TurnToRun>> {
-        self.0.next_turn(lease).await
+        self.store.next_turn(lease).await
     }
     async fn begin_turn(&self, lease: &Lease, turn: TurnId) -> StoreResult<Begin> {
-        self.0.begin_turn(lease, turn).await
+        self.store.begin_turn(lease, turn).await
     }
     async fn append_output(
         &self,
@@ -353,7 +385,7 @@ impl Store for PoisonOutput {
         if poisoned(&entries) {
             return Err(refused());
         }
-        self.0.append_output(lease, turn, entries).await
+        self.store.append_output(lease, turn, entries).await
     }
     async fn end_turn(
         &self,
@@ -366,22 +398,32 @@ impl Store for PoisonOutput {
         if poisoned(&entries) {
             return Err(refused());
         }
-        self.0.end_turn(lease, turn, status, reason, entries).await
+        self.store
+            .end_turn(lease, turn, status, reason, entries)
+            .await
     }
     async fn take_turn(&self, lease: &Lease) -> StoreResult<Take> {
-        self.0.take_turn(lease).await
+        self.store.take_turn(lease).await
     }
     async fn renew_lease(&self, lease: &Lease) -> StoreResult<Renewal> {
-        self.0.renew_lease(lease).await
+        let began = Instant::now();
+        if self.renewals_hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        let renewal = self.store.renew_lease(lease).await;
+        if renewal.is_ok() {
+            *self.renewed.lock().expect("renewal clock") = Some(began);
+        }
+        renewal
     }
     async fn release_lease(&self, lease: &Lease, force: bool) -> StoreResult<bool> {
-        self.0.release_lease(lease, force).await
+        self.store.release_lease(lease, force).await
     }
     async fn set_agent_session(&self, lease: &Lease, agent_session: &str) -> StoreResult<()> {
-        self.0.set_agent_session(lease, agent_session).await
+        self.store.set_agent_session(lease, agent_session).await
     }
     async fn recover(&self, node: &str, all_foreign: bool) -> StoreResult<Vec<Recovered>> {
-        self.0.recover(node, all_foreign).await
+        self.store.recover(node, all_foreign).await
     }
 }
 
@@ -393,7 +435,7 @@ impl Store for PoisonOutput {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_the_store_refuses_at_the_end_fails_the_turn() {
     let f = engine_on("echo", Arc::new(Echo), |store| {
-        Arc::new(PoisonOutput(store))
+        Arc::new(PoisonOutput::new(store))
     })
     .await;
     let id = session(&f, "echo").await;
@@ -485,7 +527,7 @@ impl AgentDriver for Tools {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_tool_call_is_not_answered_at_the_end() {
     let f = engine_on("tools", Arc::new(Tools), |store| {
-        Arc::new(PoisonOutput(store))
+        Arc::new(PoisonOutput::new(store))
     })
     .await;
     let id = session(&f, "tools").await;
@@ -515,6 +557,102 @@ async fn a_refused_tool_call_is_not_answered_at_the_end() {
             (EntryType::ToolResult, Some("stored")),
         ],
         "the stored call is answered, the refused one neither stored nor answered: {log:#?}"
+    );
+    f.engine.shutdown().await;
+}
+
+/// An agent that says one word, then waits to be stopped; its control notes
+/// when the actor stopped it.
+struct Waiter(Arc<Mutex<Option<Instant>>>);
+
+struct WaiterControl(Arc<Mutex<Option<Instant>>>);
+
+impl TurnControl for WaiterControl {
+    fn cancel(&self) {
+        self.force_stop();
+    }
+    fn force_stop(&self) {
+        self.0
+            .lock()
+            .expect("stop clock")
+            .get_or_insert_with(Instant::now);
+    }
+}
+
+#[async_trait]
+impl AgentDriver for Waiter {
+    async fn start(&self, _input: TurnInput) -> Result<TurnHandle, AgentError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(AgentEvent::Delta("working".into()));
+        // The sender stays in the channel's keeping: the turn never ends by
+        // itself.
+        std::mem::forget(tx);
+        Ok(TurnHandle {
+            events: rx,
+            control: Box::new(WaiterControl(self.0.clone())),
+        })
+    }
+}
+
+/// Lease renewals that hang (the database stopped answering) must not keep a
+/// worker running past its lease: it stops its agent while the lease it last
+/// renewed is still its own, so a worker that takes the session over after
+/// the lease expires never runs beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_lease_renewals_fence_the_worker_before_its_lease_expires() {
+    let stopped = Arc::new(Mutex::new(None));
+    let (hang, renewed) = (Arc::new(AtomicBool::new(false)), Arc::default());
+    let cfg = EngineConfig {
+        heartbeat: Duration::from_millis(100),
+        lease_ttl: Duration::from_millis(1_500),
+        ..EngineConfig::default()
+    };
+    let store_faults = (hang.clone(), Arc::clone(&renewed));
+    let f = engine_with(
+        "waiter",
+        Arc::new(Waiter(stopped.clone())),
+        move |store| {
+            Arc::new(PoisonOutput {
+                store,
+                renewals_hang: store_faults.0,
+                renewed: store_faults.1,
+            })
+        },
+        cfg.clone(),
+    )
+    .await;
+    let id = session(&f, "waiter").await;
+    let mut rx = f.engine.bus().subscribe(id);
+    post(&f, id, "go").await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+            Ok(Ok(BusEvent::Delta { .. })) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("waiting for the turn to run: {other:?}"),
+        }
+    }
+    // Let a renewal or two land, then the database stops answering.
+    let patience = Instant::now() + Duration::from_secs(20);
+    while renewed.lock().expect("renewal clock").is_none() {
+        assert!(Instant::now() < patience, "no renewal within 20 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hang.store(true, Ordering::SeqCst);
+    while stopped.lock().expect("stop clock").is_none() {
+        assert!(
+            Instant::now() < patience,
+            "the worker kept its agent running with its renewals hanging"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopped_at = stopped.lock().expect("stop clock").expect("stopped");
+    let renewed_at = renewed.lock().expect("renewal clock").expect("renewed");
+    assert!(
+        stopped_at < renewed_at + cfg.lease_ttl,
+        "the agent was stopped {:?} after the last answered renewal began, \
+         past the lease's {:?}",
+        stopped_at - renewed_at,
+        cfg.lease_ttl
     );
     f.engine.shutdown().await;
 }
