@@ -313,6 +313,8 @@ struct PoisonOutput {
     renewals_hang: Arc<AtomicBool>,
     /// When the last renewal that was answered began.
     renewed: Arc<Mutex<Option<Instant>>>,
+    /// Told each time mid-turn output was stored.
+    stored: Arc<tokio::sync::Notify>,
 }
 
 impl PoisonOutput {
@@ -321,6 +323,7 @@ impl PoisonOutput {
             store,
             renewals_hang: Arc::default(),
             renewed: Arc::default(),
+            stored: Arc::default(),
         }
     }
 }
@@ -385,7 +388,9 @@ impl Store for PoisonOutput {
         if poisoned(&entries) {
             return Err(refused());
         }
-        self.store.append_output(lease, turn, entries).await
+        let stored = self.store.append_output(lease, turn, entries).await?;
+        self.stored.notify_one();
+        Ok(stored)
     }
     async fn end_turn(
         &self,
@@ -487,14 +492,15 @@ async fn output_the_store_refuses_at_the_end_fails_the_turn() {
     f.engine.shutdown().await;
 }
 
-/// An agent that calls a tool, then a second one, pausing after each so
-/// the actor stores each on its own, then stops.
-struct Tools;
+/// An agent that calls a tool, then a second one once the first is stored
+/// (so the actor stores each on its own), then stops.
+struct Tools(Arc<tokio::sync::Notify>);
 
 #[async_trait]
 impl AgentDriver for Tools {
     async fn start(&self, _input: TurnInput) -> Result<TurnHandle, AgentError> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let stored = self.0.clone();
         tokio::spawn(async move {
             let call = |id: &str, name: &str| {
                 AgentEvent::Output(AgentOutput::ToolCall(ToolInfo {
@@ -512,7 +518,12 @@ impl AgentDriver for Tools {
                 if tx.send(ev).is_err() {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Bounded: a broken actor fails the test, never hangs it.
+                tokio::select! {
+                    _ = stored.notified() => {}
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(20)) => {}
+                }
             }
         });
         Ok(TurnHandle {
@@ -526,8 +537,13 @@ impl AgentDriver for Tools {
 /// closing entries answer the stored call and not the refused one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_tool_call_is_not_answered_at_the_end() {
-    let f = engine_on("tools", Arc::new(Tools), |store| {
-        Arc::new(PoisonOutput::new(store))
+    let stored = Arc::new(tokio::sync::Notify::new());
+    let tools = Arc::new(Tools(stored.clone()));
+    let f = engine_on("tools", tools, |store| {
+        Arc::new(PoisonOutput {
+            stored,
+            ..PoisonOutput::new(store)
+        })
     })
     .await;
     let id = session(&f, "tools").await;
@@ -616,6 +632,7 @@ async fn hanging_lease_renewals_fence_the_worker_before_its_lease_expires() {
                 store,
                 renewals_hang: store_faults.0,
                 renewed: store_faults.1,
+                stored: Arc::default(),
             })
         },
         cfg.clone(),
