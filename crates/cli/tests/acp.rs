@@ -104,6 +104,18 @@ async fn running_turn(c: &Client, id: &str, n: usize) {
     }
 }
 
+/// The peer as `GET /v1/agents` describes it.
+async fn peer_agent(c: &Client) -> Value {
+    let (_, agents) = c.send(c.req(reqwest::Method::GET, "/v1/agents")).await;
+    agents["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "peer")
+        .unwrap()
+        .clone()
+}
+
 fn replies(entries: &[Value]) -> Vec<String> {
     entries
         .iter()
@@ -168,14 +180,7 @@ async fn streamed_turn(kind: &str) {
     assert!(last_delta < message, "deltas, then the stored message");
     assert_eq!(ended_turn(c, id, 0).await["status"], "completed");
     // The agent list shows it running, with its capabilities.
-    let (_, agents) = c.send(c.req(reqwest::Method::GET, "/v1/agents")).await;
-    let me = agents["agents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == "peer")
-        .unwrap()
-        .clone();
+    let me = peer_agent(c).await;
     assert_eq!(me["process"]["status"], "running", "{me}");
     assert!(me["capabilities"].is_object(), "{me}");
     app.stop().await;
@@ -248,14 +253,7 @@ async fn ignored_cancel_is_forced_and_the_next_turn_works(kind: &str) {
     let t = ended_turn(c, &id, 1).await;
     assert_eq!(t["status"], "completed", "{t}");
     assert_eq!(replies(&c.entries(&id).await), vec!["echo: still here"]);
-    let (_, agents) = c.send(c.req(reqwest::Method::GET, "/v1/agents")).await;
-    let me = agents["agents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == "peer")
-        .unwrap()
-        .clone();
+    let me = peer_agent(c).await;
     assert_eq!(
         me["process"]["starts"], 2,
         "the process was restarted: {me}"
@@ -265,7 +263,31 @@ async fn ignored_cancel_is_forced_and_the_next_turn_works(kind: &str) {
 
 async fn death_mid_prompt_fails_with_stderr_and_recovers(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
-    let app = server(cmd, |_| {}).await;
+    dies_mid_prompt_then_recovers(cmd, "exit status: 3").await;
+}
+
+/// The process closes its pipes half a second before it exits (a wrapper
+/// shell that outlives the agent): the turn on it must fail with the agent's
+/// own last words, and the next turn must start a new process, not be sent
+/// down the closed pipe.
+async fn pipes_closed_before_exit_retire_the_process(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let wrapped = format!("sh -c \"{cmd}; exec >&-; exec sleep 0.5\"");
+    dies_mid_prompt_then_recovers(wrapped, "exit status: 0").await;
+}
+
+/// The same, but the process would linger for a minute: it is killed.
+async fn a_process_lingering_after_its_pipes_closed_is_killed(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let wrapped = format!("sh -c \"{cmd}; exec >&-; exec sleep 60\"");
+    dies_mid_prompt_then_recovers(wrapped, "SIGKILL").await;
+}
+
+/// The agent run by `command` dies mid-prompt with a message queued behind:
+/// the turn fails with its stderr tail and `exit` (how the process ended) in
+/// the reason; the queued message runs on a second process.
+async fn dies_mid_prompt_then_recovers(command: String, exit: &str) {
+    let app = server(command, |_| {}).await;
     let c = &app.client;
     let id = c.create_session(json!({"message": "/die now"})).await["id"]
         .as_str()
@@ -274,12 +296,10 @@ async fn death_mid_prompt_fails_with_stderr_and_recovers(kind: &str) {
     c.post(&id, "and then", None, None).await;
     let t = ended_turn(c, &id, 0).await;
     assert_eq!(t["status"], "failed", "{t}");
+    let reason = t["reason"].as_str().unwrap();
     assert!(
-        t["reason"]
-            .as_str()
-            .unwrap()
-            .contains("peer dying on purpose"),
-        "stderr tail in the reason: {t}"
+        reason.contains("peer dying on purpose") && reason.contains(exit),
+        "the turn ends with the process's exit ({exit}) and stderr tail: {t}"
     );
     let t = ended_turn(c, &id, 1).await;
     assert_eq!(
@@ -289,61 +309,7 @@ async fn death_mid_prompt_fails_with_stderr_and_recovers(kind: &str) {
     let entries = c.entries(&id).await;
     assert_eq!(replies(&entries), vec!["echo: and then"]);
     check_log(&entries);
-    app.stop().await;
-}
-
-/// The process closes its pipes half a second before it exits (a wrapper shell
-/// that outlives the agent): the turn on it must fail with the agent's own
-/// last words, and the next turn must start a new process, not be sent down
-/// the closed pipe.
-async fn pipes_closed_before_exit_retire_the_process(kind: &str) {
-    pipes_closed_then(kind, "0.5", "exit status: 0").await;
-}
-
-/// The same, but the process would linger for a minute: it is killed.
-async fn a_process_lingering_after_its_pipes_closed_is_killed(kind: &str) {
-    pipes_closed_then(kind, "60", "SIGKILL").await;
-}
-
-async fn pipes_closed_then(kind: &str, linger_secs: &str, status: &str) {
-    let Some(cmd) = peer(kind) else { return };
-    let app = server(
-        format!("sh -c \"{cmd}; exec >&-; exec sleep {linger_secs}\""),
-        |_| {},
-    )
-    .await;
-    let c = &app.client;
-    let id = c.create_session(json!({"message": "/die now"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    c.post(&id, "and then", None, None).await;
-    let t = ended_turn(c, &id, 0).await;
-    assert_eq!(t["status"], "failed", "{t}");
-    assert!(
-        t["reason"]
-            .as_str()
-            .unwrap()
-            .contains("peer dying on purpose"),
-        "the turn ends with the process's exit and stderr tail: {t}"
-    );
-    assert!(t["reason"].as_str().unwrap().contains(status), "{t}");
-    let t = ended_turn(c, &id, 1).await;
-    assert_eq!(
-        t["status"], "completed",
-        "the next turn ran on a new process: {t}"
-    );
-    let entries = c.entries(&id).await;
-    assert_eq!(replies(&entries), vec!["echo: and then"]);
-    check_log(&entries);
-    let (_, agents) = c.send(c.req(reqwest::Method::GET, "/v1/agents")).await;
-    let me = agents["agents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == "peer")
-        .unwrap()
-        .clone();
+    let me = peer_agent(c).await;
     assert_eq!(me["process"]["starts"], 2, "{me}");
     app.stop().await;
 }
@@ -512,14 +478,7 @@ async fn a_peer_that_cannot_start_backs_off(kind: &str) {
             .contains("next attempt in"),
         "backing off, not spinning: {second}"
     );
-    let (_, agents) = c.send(c.req(reqwest::Method::GET, "/v1/agents")).await;
-    let me = agents["agents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == "peer")
-        .unwrap()
-        .clone();
+    let me = peer_agent(c).await;
     assert_eq!(me["process"]["starts"], 1, "one start, then back-off: {me}");
     assert_eq!(me["process"]["status"], "backing_off", "{me}");
     app.stop().await;
