@@ -335,6 +335,17 @@ pub async fn check_log(store: &dyn Store, owner: &str, id: SessionId) -> Vec<Ent
             e.seq
         );
     }
+    for w in log.windows(2) {
+        assert!(
+            w[0].created_at <= w[1].created_at,
+            "session {id}: entry {} is stamped {:?}, before entry {} ({:?}): \
+             the store's clock runs with the log",
+            w[1].seq,
+            w[1].created_at,
+            w[0].seq,
+            w[0].created_at
+        );
+    }
     assert_eq!(
         page.last_seq,
         log.len() as Seq,
@@ -349,7 +360,15 @@ pub async fn check_log(store: &dyn Store, owner: &str, id: SessionId) -> Vec<Ent
     assert!(live.len() <= 1, "I4: more than one active turn: {live:?}");
 
     let mut prev_to: Seq = 0;
+    let mut prev_end: Option<baton_core::Timestamp> = None;
     for t in &turns {
+        assert!(
+            prev_end.is_none_or(|end| end <= t.started_at),
+            "turn {} started at {:?}, before the previous turn ended ({prev_end:?})",
+            t.id,
+            t.started_at
+        );
+        prev_end = t.ended_at;
         assert!(
             t.input.from <= t.input.to,
             "turn {} has an empty input range {:?}",

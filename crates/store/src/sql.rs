@@ -302,7 +302,13 @@ impl SqlStore {
     }
 
     /// Runs `f` as one write transaction and returns its result once committed.
-    async fn write<T, F>(&self, f: F) -> Result<T>
+    ///
+    /// `f` gets the transaction's time. On PostgreSQL, when the transaction
+    /// writes session `lock`, that time is read once the session's row lock
+    /// is held: a transaction that waited for the lock must not stamp its
+    /// entries or turn times earlier than the one it waited for (the embedded
+    /// store's single writer has a monotonic clock).
+    async fn write<T, F>(&self, lock: Option<SessionId>, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: for<'c> Fn(&'c mut Conn, i64) -> BoxFuture<'c, R<T>> + Send + Sync + 'static,
@@ -330,7 +336,10 @@ impl SqlStore {
                     attempt += 1;
                     let result: R<T> = async {
                         let mut c = Conn::Tx(pool.begin().await?);
-                        let now = pg_now(&mut c).await?;
+                        let now = match lock {
+                            Some(id) => pg_now_locked(&mut c, id).await?,
+                            None => pg_now(&mut c).await?,
+                        };
                         let v = f(&mut c, now).await?;
                         if let Conn::Tx(tx) = c {
                             tx.commit().await?;
@@ -426,6 +435,23 @@ const PG_NOW: &str = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 100000
 
 async fn pg_now(c: &mut Conn) -> R<i64> {
     c.scalar(PG_NOW, &[]).await
+}
+
+/// Locks session `id`'s row, then reads the clock, in one round trip: the
+/// subquery's row lock is taken (waiting for its holder to commit) before
+/// the outer query projects its row. No session, no lock: the plain clock.
+async fn pg_now_locked(c: &mut Conn, id: SessionId) -> R<i64> {
+    let locked = c
+        .fetch_optional(
+            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT) \
+             FROM (SELECT id FROM sessions WHERE id = $1 FOR UPDATE) AS locked",
+            &args![id.to_string()],
+        )
+        .await?;
+    match locked {
+        Some(row) => row.first::<i64>(),
+        None => pg_now(c).await,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1190,12 +1216,13 @@ async fn op_recover_one(
     Ok(Some(Recovered { lease, committed }))
 }
 
-/// Runs `$body` as one write transaction. The closure may run more than once
-/// (PostgreSQL retries), so the listed captures are cloned for each run.
+/// Runs `$body` as one write transaction on the session `$lock` names (if
+/// any). The closure may run more than once (PostgreSQL retries), so the
+/// listed captures are cloned for each run.
 macro_rules! op {
-    ($store:expr, [$($cap:ident),*], |$c:ident, $now:ident| $body:expr) => {{
+    ($store:expr, $lock:expr, [$($cap:ident),*], |$c:ident, $now:ident| $body:expr) => {{
         $store
-            .write(move |$c: &mut Conn, $now: i64| {
+            .write($lock, move |$c: &mut Conn, $now: i64| {
                 $(let $cap = $cap.clone();)*
                 Box::pin(async move { $body })
             })
@@ -1212,8 +1239,10 @@ impl Store for SqlStore {
 
     async fn create_session(&self, req: CreateSession) -> Result<Created> {
         let (d, cfg, req) = (self.dialect, self.cfg.clone(), Arc::new(req));
-        op!(self, [cfg, req], |c, now| op_create(c, d, now, &cfg, &req)
-            .await)
+        op!(self, None, [cfg, req], |c, now| op_create(
+            c, d, now, &cfg, &req
+        )
+        .await)
     }
 
     async fn session(&self, owner: &str, id: SessionId) -> Result<Session> {
@@ -1247,7 +1276,7 @@ impl Store for SqlStore {
 
     async fn delete_session(&self, owner: &str, id: SessionId) -> Result<()> {
         let (d, owner) = (self.dialect, owner.to_owned());
-        op!(self, [owner], |c, _now| {
+        op!(self, Some(id), [owner], |c, _now| {
             lock_owned(c, d, &owner, id).await?;
             for table in ["entries", "turns"] {
                 c.execute(
@@ -1265,8 +1294,10 @@ impl Store for SqlStore {
 
     async fn post_message(&self, req: PostMessage) -> Result<Posted> {
         let (d, cfg, req) = (self.dialect, self.cfg.clone(), Arc::new(req));
-        op!(self, [cfg, req], |c, now| op_post(c, d, now, &cfg, &req)
-            .await)
+        op!(self, Some(req.session_id), [cfg, req], |c, now| op_post(
+            c, d, now, &cfg, &req
+        )
+        .await)
     }
 
     async fn entries(&self, id: SessionId, after: Seq, limit: u32) -> Result<Page> {
@@ -1324,7 +1355,7 @@ impl Store for SqlStore {
         reason: &str,
     ) -> Result<Option<TurnId>> {
         let (d, owner, reason) = (self.dialect, owner.to_owned(), reason.to_owned());
-        op!(self, [owner, reason], |c, _now| {
+        op!(self, Some(id), [owner, reason], |c, _now| {
             let s = lock_owned(c, d, &owner, id).await?;
             if let Some(turn) = s.active_turn {
                 request_cancel_turn(c, turn, &reason).await?;
@@ -1351,7 +1382,7 @@ impl Store for SqlStore {
 
     async fn begin_turn(&self, lease: &Lease, turn: TurnId) -> Result<Begin> {
         let (d, cfg, lease) = (self.dialect, self.cfg.clone(), lease.clone());
-        op!(self, [cfg, lease], |c, now| {
+        op!(self, Some(lease.session_id), [cfg, lease], |c, now| {
             let mut s = lock_fenced(c, d, &lease).await?;
             if s.active_turn != Some(turn) {
                 return Err(StoreError::TurnNotActive { turn_id: turn }.into());
@@ -1373,7 +1404,7 @@ impl Store for SqlStore {
 
     async fn take_turn(&self, lease: &Lease) -> Result<Take> {
         let (d, cfg, lease) = (self.dialect, self.cfg.clone(), lease.clone());
-        op!(self, [cfg, lease], |c, now| {
+        op!(self, Some(lease.session_id), [cfg, lease], |c, now| {
             let mut s = lock_fenced(c, d, &lease).await?;
             if s.active_turn.is_none() {
                 // Idle: give the lease up in the same transaction that saw
@@ -1400,7 +1431,7 @@ impl Store for SqlStore {
     ) -> Result<Vec<Entry>> {
         check_output(turn, &entries)?;
         let (d, lease, entries) = (self.dialect, lease.clone(), Arc::new(entries));
-        op!(self, [lease, entries], |c, now| {
+        op!(self, Some(lease.session_id), [lease, entries], |c, now| {
             let mut s = lock_fenced(c, d, &lease).await?;
             if s.active_turn != Some(turn) {
                 return Err(StoreError::TurnNotActive { turn_id: turn }.into());
@@ -1429,20 +1460,26 @@ impl Store for SqlStore {
             lease.clone(),
             Arc::new(entries),
         );
-        op!(self, [cfg, lease, entries, reason], |c, now| {
-            let mut s = lock_fenced(c, d, &lease).await?;
-            let ended = finish_turn(c, &mut s, now, turn, status, reason, entries.to_vec()).await?;
-            // The holder is alive and may start the next turn at once: the
-            // lease runs a full term from here.
-            s.lease_expires_at = Some(now + cfg.lease_ttl.as_micros() as i64);
-            save_session(c, &s).await?;
-            Ok(ended)
-        })
+        op!(
+            self,
+            Some(lease.session_id),
+            [cfg, lease, entries, reason],
+            |c, now| {
+                let mut s = lock_fenced(c, d, &lease).await?;
+                let ended =
+                    finish_turn(c, &mut s, now, turn, status, reason, entries.to_vec()).await?;
+                // The holder is alive and may start the next turn at once: the
+                // lease runs a full term from here.
+                s.lease_expires_at = Some(now + cfg.lease_ttl.as_micros() as i64);
+                save_session(c, &s).await?;
+                Ok(ended)
+            }
+        )
     }
 
     async fn renew_lease(&self, lease: &Lease) -> Result<Renewal> {
         let (d, cfg, lease) = (self.dialect, self.cfg.clone(), lease.clone());
-        op!(self, [cfg, lease], |c, now| {
+        op!(self, Some(lease.session_id), [cfg, lease], |c, now| {
             let mut s = lock_fenced(c, d, &lease).await?;
             s.lease_expires_at = Some(now + cfg.lease_ttl.as_micros() as i64);
             save_session(c, &s).await?;
@@ -1462,7 +1499,7 @@ impl Store for SqlStore {
 
     async fn release_lease(&self, lease: &Lease, force: bool) -> Result<bool> {
         let (d, lease) = (self.dialect, lease.clone());
-        op!(self, [lease], |c, _now| {
+        op!(self, Some(lease.session_id), [lease], |c, _now| {
             let mut s = lock_fenced(c, d, &lease).await?;
             if s.active_turn.is_some() && !force {
                 return Ok(false);
@@ -1476,7 +1513,7 @@ impl Store for SqlStore {
 
     async fn set_agent_session(&self, lease: &Lease, agent_session: &str) -> Result<()> {
         let (d, lease, value) = (self.dialect, lease.clone(), agent_session.to_owned());
-        op!(self, [lease, value], |c, _now| {
+        op!(self, Some(lease.session_id), [lease, value], |c, _now| {
             let mut s = lock_fenced(c, d, &lease).await?;
             s.agent_session = Some(value.clone());
             save_session(c, &s).await?;
@@ -1505,7 +1542,7 @@ impl Store for SqlStore {
             let id = SessionId::parse(&id)
                 .map_err(|_| StoreError::Internal(format!("corrupt session id {id:?}")))?;
             let (d, cfg, node) = (self.dialect, self.cfg.clone(), node.to_owned());
-            let got = op!(self, [cfg, node], |c, now| op_recover_one(
+            let got = op!(self, Some(id), [cfg, node], |c, now| op_recover_one(
                 c,
                 d,
                 now,

@@ -549,10 +549,12 @@ async fn sqlite_a_write_failing_after_it_wrote_leaves_no_trace() {
         .await
         .expect("post a2");
     let c = outside(&path);
+    // Stamped like the store would: not before the log's last entry.
+    let now = format!("(SELECT MAX(created_at) + 1 FROM entries WHERE session_id = '{a}')");
     c.execute_batch(&format!(
-        "BEGIN; UPDATE turns SET status = 'failed', ended_at = 1, reason = 'ended outside' WHERE id = '{t1}'; \
+        "BEGIN; UPDATE turns SET status = 'failed', ended_at = {now}, reason = 'ended outside' WHERE id = '{t1}'; \
          INSERT INTO entries (session_id, seq, kind, turn_id, status, reason, created_at) \
-         VALUES ('{a}', 4, 'turn_ended', '{t1}', 'failed', 'ended outside', 1); \
+         VALUES ('{a}', 4, 'turn_ended', '{t1}', 'failed', 'ended outside', {now}); \
          UPDATE sessions SET active_turn = NULL, last_seq = 4 WHERE id = '{a}'; COMMIT;"
     ))
     .expect("end the turn outside the store");
@@ -628,4 +630,109 @@ async fn sqlite_a_write_failing_after_it_wrote_leaves_no_trace() {
             .count();
     }
     assert_eq!(stored, expected_others);
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL only
+
+/// A write that waited for a session's row lock reads the clock after it got
+/// the lock: it never stamps its entries earlier than what the transaction
+/// it waited for wrote (two nodes writing one session at once). The other
+/// writer is played by a raw connection that stamps its entry after the
+/// post has begun and queued behind its lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_write_that_waited_for_the_lock_is_not_stamped_earlier() {
+    use sqlx::{Connection, Row};
+    let Some(url) = baton_store::testing::database_url("postgres_a_write_that_waited_for_the_lock")
+    else {
+        return;
+    };
+    let schema = baton_store::testing::PgSchema::create(&url).await;
+    let store = Arc::new(
+        SqlStore::open_postgres(schema.url(), base_config())
+            .await
+            .expect("open the PostgreSQL store"),
+    );
+    let owner = "o";
+    let id = store
+        .create_session(new_session(owner, Policy::Queue))
+        .await
+        .expect("create")
+        .session
+        .id;
+    let connect = || async {
+        sqlx::PgConnection::connect(schema.url())
+            .await
+            .expect("a raw connection")
+    };
+    let (mut holder, mut watcher) = (connect().await, connect().await);
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .expect("backend pid");
+    sqlx::query("BEGIN")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT id FROM sessions WHERE id = $1 FOR UPDATE")
+        .bind(id.to_string())
+        .execute(&mut holder)
+        .await
+        .expect("lock the session");
+
+    let post = tokio::spawn({
+        let store = store.clone();
+        async move { store.post_message(message(owner, id, "late", None)).await }
+    });
+    // Until the post is queued behind the holder's lock.
+    let patience = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(holder_pid)
+        .fetch_one(&mut watcher)
+        .await
+        .expect("lock waits");
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < patience,
+            "the post never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The holder writes an entry stamped now, after the post began.
+    let seq: i64 =
+        sqlx::query("UPDATE sessions SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq")
+            .bind(id.to_string())
+            .fetch_one(&mut holder)
+            .await
+            .expect("bump last_seq")
+            .get(0);
+    let stamped: i64 = sqlx::query_scalar(
+        "INSERT INTO entries (session_id, seq, kind, role, content, created_at) \
+         VALUES ($1, $2, 'message', 'system', 'first', \
+                 CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)) \
+         RETURNING created_at",
+    )
+    .bind(id.to_string())
+    .bind(seq)
+    .fetch_one(&mut holder)
+    .await
+    .expect("insert the holder's entry");
+    sqlx::query("COMMIT")
+        .execute(&mut holder)
+        .await
+        .expect("commit");
+
+    let posted = post.await.expect("the post task").expect("the post");
+    assert_eq!(posted.entry.seq, 2, "after the holder's entry");
+    assert!(
+        posted.entry.created_at.0 >= stamped,
+        "the post is stamped {} µs before the entry it waited for",
+        stamped - posted.entry.created_at.0
+    );
+    check_log(&*store, owner, id).await;
 }
