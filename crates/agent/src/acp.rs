@@ -128,6 +128,9 @@ impl AcpConfig {
 
 /// The turn running on one ACP session.
 struct Sink {
+    /// Which turn: a prompt, cancel or stop of an earlier turn on the same
+    /// ACP session (resumed on a new process) must not touch this one.
+    turn: u64,
     tx: mpsc::UnboundedSender<AgentEvent>,
     /// The process it runs on: only that process's death ends it.
     generation: u64,
@@ -146,6 +149,8 @@ struct Shared {
     /// The last bytes the process wrote to stderr.
     stderr: Mutex<VecDeque<u8>>,
     status: Mutex<Status>,
+    /// Numbers the turns started on this agent.
+    turns: AtomicU64,
     /// ACP session id → until when it stays quiet after a cancelled prompt.
     /// ACP updates carry no request id, so output an agent sends after
     /// answering a cancelled prompt would look like the next turn's; with no
@@ -178,11 +183,13 @@ impl Shared {
         }
     }
 
-    fn take_sink(&self, session: &str) -> Option<Sink> {
-        self.sinks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(session)
+    /// Takes the sink of `turn` on `session`: whoever takes it ends the turn.
+    fn take_sink(&self, session: &str, turn: u64) -> Option<Sink> {
+        let mut sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        match sinks.get(session) {
+            Some(s) if s.turn == turn => sinks.remove(session),
+            _ => None,
+        }
     }
 
     /// Ends every turn on the process of `generation`: it exited.
@@ -239,7 +246,9 @@ struct Life {
     /// `Process` and the controls of turns on it) is gone, so a dropped
     /// driver leaves no process behind.
     kill: mpsc::WeakUnboundedSender<()>,
-    /// Becomes true once the process was reaped and every turn on it ended.
+    /// Becomes true once the process was reaped and the turns registered on
+    /// it then were failed (a turn that registered later ends through its
+    /// own prompt's error).
     exited: tokio::sync::watch::Receiver<bool>,
     /// Becomes true once its stderr reached end of file: all it wrote there
     /// is in the tail.
@@ -499,6 +508,8 @@ impl AcpDriver {
 
     /// An error for a process that vanished during set-up, with its stderr.
     async fn died(&self, life: &Life, when: &str) -> AgentError {
+        // Its stderr closes only once it is gone, and it is of no use now.
+        life.kill();
         let tail = life.last_words(&self.shared).await;
         let tail = if tail.is_empty() {
             "no stderr"
@@ -750,6 +761,7 @@ fn permission(
 struct Control {
     shared: Arc<Shared>,
     session: String,
+    turn: u64,
     cx: ConnectionTo<Agent>,
     life: Life,
     /// Keeps the process running while this turn may need it.
@@ -761,7 +773,7 @@ impl TurnControl for Control {
         let first = {
             let mut sinks = self.shared.sinks.lock().unwrap_or_else(|p| p.into_inner());
             match sinks.get_mut(&self.session) {
-                Some(s) if !s.cancelled => {
+                Some(s) if s.turn == self.turn && !s.cancelled => {
                     s.cancelled = true;
                     true
                 }
@@ -781,7 +793,7 @@ impl TurnControl for Control {
     fn force_stop(&self) {
         // The agent did not drain: restart the process. Other sessions' turns
         // on it end `failed`; the next turn resumes with session/load.
-        if self.shared.take_sink(&self.session).is_some() {
+        if self.shared.take_sink(&self.session, self.turn).is_some() {
             // Dead from now on for new turns, before the kill lands, so the
             // next turn starts a new process instead of joining this one.
             self.life.kill();
@@ -826,6 +838,7 @@ impl AgentDriver for AcpDriver {
         if created {
             let _ = tx.send(AgentEvent::AgentSession(session.clone()));
         }
+        let turn = self.shared.turns.fetch_add(1, Ordering::Relaxed);
         self.shared
             .sinks
             .lock()
@@ -833,6 +846,7 @@ impl AgentDriver for AcpDriver {
             .insert(
                 session.clone(),
                 Sink {
+                    turn,
                     tx: tx.clone(),
                     generation,
                     text: String::new(),
@@ -862,7 +876,7 @@ impl AgentDriver for AcpDriver {
             // Every update of a prompt is handled before its response: the
             // sink now holds the whole reply. Whoever takes the sink ends the
             // turn (this, or the process's death, or a forced stop).
-            let Some(sink) = shared.take_sink(&sid) else {
+            let Some(sink) = shared.take_sink(&sid, turn) else {
                 return;
             };
             if sink.cancelled {
@@ -896,6 +910,7 @@ impl AgentDriver for AcpDriver {
             control: Box::new(Control {
                 shared: self.shared.clone(),
                 session,
+                turn,
                 cx,
                 life,
                 _keep: keep,

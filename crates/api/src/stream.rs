@@ -187,9 +187,11 @@ async fn follow(
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = tokio::select! {
-            // Live events first: a resync that read the store past deltas
-            // still queued here would send a stored message before the
-            // deltas that led to it.
+            // Live events first: deltas already queued here go out before a
+            // resync sends stored entries past them. (A delta that arrives
+            // while a resync reads the store can still follow the message it
+            // led to; deltas are a preview, the stored message is the
+            // record, and none follows its turn's end.)
             biased;
             ev = live.recv() => ev,
             _ = resync.tick() => {

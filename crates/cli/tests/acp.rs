@@ -314,6 +314,47 @@ async fn dies_mid_prompt_then_recovers(command: String, exit: &str) {
     app.stop().await;
 }
 
+/// A forced stop kills the process; the next turn resumes the same ACP
+/// session on a new one. The stopped turn's prompt, failing late (a
+/// grandchild holds the old process's stderr open for a while), must not end
+/// the turn now running on that session.
+async fn a_stopped_turns_prompt_does_not_end_the_next_turn(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let state = tempfile::tempdir().unwrap();
+    let cmd = format!(
+        "sh -c \"(sleep 5 &); exec env ACP_PEER_LOAD_SESSION=1 ACP_PEER_STATE_DIR={} {cmd}\"",
+        state.path().display()
+    );
+    let app = server(cmd, |cfg| cfg.cancel_drain_ms = 300).await;
+    let c = &app.client;
+    let id = c.create_session(json!({"message": "first"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ended_turn(c, &id, 0).await;
+    c.post(&id, "/ignore-cancel", None, None).await;
+    running_turn(c, &id, 1).await;
+    c.cancel(&id).await;
+    let t = ended_turn(c, &id, 1).await;
+    assert!(t["reason"].as_str().unwrap().contains("forced"), "{t}");
+    c.post(
+        &id,
+        "/slow 300 one two three four five six seven",
+        None,
+        None,
+    )
+    .await;
+    let t = ended_turn(c, &id, 2).await;
+    assert_eq!(t["status"], "completed", "{t}");
+    let entries = c.entries(&id).await;
+    assert_eq!(
+        replies(&entries),
+        vec!["echo: first", "echo: one two three four five six seven"]
+    );
+    check_log(&entries);
+    app.stop().await;
+}
+
 async fn session_load_after_restart_keeps_history_single(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
     let state = tempfile::tempdir().unwrap();
@@ -506,6 +547,7 @@ for_each_peer!(
     death_mid_prompt_fails_with_stderr_and_recovers,
     pipes_closed_before_exit_retire_the_process,
     a_process_lingering_after_its_pipes_closed_is_killed,
+    a_stopped_turns_prompt_does_not_end_the_next_turn,
     session_load_after_restart_keeps_history_single,
     twenty_queued_messages_are_twenty_fifo_prompts,
     permission_policy_is_applied_and_recorded,

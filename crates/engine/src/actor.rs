@@ -317,30 +317,36 @@ async fn run_turn(
             // lease can expire, not whenever the driver gives up. A renewal
             // that is merely slow still lands, and a stale epoch it reports
             // fences at once.
-            _ = heartbeat.tick() => match tokio::time::timeout(renewal_budget(inner.lease_ttl(), inner.cfg.heartbeat, last_renewal.elapsed()), inner.store.renew_lease(lease))
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable("lease renewal timed out".into())))
-            {
-                Ok(renewal) => {
-                    last_renewal = Instant::now();
-                    match renewal.cancel {
-                        Some((t, reason)) if t == turn_id => Event::CancelRequested { reason },
-                        _ => continue,
+            _ = heartbeat.tick() => {
+                // The store stamps the new expiry when the renewal begins, so
+                // that, not its answer, is when the lease was last extended.
+                let asked = Instant::now();
+                let budget = renewal_budget(inner.lease_ttl(), inner.cfg.heartbeat, asked - last_renewal);
+                match tokio::time::timeout(budget, inner.store.renew_lease(lease))
+                    .await
+                    .unwrap_or_else(|_| Err(StoreError::Unavailable("lease renewal timed out".into())))
+                {
+                    Ok(renewal) => {
+                        last_renewal = asked;
+                        match renewal.cancel {
+                            Some((t, reason)) if t == turn_id => Event::CancelRequested { reason },
+                            _ => continue,
+                        }
+                    }
+                    Err(StoreError::StaleEpoch { .. }) => Event::LeaseLost,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lease renewal failed");
+                        // Self-fencing: stop while the lease is still ours, when
+                        // the next renewal could no longer land before it expires
+                        // (another worker may own the session after that).
+                        if last_renewal.elapsed() + 2 * inner.cfg.heartbeat >= inner.lease_ttl() {
+                            Event::LeaseLost
+                        } else {
+                            continue;
+                        }
                     }
                 }
-                Err(StoreError::StaleEpoch { .. }) => Event::LeaseLost,
-                Err(e) => {
-                    tracing::warn!(error = %e, "lease renewal failed");
-                    // Self-fencing: stop while the lease is still ours, when
-                    // the next renewal could no longer land before it expires
-                    // (another worker may own the session after that).
-                    if last_renewal.elapsed() + 2 * inner.cfg.heartbeat >= inner.lease_ttl() {
-                        Event::LeaseLost
-                    } else {
-                        continue;
-                    }
-                }
-            },
+            }
             _ = at(turn_deadline) => {
                 turn_deadline = None;
                 Event::TurnDeadline

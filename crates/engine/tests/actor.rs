@@ -4,7 +4,7 @@
 //! with output, ends a turn whose output the store refuses, and fences
 //! itself when its lease renewals hang.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -304,13 +304,22 @@ impl AgentDriver for Echo {
     }
 }
 
+/// Renewals answer at once.
+const RENEWALS_ANSWER: u8 = 0;
+/// Renewals never answer.
+const RENEWALS_HANG: u8 = 1;
+/// The next renewal lands but answers `SLOW_RENEWAL` late; later ones hang.
+const RENEWALS_SLOW_THEN_HANG: u8 = 2;
+const SLOW_RENEWAL: Duration = Duration::from_millis(1_500);
+
 /// The embedded store, except that it refuses (as a database refuses a
 /// row it cannot take) any write of output whose text or tool is "poison",
 /// and, once told to, leaves every lease renewal hanging (a database that
 /// stopped answering).
 struct PoisonOutput {
     store: SqlStore,
-    renewals_hang: Arc<AtomicBool>,
+    /// What lease renewals do: one of the `RENEWALS_*` modes.
+    renewals: Arc<AtomicU8>,
     /// When the last renewal that was answered began.
     renewed: Arc<Mutex<Option<Instant>>>,
     /// Told each time mid-turn output was stored.
@@ -321,7 +330,7 @@ impl PoisonOutput {
     fn new(store: SqlStore) -> Self {
         Self {
             store,
-            renewals_hang: Arc::default(),
+            renewals: Arc::default(),
             renewed: Arc::default(),
             stored: Arc::default(),
         }
@@ -412,12 +421,17 @@ impl Store for PoisonOutput {
     }
     async fn renew_lease(&self, lease: &Lease) -> StoreResult<Renewal> {
         let began = Instant::now();
-        if self.renewals_hang.load(Ordering::SeqCst) {
+        let mode = self.renewals.load(Ordering::SeqCst);
+        if mode == RENEWALS_HANG {
             std::future::pending::<()>().await;
         }
         let renewal = self.store.renew_lease(lease).await;
         if renewal.is_ok() {
             *self.renewed.lock().expect("renewal clock") = Some(began);
+        }
+        if mode == RENEWALS_SLOW_THEN_HANG {
+            self.renewals.store(RENEWALS_HANG, Ordering::SeqCst);
+            tokio::time::sleep(SLOW_RENEWAL).await;
         }
         renewal
     }
@@ -616,21 +630,32 @@ impl AgentDriver for Waiter {
 /// the lease expires never runs beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_lease_renewals_fence_the_worker_before_its_lease_expires() {
+    renewals_fail_then_the_worker_fences(RENEWALS_HANG).await;
+}
+
+/// The same when the last renewal that lands answers late: the lease runs
+/// from when that renewal began, not from its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answered_renewal_does_not_stretch_the_lease() {
+    renewals_fail_then_the_worker_fences(RENEWALS_SLOW_THEN_HANG).await;
+}
+
+async fn renewals_fail_then_the_worker_fences(mode: u8) {
     let stopped = Arc::new(Mutex::new(None));
-    let (hang, renewed) = (Arc::new(AtomicBool::new(false)), Arc::default());
+    let (renewals, renewed) = (Arc::new(AtomicU8::new(RENEWALS_ANSWER)), Arc::default());
     let cfg = EngineConfig {
-        heartbeat: Duration::from_millis(100),
-        lease_ttl: Duration::from_millis(1_500),
+        heartbeat: Duration::from_millis(300),
+        lease_ttl: Duration::from_millis(3_000),
         ..EngineConfig::default()
     };
-    let store_faults = (hang.clone(), Arc::clone(&renewed));
+    let store_faults = (renewals.clone(), Arc::clone(&renewed));
     let f = engine_with(
         "waiter",
         Arc::new(Waiter(stopped.clone())),
         move |store| {
             Arc::new(PoisonOutput {
                 store,
-                renewals_hang: store_faults.0,
+                renewals: store_faults.0,
                 renewed: store_faults.1,
                 stored: Arc::default(),
             })
@@ -648,17 +673,17 @@ async fn hanging_lease_renewals_fence_the_worker_before_its_lease_expires() {
             other => panic!("waiting for the turn to run: {other:?}"),
         }
     }
-    // Let a renewal or two land, then the database stops answering.
+    // Let a renewal land, then the database falters.
     let patience = Instant::now() + Duration::from_secs(20);
     while renewed.lock().expect("renewal clock").is_none() {
         assert!(Instant::now() < patience, "no renewal within 20 s");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    hang.store(true, Ordering::SeqCst);
+    renewals.store(mode, Ordering::SeqCst);
     while stopped.lock().expect("stop clock").is_none() {
         assert!(
             Instant::now() < patience,
-            "the worker kept its agent running with its renewals hanging"
+            "the worker kept its agent running with its renewals failing"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -666,7 +691,7 @@ async fn hanging_lease_renewals_fence_the_worker_before_its_lease_expires() {
     let renewed_at = renewed.lock().expect("renewal clock").expect("renewed");
     assert!(
         stopped_at < renewed_at + cfg.lease_ttl,
-        "the agent was stopped {:?} after the last answered renewal began, \
+        "the agent was stopped {:?} after the last renewal that landed began, \
          past the lease's {:?}",
         stopped_at - renewed_at,
         cfg.lease_ttl
