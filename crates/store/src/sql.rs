@@ -224,7 +224,9 @@ impl SqlStore {
         }
         let lite = open_writer(path)?;
         let ckpt = open_checkpointer(path)?;
-        let clock = Arc::new(Clock::default());
+        let clock = Arc::new(Clock::after(latest_stamp(&lite).map_err(|e| {
+            StoreError::Internal(format!("reading the clock of {}: {e}", path.display()))
+        })?));
         let (tx, rx) = mpsc::channel(4 * writer::MAX_BATCH);
         let (committed, commits) = std::sync::mpsc::sync_channel(1);
         let writer_clock = clock.clone();
@@ -410,6 +412,27 @@ fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
     )?;
     c.set_prepared_statement_cache_capacity(64);
     Ok(c)
+}
+
+/// The latest time the file holds: the newest rows' stamps (rows are
+/// stamped in insertion order, so the last rowid holds the latest; a turn's
+/// end is stamped on its `turn_ended` entry). Two index lookups.
+fn latest_stamp(c: &rusqlite::Connection) -> rusqlite::Result<i64> {
+    let mut latest = 0;
+    for sql in [
+        "SELECT created_at FROM entries ORDER BY rowid DESC LIMIT 1",
+        "SELECT created_at FROM sessions ORDER BY rowid DESC LIMIT 1",
+    ] {
+        let stamp: Option<i64> =
+            c.query_row(sql, [], |r| r.get(0))
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?;
+        latest = latest.max(stamp.unwrap_or(0));
+    }
+    Ok(latest)
 }
 
 /// The checkpoint thread's connection (`synchronous=FULL`: a checkpoint

@@ -61,13 +61,22 @@ pub(crate) fn complete<T>(fut: impl Future<Output = T>) -> Option<T> {
 }
 
 /// The store's clock for the embedded store: wall-clock microseconds, never
-/// going backwards (a turn never starts before the previous one ended).
+/// going backwards (a turn never starts before the previous one ended), not
+/// even across a restart (it starts after the latest time the file holds).
 #[derive(Debug, Default)]
 pub(crate) struct Clock {
     last: AtomicI64,
 }
 
 impl Clock {
+    /// A clock that never reads earlier than `last` (the latest time the
+    /// file holds: a previous run's clock may have been ahead of this one's).
+    pub fn after(last: i64) -> Self {
+        Self {
+            last: AtomicI64::new(last),
+        }
+    }
+
     pub fn now(&self) -> i64 {
         let sys = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -464,6 +464,48 @@ fn outside(path: &Path) -> rusqlite::Connection {
     c
 }
 
+/// The store's clock never runs back across a restart: a file written by a
+/// run whose clock was an hour ahead (or a clock stepped back since) still
+/// gets later stamps after the entries it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_clock_never_runs_back_across_a_restart() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = db_path(&dir);
+    let store = open_file(&path).await;
+    let owner = "clock-owner";
+    let id = store
+        .create_session(new_session(owner, Policy::Queue))
+        .await
+        .expect("create")
+        .session
+        .id;
+    close(store).await;
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_micros() as i64
+        + 3_600_000_000;
+    outside(&path)
+        .execute_batch(&format!(
+            "BEGIN; UPDATE sessions SET last_seq = 1 WHERE id = '{id}'; \
+             INSERT INTO entries (session_id, seq, kind, role, content, created_at) \
+             VALUES ('{id}', 1, 'message', 'system', 'from an hour ahead', {ahead}); COMMIT;"
+        ))
+        .expect("an entry stamped an hour ahead");
+
+    let store = open_file(&path).await;
+    let posted = store
+        .post_message(message(owner, id, "after the restart", None))
+        .await
+        .expect("post");
+    assert!(
+        posted.entry.created_at.0 >= ahead,
+        "stamped {} µs before the entry it follows",
+        ahead - posted.entry.created_at.0
+    );
+    check_log(&store, owner, id).await;
+}
+
 /// The writer remembers session rows between transactions; a commit by
 /// another connection must make it read them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
