@@ -705,6 +705,23 @@ async fn run_baseline(db: &Path, writers: usize, window: Duration) -> anyhow::Re
 
 /// How long any wait in the post benchmark may take before it gives up.
 const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Waits, polling every `poll`, until no session actor of `engine` runs (so
+/// a measurement starts with nothing left over from the one before).
+pub(crate) async fn wait_quiet(
+    engine: &baton_engine::Engine,
+    poll: Duration,
+    patience: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + patience;
+    while engine.active_actors() > 0 {
+        if Instant::now() > deadline {
+            bail!("session actors still running after {patience:?}");
+        }
+        tokio::time::sleep(poll).await;
+    }
+    Ok(())
+}
 const LOCAL: &str = "local";
 
 struct Http {
@@ -861,14 +878,7 @@ impl Server {
 
     /// Waits until no session actor runs on the server.
     async fn wait_quiet(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + PATIENCE;
-        while self.engine.active_actors() > 0 {
-            if Instant::now() > deadline {
-                bail!("session actors still running after {PATIENCE:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        Ok(())
+        wait_quiet(&self.engine, Duration::from_millis(2), PATIENCE).await
     }
 
     /// A session whose first message `/hang` is a turn in flight (running).

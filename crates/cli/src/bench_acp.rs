@@ -425,14 +425,7 @@ impl Baton {
     /// Waits (untimed) until the previous turn's actor has exited, so every
     /// measured post finds the session idle and starts a turn.
     async fn wait_quiet(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + PATIENCE;
-        while self.engine.active_actors() > 0 {
-            if Instant::now() > deadline {
-                bail!("the session's actor still runs after {PATIENCE:?}");
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
-        Ok(())
+        crate::bench::wait_quiet(&self.engine, Duration::from_micros(200), PATIENCE).await
     }
 
     async fn turn(&mut self, text: &str) -> anyhow::Result<BatonTurn> {
