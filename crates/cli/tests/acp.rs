@@ -104,6 +104,14 @@ async fn running_turn(c: &Client, id: &str, n: usize) {
     }
 }
 
+/// The peer's command with `session/load` on, its sessions saved in `state`.
+fn resumable(cmd: &str, state: &tempfile::TempDir) -> String {
+    format!(
+        "env ACP_PEER_LOAD_SESSION=1 ACP_PEER_STATE_DIR={} {cmd}",
+        state.path().display()
+    )
+}
+
 /// The peer as `GET /v1/agents` describes it.
 async fn peer_agent(c: &Client) -> Value {
     let (_, agents) = c.send(c.req(reqwest::Method::GET, "/v1/agents")).await;
@@ -321,10 +329,7 @@ async fn dies_mid_prompt_then_recovers(command: String, exit: &str) {
 async fn a_stopped_turns_prompt_does_not_end_the_next_turn(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
     let state = tempfile::tempdir().unwrap();
-    let cmd = format!(
-        "sh -c \"(sleep 5 &); exec env ACP_PEER_LOAD_SESSION=1 ACP_PEER_STATE_DIR={} {cmd}\"",
-        state.path().display()
-    );
+    let cmd = format!("sh -c \"(sleep 5 &); exec {}\"", resumable(&cmd, &state));
     let app = server(cmd, |cfg| cfg.cancel_drain_ms = 300).await;
     let c = &app.client;
     let id = c.create_session(json!({"message": "first"})).await["id"]
@@ -358,10 +363,7 @@ async fn a_stopped_turns_prompt_does_not_end_the_next_turn(kind: &str) {
 async fn session_load_after_restart_keeps_history_single(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
     let state = tempfile::tempdir().unwrap();
-    let cmd = format!(
-        "env ACP_PEER_LOAD_SESSION=1 ACP_PEER_STATE_DIR={} {cmd}",
-        state.path().display()
-    );
+    let cmd = resumable(&cmd, &state);
     let app = server(cmd, |_| {}).await;
     let c = &app.client;
     let id = c.create_session(json!({"message": "first"})).await["id"]

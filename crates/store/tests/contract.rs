@@ -118,6 +118,20 @@ fn db_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("baton.db")
 }
 
+/// A store on a fresh file (at `db_path` of the directory) holding one
+/// `queue` session of `owner`.
+async fn file_with_session(owner: &str) -> (tempfile::TempDir, SqlStore, baton_core::SessionId) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = open_file(&db_path(&dir)).await;
+    let id = store
+        .create_session(new_session(owner, Policy::Queue))
+        .await
+        .expect("create")
+        .session
+        .id;
+    (dir, store, id)
+}
+
 /// I2 for the embedded store: everything acknowledged is there, in the same
 /// order, after the store is closed and reopened; a turn that was running
 /// when the process went away is ended `lost` by the start-up recovery, and
@@ -469,16 +483,9 @@ fn outside(path: &Path) -> rusqlite::Connection {
 /// gets later stamps after the entries it holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_clock_never_runs_back_across_a_restart() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let path = db_path(&dir);
-    let store = open_file(&path).await;
     let owner = "clock-owner";
-    let id = store
-        .create_session(new_session(owner, Policy::Queue))
-        .await
-        .expect("create")
-        .session
-        .id;
+    let (dir, store, id) = file_with_session(owner).await;
+    let path = db_path(&dir);
     close(store).await;
     let ahead = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -510,16 +517,9 @@ async fn sqlite_clock_never_runs_back_across_a_restart() {
 /// another connection must make it read them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_writer_sees_commits_by_other_connections() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let path = db_path(&dir);
-    let store = open_file(&path).await;
     let owner = "outside-owner";
-    let id = store
-        .create_session(new_session(owner, Policy::Queue))
-        .await
-        .expect("create")
-        .session
-        .id;
+    let (dir, store, id) = file_with_session(owner).await;
+    let path = db_path(&dir);
     for m in ["m1", "m2"] {
         store
             .post_message(message(owner, id, m, None))
@@ -570,16 +570,10 @@ async fn sqlite_writer_sees_commits_by_other_connections() {
 /// first starts the waiting turn, then is rejected by policy `reject`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_a_write_failing_after_it_wrote_leaves_no_trace() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let path = db_path(&dir);
-    let store = Arc::new(open_file(&path).await);
     let owner = "undo-owner";
-    let a = store
-        .create_session(new_session(owner, Policy::Queue))
-        .await
-        .expect("create")
-        .session
-        .id;
+    let (dir, store, a) = file_with_session(owner).await;
+    let path = db_path(&dir);
+    let store = Arc::new(store);
     let others = queue_sessions(&store, owner, 4).await;
     let first = store
         .post_message(message(owner, a, "a1", None))
