@@ -264,8 +264,13 @@ impl Life {
         self.alive.load(Ordering::SeqCst)
     }
 
-    fn kill(&self) {
+    /// No new turn joins the process from now on.
+    fn retire(&self) {
         self.alive.store(false, Ordering::SeqCst);
+    }
+
+    fn kill(&self) {
+        self.retire();
         // No sender left means the reaper is killing it already.
         if let Some(kill) = self.kill.upgrade() {
             let _ = kill.send(());
@@ -283,7 +288,7 @@ impl Life {
     /// itself for a moment, then kill it; returns once it was reaped (or
     /// `REAP_PATIENCE` after the kill).
     async fn pipes_closed(&self) {
-        self.alive.store(false, Ordering::SeqCst);
+        self.retire();
         let mut exited = self.exited.clone();
         if tokio::time::timeout(EXIT_GRACE, exited.wait_for(|e| *e))
             .await
@@ -448,7 +453,7 @@ impl AcpDriver {
                     child.wait().await
                 }
             };
-            reaper.alive.store(false, Ordering::SeqCst);
+            reaper.retire();
             let _ = close_tx.send(());
             let status = match status {
                 Ok(s) => s.to_string(),

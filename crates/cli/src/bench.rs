@@ -722,6 +722,7 @@ pub(crate) async fn wait_quiet(
     }
     Ok(())
 }
+
 const LOCAL: &str = "local";
 
 struct Http {

@@ -121,10 +121,18 @@ async fn at(deadline: Option<Instant>) {
     }
 }
 
-/// How long one lease renewal may take: until self-fencing is due (two
-/// heartbeats before the lease would expire), and at least one heartbeat.
+/// How long after its last renewal began a worker stops on its own when no
+/// renewal lands: two heartbeats before the lease would expire, so that it
+/// stops while the lease is still its own.
+fn fence_due(ttl: Duration, heartbeat: Duration) -> Duration {
+    ttl.saturating_sub(2 * heartbeat)
+}
+
+/// How long one lease renewal may take: until self-fencing is due, and at
+/// least one heartbeat.
 fn renewal_budget(ttl: Duration, heartbeat: Duration, since_renewal: Duration) -> Duration {
-    ttl.saturating_sub(2 * heartbeat + since_renewal)
+    fence_due(ttl, heartbeat)
+        .saturating_sub(since_renewal)
         .max(heartbeat)
 }
 
@@ -339,7 +347,7 @@ async fn run_turn(
                         // Self-fencing: stop while the lease is still ours, when
                         // the next renewal could no longer land before it expires
                         // (another worker may own the session after that).
-                        if last_renewal.elapsed() + 2 * inner.cfg.heartbeat >= inner.lease_ttl() {
+                        if last_renewal.elapsed() >= fence_due(inner.lease_ttl(), inner.cfg.heartbeat) {
                             Event::LeaseLost
                         } else {
                             continue;

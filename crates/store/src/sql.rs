@@ -418,18 +418,13 @@ fn open_writer(path: &Path) -> Result<rusqlite::Connection> {
 /// stamped in insertion order, so the last rowid holds the latest; a turn's
 /// end is stamped on its `turn_ended` entry). Two index lookups.
 fn latest_stamp(c: &rusqlite::Connection) -> rusqlite::Result<i64> {
+    use rusqlite::OptionalExtension;
     let mut latest = 0;
     for sql in [
         "SELECT created_at FROM entries ORDER BY rowid DESC LIMIT 1",
         "SELECT created_at FROM sessions ORDER BY rowid DESC LIMIT 1",
     ] {
-        let stamp: Option<i64> =
-            c.query_row(sql, [], |r| r.get(0))
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(e),
-                })?;
+        let stamp: Option<i64> = c.query_row(sql, [], |r| r.get(0)).optional()?;
         latest = latest.max(stamp.unwrap_or(0));
     }
     Ok(latest)
