@@ -200,10 +200,7 @@ async fn cancel_mid_stream_and_late_updates(kind: &str) {
     // quiet window far past that, however slowly a loaded machine runs them.
     let app = server(cmd, |cfg| cfg.acp_quiet_after_cancel_ms = 3_000).await;
     let c = &app.client;
-    let id = c.create_session(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = c.create_session_id(json!({})).await;
     let mut stream = c.open_stream(&id, None).await;
     for (n, directive) in ["/hang stop me", "/late stop me too"].iter().enumerate() {
         c.post(&id, directive, None, None).await;
@@ -248,10 +245,9 @@ async fn ignored_cancel_is_forced_and_the_next_turn_works(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
     let app = server(cmd, |cfg| cfg.cancel_drain_ms = 500).await;
     let c = &app.client;
-    let id = c.create_session(json!({"message": "/ignore-cancel"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = c
+        .create_session_id(json!({"message": "/ignore-cancel"}))
+        .await;
     running_turn(c, &id, 0).await;
     c.cancel(&id).await;
     let t = ended_turn(c, &id, 0).await;
@@ -297,10 +293,7 @@ async fn a_process_lingering_after_its_pipes_closed_is_killed(kind: &str) {
 async fn dies_mid_prompt_then_recovers(command: String, exit: &str) {
     let app = server(command, |_| {}).await;
     let c = &app.client;
-    let id = c.create_session(json!({"message": "/die now"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = c.create_session_id(json!({"message": "/die now"})).await;
     c.post(&id, "and then", None, None).await;
     let t = ended_turn(c, &id, 0).await;
     assert_eq!(t["status"], "failed", "{t}");
@@ -332,10 +325,7 @@ async fn a_stopped_turns_prompt_does_not_end_the_next_turn(kind: &str) {
     let cmd = format!("sh -c \"(sleep 5 &); exec {}\"", resumable(&cmd, &state));
     let app = server(cmd, |cfg| cfg.cancel_drain_ms = 300).await;
     let c = &app.client;
-    let id = c.create_session(json!({"message": "first"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = c.create_session_id(json!({"message": "first"})).await;
     ended_turn(c, &id, 0).await;
     c.post(&id, "/ignore-cancel", None, None).await;
     running_turn(c, &id, 1).await;
@@ -366,10 +356,7 @@ async fn session_load_after_restart_keeps_history_single(kind: &str) {
     let cmd = resumable(&cmd, &state);
     let app = server(cmd, |_| {}).await;
     let c = &app.client;
-    let id = c.create_session(json!({"message": "first"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = c.create_session_id(json!({"message": "first"})).await;
     ended_turn(c, &id, 0).await;
     c.post(&id, "/die restart please", None, None).await;
     assert_eq!(ended_turn(c, &id, 1).await["status"], "failed");
@@ -412,10 +399,7 @@ async fn twenty_queued_messages_are_twenty_fifo_prompts(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
     let app = server(cmd, |_| {}).await;
     let c = &app.client;
-    let id = c.create_session(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = c.create_session_id(json!({})).await;
     let mut tasks = Vec::new();
     for i in 0..20 {
         let c = c.clone();
@@ -467,11 +451,8 @@ async fn permission_policy_is_applied_and_recorded(kind: &str) {
         .await;
         let c = &app.client;
         let id = c
-            .create_session(json!({"message": "/permission may I"}))
-            .await["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+            .create_session_id(json!({"message": "/permission may I"}))
+            .await;
         assert_eq!(ended_turn(c, &id, 0).await["status"], "completed");
         let entries = c.entries(&id).await;
         assert_eq!(replies(&entries), vec![reply]);
@@ -498,10 +479,7 @@ async fn a_peer_that_cannot_start_backs_off(kind: &str) {
     })
     .await;
     let c = &app.client;
-    let id = c.create_session(json!({"message": "one"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = c.create_session_id(json!({"message": "one"})).await;
     c.post(&id, "two", None, None).await;
     let first = ended_turn(c, &id, 0).await;
     assert_eq!(first["status"], "failed");

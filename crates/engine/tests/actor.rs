@@ -199,6 +199,17 @@ async fn until_turn_ended(rx: &mut broadcast::Receiver<BusEvent>) -> (Vec<Seen>,
     }
 }
 
+/// Waits until the bus carries a delta: the session's turn runs.
+async fn until_delta(rx: &mut broadcast::Receiver<BusEvent>) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+            Ok(Ok(BusEvent::Delta { .. })) => return,
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+            other => panic!("waiting for a delta within 20 s: {other:?}"),
+        }
+    }
+}
+
 /// Output that arrives in one burst is stored in one transaction with the
 /// turn's end (one commit, not one per entry); a delta between two outputs
 /// splits them, so the bus still shows stored output before the deltas that
@@ -259,13 +270,7 @@ async fn a_flooding_agent_is_still_cancelled() {
     let mut rx = f.engine.bus().subscribe(id);
     post(&f, id, "go").await;
     // Wait until it floods, then cancel.
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
-            Ok(Ok(BusEvent::Delta { .. })) => break,
-            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
-            other => panic!("waiting for the flood: {other:?}"),
-        }
-    }
+    until_delta(&mut rx).await;
     f.engine.cancel("o", id).await.expect("cancel");
     let ended = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
@@ -312,11 +317,12 @@ const RENEWALS_HANG: u8 = 1;
 const RENEWALS_SLOW_THEN_HANG: u8 = 2;
 const SLOW_RENEWAL: Duration = Duration::from_millis(1_500);
 
-/// The embedded store, except that it refuses (as a database refuses a
-/// row it cannot take) any write of output whose text or tool is "poison",
-/// and, once told to, leaves every lease renewal hanging (a database that
-/// stopped answering).
-struct PoisonOutput {
+/// The embedded store, with faults: it refuses (as a database refuses a row
+/// it cannot take) any write of output whose text or tool is "poison"; its
+/// lease renewals answer, hang (a database that stopped answering) or land
+/// late, as `renewals` says; and it tells `stored` of each mid-turn output
+/// it stored.
+struct FaultyStore {
     store: SqlStore,
     /// What lease renewals do: one of the `RENEWALS_*` modes.
     renewals: Arc<AtomicU8>,
@@ -326,7 +332,7 @@ struct PoisonOutput {
     stored: Arc<tokio::sync::Notify>,
 }
 
-impl PoisonOutput {
+impl FaultyStore {
     fn new(store: SqlStore) -> Self {
         Self {
             store,
@@ -349,7 +355,7 @@ fn refused() -> StoreError {
 }
 
 #[async_trait]
-impl Store for PoisonOutput {
+impl Store for FaultyStore {
     async fn ping(&self) -> StoreResult<()> {
         self.store.ping().await
     }
@@ -454,7 +460,7 @@ impl Store for PoisonOutput {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_the_store_refuses_at_the_end_fails_the_turn() {
     let f = engine_on("echo", Arc::new(Echo), |store| {
-        Arc::new(PoisonOutput::new(store))
+        Arc::new(FaultyStore::new(store))
     })
     .await;
     let id = session(&f, "echo").await;
@@ -554,9 +560,9 @@ async fn a_refused_tool_call_is_not_answered_at_the_end() {
     let stored = Arc::new(tokio::sync::Notify::new());
     let tools = Arc::new(Tools(stored.clone()));
     let f = engine_on("tools", tools, |store| {
-        Arc::new(PoisonOutput {
+        Arc::new(FaultyStore {
             stored,
-            ..PoisonOutput::new(store)
+            ..FaultyStore::new(store)
         })
     })
     .await;
@@ -648,16 +654,14 @@ async fn renewals_fail_then_the_worker_fences(mode: u8) {
         lease_ttl: Duration::from_millis(3_000),
         ..EngineConfig::default()
     };
-    let store_faults = (renewals.clone(), Arc::clone(&renewed));
     let f = engine_with(
         "waiter",
         Arc::new(Waiter(stopped.clone())),
-        move |store| {
-            Arc::new(PoisonOutput {
-                store,
-                renewals: store_faults.0,
-                renewed: store_faults.1,
-                stored: Arc::default(),
+        |store| {
+            Arc::new(FaultyStore {
+                renewals: renewals.clone(),
+                renewed: Arc::clone(&renewed),
+                ..FaultyStore::new(store)
             })
         },
         cfg.clone(),
@@ -666,13 +670,7 @@ async fn renewals_fail_then_the_worker_fences(mode: u8) {
     let id = session(&f, "waiter").await;
     let mut rx = f.engine.bus().subscribe(id);
     post(&f, id, "go").await;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
-            Ok(Ok(BusEvent::Delta { .. })) => break,
-            Ok(Ok(_)) => {}
-            other => panic!("waiting for the turn to run: {other:?}"),
-        }
-    }
+    until_delta(&mut rx).await;
     // Let a renewal land, then the database falters.
     let patience = Instant::now() + Duration::from_secs(20);
     while renewed.lock().expect("renewal clock").is_none() {

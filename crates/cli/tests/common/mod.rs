@@ -74,6 +74,15 @@ impl Client {
         v
     }
 
+    /// Creates a session; returns its id.
+    pub async fn create_session_id(&self, body: Value) -> String {
+        let v = self.create_session(body).await;
+        v["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a created session has an id: {v}"))
+            .to_owned()
+    }
+
     /// `POST /messages`; returns status and body.
     pub async fn post(
         &self,
