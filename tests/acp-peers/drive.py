@@ -16,6 +16,7 @@ Exit status: 0 when every scenario passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import queue
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import traceback
@@ -47,9 +49,17 @@ class Peer:
 
     def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
         full_env = dict(os.environ)
-        for key in ("ACP_PEER_LOAD_SESSION", "ACP_PEER_STATE_DIR", "ACP_PEER_DELAY_MS", "ACP_PEER_CRASH_ON_START"):
+        for key in (
+            "ACP_PEER_LOAD_SESSION",
+            "ACP_PEER_STATE_DIR",
+            "ACP_PEER_DELAY_MS",
+            "ACP_PEER_CRASH_ON_START",
+            "ACP_PEER_STDIN_DELAY_MS",
+            "ACP_PEER_INIT_DELAY_MS",
+        ):
             full_env.pop(key, None)
         full_env.update(env or {})
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -208,6 +218,33 @@ class Peer:
     def cancel(self, sid: str) -> None:
         self.notify("session/cancel", {"sessionId": sid})
 
+    def ping(self) -> int:
+        """A request for an unknown method. Every SDK answers it with an
+        error, even before initialize, so its answer shows the peer is up."""
+        return self.request("drive/ping", {})
+
+    def load(self, sid: str) -> list[tuple[str, str]]:
+        """session/load in this process; the replayed history as (role, text)."""
+        before, resp = self.call("session/load", {"sessionId": sid, "cwd": os.getcwd(), "mcpServers": []})
+        check("result" in resp, f"session/load failed: {resp}")
+        replay = []
+        for m in before:
+            upd = update_of(m)
+            check(upd is not None, f"unexpected message during load: {m}")
+            kind = upd.get("sessionUpdate")
+            check(kind in ("user_message_chunk", "agent_message_chunk"), f"replay update kind {kind}")
+            replay.append(("user" if kind == "user_message_chunk" else "agent", upd["content"]["text"]))
+        return replay
+
+    def unread_stdin(self) -> int | None:
+        """Bytes written to the peer's stdin that it has not read yet (None if unknown)."""
+        assert self.proc.stdin is not None
+        try:
+            buf = fcntl.ioctl(self.proc.stdin.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return None
+        return int.from_bytes(buf, sys.byteorder)
+
 
 # -- message predicates ------------------------------------------------------
 
@@ -255,6 +292,32 @@ def summarize(msgs: list[dict[str, Any]]) -> str:
 def stop_reason(resp: dict[str, Any]) -> Any:
     check("result" in resp, f"prompt failed: {resp}")
     return resp["result"].get("stopReason")
+
+
+def describe(upd: dict[str, Any]) -> tuple[Any, ...]:
+    """A session update as a comparable tuple (missing status/kind read as
+    the Rust SDK's defaults, pending/other)."""
+    kind = upd.get("sessionUpdate")
+    if kind == "agent_message_chunk":
+        return ("chunk", upd.get("content", {}).get("text"))
+    if kind == "tool_call":
+        return ("tool_call", upd.get("toolCallId"), upd.get("title"), upd.get("kind", "other"), upd.get("status", "pending"))
+    if kind == "tool_call_update":
+        texts = [
+            c.get("content", {}).get("text") if c.get("type") == "content" else c for c in upd.get("content") or []
+        ]
+        return ("tool_call_update", upd.get("toolCallId"), upd.get("status"), texts)
+    return (kind,)
+
+
+def described(msgs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [describe(u) for u in (update_of(m) for m in msgs) if u]
+
+
+def read_history(state: str, sid: str) -> list[tuple[str, str]]:
+    with open(os.path.join(state, f"{sid}.json")) as f:
+        data = json.load(f)
+    return [(e.get("role"), e.get("text")) for e in data.get("history", [])]
 
 
 # -- scenarios ---------------------------------------------------------------
@@ -578,6 +641,188 @@ def sc_crash_on_start(cmd: list[str]) -> None:
         peer.close()
 
 
+def sc_stdin_delay(cmd: list[str]) -> None:
+    delay = 1.0
+    # Baseline: spawn to the first answer without the delay.
+    peer = Peer(cmd)
+    try:
+        rid = peer.ping()
+        peer.recv_until(lambda m: is_response(m, rid))
+        baseline = time.monotonic() - peer.started
+    finally:
+        peer.close()
+    peer = Peer(cmd, {"ACP_PEER_STDIN_DELAY_MS": str(int(delay * 1000))})
+    try:
+        rid = peer.ping()  # written at once, read only after the delay
+        iid = peer.request("initialize", {"protocolVersion": 1, "clientCapabilities": {}})
+        time.sleep(max(0.0, peer.started + delay / 2 - time.monotonic()))
+        unread = peer.unread_stdin()
+        check(unread is None or unread > 0, f"stdin read within {delay / 2:.1f}s (nothing left unread)")
+        check(peer.inbox.empty(), "stdout written during the stdin delay")
+        seen = peer.recv_until(lambda m: is_response(m, rid), timeout=delay + TIMEOUT)
+        elapsed = time.monotonic() - peer.started
+        check(len(seen) == 1, f"messages before the first answer: {summarize(seen)}")
+        check(elapsed >= delay, f"first answer {elapsed * 1000:.0f} ms after spawn, want >= {delay * 1000:.0f}")
+        check(
+            elapsed - baseline >= delay / 2,
+            f"first answer {elapsed * 1000:.0f} ms after spawn, only {(elapsed - baseline) * 1000:.0f} ms over "
+            f"the {baseline * 1000:.0f} ms without the delay",
+        )
+        resp = peer.recv_until(lambda m: is_response(m, iid))[-1]
+        check(resp.get("result", {}).get("protocolVersion") == 1, f"initialize after the delay: {resp}")
+        sid = peer.new_session()
+        rid = peer.prompt_request(sid, "awake")
+        msgs = peer.recv_until(lambda m: is_response(m, rid))
+        check("".join(agent_chunks(msgs)) == "echo: awake", f"reply {agent_chunks(msgs)!r}")
+        eof_exit(peer)
+    finally:
+        peer.close()
+    # stdin closed during the delay: clean exit once the peer gets to it.
+    peer = Peer(cmd, {"ACP_PEER_STDIN_DELAY_MS": "300"})
+    try:
+        assert peer.proc.stdin is not None
+        peer.proc.stdin.close()
+        code = peer.wait_exit(TIMEOUT)
+        check(code == 0, f"exit code {code} after stdin EOF during the delay, want 0")
+        check(peer.quiet_for(0.1) == [], "wrote to stdout")
+    finally:
+        peer.close()
+
+
+def sc_init_delay(cmd: list[str]) -> None:
+    delay = 0.8
+    peer = Peer(cmd, {"ACP_PEER_INIT_DELAY_MS": str(int(delay * 1000))})
+    try:
+        rid = peer.ping()
+        peer.recv_until(lambda m: is_response(m, rid))  # the peer is up
+        start = time.monotonic()
+        before, resp = peer.call("initialize", {"protocolVersion": 1, "clientCapabilities": {}}, timeout=delay + TIMEOUT)
+        elapsed = time.monotonic() - start
+        check(not before, f"messages before the initialize response: {summarize(before)}")
+        check(resp.get("result", {}).get("protocolVersion") == 1, f"initialize failed: {resp}")
+        check(elapsed >= delay, f"initialize answered after {elapsed * 1000:.0f} ms, want >= {delay * 1000:.0f}")
+        sid = peer.new_session()
+        start = time.monotonic()
+        rid = peer.prompt_request(sid, "ready")
+        msgs = peer.recv_until(lambda m: is_response(m, rid))
+        check("".join(agent_chunks(msgs)) == "echo: ready", f"reply {agent_chunks(msgs)!r}")
+        check(time.monotonic() - start < delay, "the prompt was delayed too")
+        eof_exit(peer)
+    finally:
+        peer.close()
+
+
+def sc_after_done(cmd: list[str]) -> None:
+    state = tempfile.mkdtemp(prefix="acp-peer-state-")
+    peer = Peer(cmd, {"ACP_PEER_LOAD_SESSION": "1", "ACP_PEER_STATE_DIR": state})
+    try:
+        peer.initialize()
+        sid = peer.new_session()
+        text = "/after-done hi there"
+        rid = peer.prompt_request(sid, text)
+        msgs = peer.recv_until(lambda m: is_response(m, rid))
+        answered = time.monotonic()
+        check(agent_chunks(msgs) == ["echo: ", "hi ", "there"], f"reply {agent_chunks(msgs)!r}")
+        check(len(msgs) == 4, f"before the response: {summarize(msgs)}")
+        check(stop_reason(msgs[-1]) == "end_turn", f"stopReason {msgs[-1]}")
+        after = peer.recv_until(is_agent_chunk, timeout=2)
+        gap = time.monotonic() - answered
+        check(len(after) == 1 and agent_chunks(after) == ["LATE-AFTER-DONE"], f"after the response: {summarize(after)}")
+        check(after[0]["params"]["sessionId"] == sid, "LATE-AFTER-DONE for another session")
+        check(gap >= 0.05, f"LATE-AFTER-DONE only {gap * 1000:.0f} ms after the response, want ~100")
+        more = peer.quiet_for(0.3)
+        check(not more, f"more after LATE-AFTER-DONE: {summarize(more)}")
+        expected = [("user", text), ("agent", "echo: hi there")]
+        check(read_history(state, sid) == expected, f"saved history {read_history(state, sid)}")
+        replay = peer.load(sid)
+        check(replay == expected, f"replay {replay} != expected {expected}")
+        rid = peer.prompt_request(sid, "again")
+        msgs = peer.recv_until(lambda m: is_response(m, rid))
+        check("".join(agent_chunks(msgs)) == "echo: again", f"next turn {agent_chunks(msgs)!r}")
+        check(not peer.quiet_for(0.3), "updates after a plain turn")
+    finally:
+        peer.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+CHATTY = [
+    ("chunk", "Let me look. "),
+    ("tool_call", "chat-1", "grep", "search", "pending"),
+    ("tool_call_update", "chat-1", "completed", ["found 3 matches"]),
+    ("chunk", "Found them. "),
+    ("tool_call", "chat-2", "read", "read", "pending"),
+    ("tool_call_update", "chat-2", "completed", ["file contents"]),
+]
+
+
+def sc_chatty(cmd: list[str]) -> None:
+    state = tempfile.mkdtemp(prefix="acp-peer-state-")
+    peer = Peer(cmd, {"ACP_PEER_LOAD_SESSION": "1", "ACP_PEER_STATE_DIR": state})
+    try:
+        peer.initialize()
+        sid = peer.new_session()
+        rid = peer.prompt_request(sid, "/chatty find it")
+        msgs = peer.recv_until(lambda m: is_response(m, rid))
+        got = described(msgs)
+        want = CHATTY + [("chunk", "echo: "), ("chunk", "find "), ("chunk", "it")]
+        check(got == want, f"updates {got}")
+        check(all(m["params"].get("sessionId") == sid for m in msgs[:-1]), "update for another session")
+        check(stop_reason(msgs[-1]) == "end_turn", f"stopReason {msgs[-1]}")
+        # Every update is paced: 8 updates, 7 gaps.
+        start = time.monotonic()
+        rid = peer.prompt_request(sid, "/slow 80 /chatty a")
+        msgs = peer.recv_until(lambda m: is_response(m, rid))
+        elapsed = time.monotonic() - start
+        check(described(msgs) == CHATTY + [("chunk", "echo: "), ("chunk", "a")], f"/slow updates {described(msgs)}")
+        check(elapsed >= 0.5, f"/slow 80 /chatty with 8 updates took only {elapsed * 1000:.0f} ms")
+        # Cancel between the tool calls.
+        rid = peer.prompt_request(sid, "/slow 300 /chatty a b c")
+        seen = peer.recv_until(lambda m: (update_of(m) or {}).get("sessionUpdate") == "tool_call")
+        peer.cancel(sid)
+        seen += peer.recv_until(lambda m: is_response(m, rid), timeout=3)
+        check(stop_reason(seen[-1]) == "cancelled", f"stopReason after cancel: {seen[-1]}")
+        check(described(seen) == CHATTY[:2], f"cancel did not stop the turn: {described(seen)}")
+        more = peer.quiet_for(0.5)
+        check(not more, f"updates after the cancelled response: {summarize(more)}")
+        expected = [
+            ("user", "/chatty find it"),
+            ("agent", "Let me look. Found them. echo: find it"),
+            ("user", "/slow 80 /chatty a"),
+            ("agent", "Let me look. Found them. echo: a"),
+            ("user", "/slow 300 /chatty a b c"),
+            ("agent", "Let me look. "),
+        ]
+        replay = peer.load(sid)
+        check(replay == expected, f"replay {replay} != expected {expected}")
+    finally:
+        peer.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def sc_chatty_hang(cmd: list[str]) -> None:
+    peer = Peer(cmd)
+    try:
+        peer.initialize()
+        sid = peer.new_session()
+        rid = peer.prompt_request(sid, "/chatty-hang hello")
+        seen = peer.recv_until(lambda m: (update_of(m) or {}).get("sessionUpdate") == "tool_call")
+        check(described(seen) == CHATTY[:2], f"before the open tool call: {described(seen)}")
+        more = peer.quiet_for(0.5)
+        check(not more, f"/chatty-hang kept talking before cancel: {summarize(more)}")
+        peer.cancel(sid)
+        seen = peer.recv_until(lambda m: is_response(m, rid), timeout=3)
+        check(len(seen) == 1, f"updates after the cancel: {summarize(seen)}")
+        check(stop_reason(seen[-1]) == "cancelled", f"stopReason {seen[-1]}")
+        more = peer.quiet_for(0.3)
+        check(not more, f"updates after the cancelled response: {summarize(more)}")
+        rid = peer.prompt_request(sid, "again")
+        msgs = peer.recv_until(lambda m: is_response(m, rid))
+        check("".join(agent_chunks(msgs)) == "echo: again", f"next turn {agent_chunks(msgs)!r}")
+        check(stop_reason(msgs[-1]) == "end_turn", f"stopReason {msgs[-1]}")
+    finally:
+        peer.close()
+
+
 SCENARIOS: list[tuple[str, Callable[[list[str]], None]]] = [
     ("echo", sc_echo),
     ("slow-cancel", sc_slow_and_cancel),
@@ -589,6 +834,11 @@ SCENARIOS: list[tuple[str, Callable[[list[str]], None]]] = [
     ("permission", sc_permission),
     ("load", sc_load),
     ("crash-on-start", sc_crash_on_start),
+    ("stdin-delay", sc_stdin_delay),
+    ("init-delay", sc_init_delay),
+    ("after-done", sc_after_done),
+    ("chatty", sc_chatty),
+    ("chatty-hang", sc_chatty_hang),
 ]
 
 

@@ -53,7 +53,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let peer = Arc::new(Peer::new(Config::from_env()));
+    let config = Config::from_env();
+    if !config.stdin_delay.is_zero() {
+        // Slow cold start: stdin is not read (nor stdout written) until then.
+        std::thread::sleep(config.stdin_delay);
+    }
+    let peer = Arc::new(Peer::new(config));
     match runtime.block_on(serve(peer)) {
         // stdin closed: the client is gone. Pending turns (/hang,
         // /ignore-cancel) are dropped with the runtime.
@@ -77,15 +82,24 @@ async fn serve(peer: Arc<Peer>) -> Result<(), agent_client_protocol::Error> {
         .on_receive_request(
             async move |_request: InitializeRequest,
                         responder: Responder<InitializeResponse>,
-                        _cx: ConnectionTo<Client>| {
-                responder.respond(
-                    InitializeResponse::new(ProtocolVersion::V1)
-                        .agent_capabilities(
-                            AgentCapabilities::new()
-                                .load_session(on_initialize.config.load_session),
-                        )
-                        .agent_info(Implementation::new(PEER_NAME, env!("CARGO_PKG_VERSION"))),
-                )
+                        cx: ConnectionTo<Client>| {
+                let response = InitializeResponse::new(ProtocolVersion::V1)
+                    .agent_capabilities(
+                        AgentCapabilities::new().load_session(on_initialize.config.load_session),
+                    )
+                    .agent_info(Implementation::new(PEER_NAME, env!("CARGO_PKG_VERSION")));
+                let delay = on_initialize.config.init_delay;
+                if delay.is_zero() {
+                    return responder.respond(response);
+                }
+                // Answer later from a task: the handler holds the dispatch loop.
+                cx.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Err(err) = responder.respond(response) {
+                        log(&format!("cannot answer initialize: {err:?}"));
+                    }
+                    Ok(())
+                })
             },
             agent_client_protocol::on_receive_request!(),
         )
@@ -140,26 +154,43 @@ struct Config {
     load_session: bool,
     state_dir: Option<PathBuf>,
     delay: Duration,
+    /// Sleep at start-up, before stdin is read.
+    stdin_delay: Duration,
+    /// Wait before answering `initialize`.
+    init_delay: Duration,
 }
 
 impl Config {
     fn from_env() -> Self {
-        let delay_ms = match std::env::var("ACP_PEER_DELAY_MS") {
-            Ok(raw) if !raw.is_empty() => match raw.parse::<f64>() {
-                Ok(ms) if ms.is_finite() && ms >= 0.0 => ms,
-                _ => {
-                    log(&format!("ignoring bad ACP_PEER_DELAY_MS={raw:?}"));
-                    5.0
-                }
-            },
-            _ => 5.0,
-        };
         Self {
             load_session: std::env::var("ACP_PEER_LOAD_SESSION").as_deref() == Ok("1"),
             state_dir: std::env::var_os("ACP_PEER_STATE_DIR")
                 .filter(|dir| !dir.is_empty())
                 .map(PathBuf::from),
-            delay: Duration::from_secs_f64(delay_ms / 1000.0),
+            delay: env_ms("ACP_PEER_DELAY_MS", 5.0),
+            stdin_delay: env_ms("ACP_PEER_STDIN_DELAY_MS", 0.0),
+            init_delay: env_ms("ACP_PEER_INIT_DELAY_MS", 0.0),
+        }
+    }
+}
+
+/// A duration in (possibly fractional) milliseconds from the environment;
+/// `default` ms when unset, empty or bad.
+fn env_ms(name: &str, default: f64) -> Duration {
+    let fallback = Duration::from_secs_f64(default / 1000.0);
+    let raw = match std::env::var(name) {
+        Ok(raw) if !raw.is_empty() => raw,
+        _ => return fallback,
+    };
+    // Negative, NaN, infinite and too large values are refused.
+    match raw
+        .parse::<f64>()
+        .map(|ms| Duration::try_from_secs_f64(ms / 1000.0))
+    {
+        Ok(Ok(delay)) => delay,
+        _ => {
+            log(&format!("ignoring bad {name}={raw:?}"));
+            fallback
         }
     }
 }
@@ -215,6 +246,16 @@ struct Directives {
     die: bool,
     tool: bool,
     permission: bool,
+    after_done: bool,
+    chatty: bool,
+    chatty_hang: bool,
+}
+
+/// One update of a paced sequence.
+enum Step {
+    /// An agent text chunk, recorded in the history.
+    Chunk(String),
+    Update(Box<SessionUpdate>),
 }
 
 fn text_block(text: &str) -> ContentBlock {
@@ -223,6 +264,43 @@ fn text_block(text: &str) -> ContentBlock {
 
 fn agent_chunk(text: &str) -> SessionUpdate {
     SessionUpdate::AgentMessageChunk(ContentChunk::new(text_block(text)))
+}
+
+fn tool_call(id: &'static str, title: &str, kind: ToolKind) -> SessionUpdate {
+    SessionUpdate::ToolCall(
+        ToolCall::new(id, title)
+            .kind(kind)
+            .status(ToolCallStatus::Pending),
+    )
+}
+
+fn tool_done(id: &'static str, text: &str) -> SessionUpdate {
+    SessionUpdate::ToolCallUpdate(ToolCallUpdate::new(
+        id,
+        ToolCallUpdateFields::new()
+            .status(ToolCallStatus::Completed)
+            .content(vec![ToolCallContent::Content(Content::new(text_block(
+                text,
+            )))]),
+    ))
+}
+
+/// `/chatty`: agent text between tool calls. `/chatty-hang` stops at the
+/// first tool call, left pending.
+fn chatty_steps(hang: bool) -> Vec<Step> {
+    let mut steps = vec![
+        Step::Chunk("Let me look. ".into()),
+        Step::Update(Box::new(tool_call("chat-1", "grep", ToolKind::Search))),
+    ];
+    if !hang {
+        steps.extend([
+            Step::Update(Box::new(tool_done("chat-1", "found 3 matches"))),
+            Step::Chunk("Found them. ".into()),
+            Step::Update(Box::new(tool_call("chat-2", "read", ToolKind::Read))),
+            Step::Update(Box::new(tool_done("chat-2", "file contents"))),
+        ]);
+    }
+    steps
 }
 
 impl Peer {
@@ -422,6 +500,13 @@ impl Peer {
                 log(&format!("cannot send LATE2: {err:?}"));
             }
         }
+        if directives.after_done {
+            // An agent that talks after its answer; not recorded.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Err(err) = turn.update(agent_chunk("LATE-AFTER-DONE")) {
+                log(&format!("cannot send LATE-AFTER-DONE: {err:?}"));
+            }
+        }
     }
 
     async fn run_turn(
@@ -520,19 +605,25 @@ impl Peer {
             };
         }
 
-        for (i, piece) in split_chunks(&reply).iter().enumerate() {
-            if i > 0 && !delay.is_zero() {
-                turn.pause(delay).await;
+        if directives.chatty_hang {
+            if turn.play(chatty_steps(true), delay).await? {
+                // The tool call stays open.
+                turn.cancelled().await;
             }
-            if turn.is_cancelled() {
-                return Ok(Ending::Stop(StopReason::Cancelled));
-            }
-            turn.chunk(piece)?;
-        }
-        if turn.is_cancelled() {
             return Ok(Ending::Stop(StopReason::Cancelled));
         }
-        Ok(Ending::Stop(StopReason::EndTurn))
+
+        let mut steps = if directives.chatty {
+            chatty_steps(false)
+        } else {
+            Vec::new()
+        };
+        steps.extend(split_chunks(&reply).into_iter().map(Step::Chunk));
+        if turn.play(steps, delay).await? {
+            Ok(Ending::Stop(StopReason::EndTurn))
+        } else {
+            Ok(Ending::Stop(StopReason::Cancelled))
+        }
     }
 }
 
@@ -565,6 +656,27 @@ impl Turn {
             () = tokio::time::sleep(delay) => {}
             () = self.cancelled() => {}
         }
+    }
+
+    /// Sends the steps `delay` apart; false if cancelled midway.
+    async fn play(
+        &mut self,
+        steps: Vec<Step>,
+        delay: Duration,
+    ) -> Result<bool, agent_client_protocol::Error> {
+        for (i, step) in steps.into_iter().enumerate() {
+            if i > 0 && !delay.is_zero() {
+                self.pause(delay).await;
+            }
+            if self.is_cancelled() {
+                return Ok(false);
+            }
+            match step {
+                Step::Chunk(text) => self.chunk(&text)?,
+                Step::Update(update) => self.update(*update)?,
+            }
+        }
+        Ok(!self.is_cancelled())
     }
 }
 
@@ -600,6 +712,9 @@ fn parse_directives(text: &str) -> (Directives, String) {
             "/die" => directives.die = true,
             "/tool" => directives.tool = true,
             "/permission" => directives.permission = true,
+            "/after-done" => directives.after_done = true,
+            "/chatty" => directives.chatty = true,
+            "/chatty-hang" => directives.chatty_hang = true,
             "/slow" => {
                 let (arg, after_arg) = split_word(after);
                 match arg.parse::<u64>() {
@@ -676,5 +791,8 @@ mod tests {
         let (d, rest) = parse_directives("/hang");
         assert!(d.hang);
         assert_eq!(rest, "");
+        let (d, rest) = parse_directives("/chatty-hang /after-done /chatty hi");
+        assert!(d.chatty_hang && d.after_done && d.chatty);
+        assert_eq!(rest, "hi");
     }
 }

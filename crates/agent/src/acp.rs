@@ -8,19 +8,43 @@
 //! own — and connects the crate's client over the pipes.
 //!
 //! What keeps the invariants:
-//! - Updates are routed by ACP session id to the one turn running on it; the
-//!   engine never overlaps turns of a session, so neither do prompts.
-//! - Once a cancel is sent, the turn's sink stops forwarding (an update the
-//!   agent sends after `session/cancel` is neither streamed nor stored), and
-//!   once the prompt answers, the sink is gone (late updates are dropped, I8).
-//!   A `session/load` history replay is routed to no sink, so it is never
-//!   stored as new output.
+//! - **One prompt in flight per ACP session, by construction.** A Baton
+//!   session's turn holds that session's slot (an async mutex) from before
+//!   its set-up until its prompt answered or was abandoned; the next turn,
+//!   from this actor or from one that superseded it, waits for the slot.
+//! - **Attribution by protocol** (`baton_core::late`). An update is routed
+//!   to a turn only while that turn's prompt is in flight on its ACP session
+//!   (a [`PromptGate`]: opened right before `session/prompt` is sent, closed
+//!   when its response arrives). JSON-RPC on one pipe is ordered, so every
+//!   update the agent sent before answering is handled before the answer;
+//!   what arrives after it, after `session/cancel`, or on an abandoned ACP
+//!   session is dropped and counted (`late_updates`). The one case the
+//!   protocol cannot order, an agent still talking after it answered while
+//!   the next prompt is on its way, is covered by a quiet window: the next
+//!   prompt on that ACP session waits `quiet_after_answer` (after a cancelled
+//!   prompt `quiet_after_cancel`) from the answer, and what arrives meanwhile
+//!   is dropped. A `session/load` replay is routed to no turn.
+//! - **Forced stops are isolated.** A turn forced off its ACP session (it
+//!   ignored `session/cancel` past the drain deadline, its lease was lost, its
+//!   output could not be stored) never fails another session's turn: when no
+//!   other session is prompting or setting up on the process, the process is
+//!   restarted (the session resumes with `session/resume` or `session/load`
+//!   where the agent supports them); otherwise only that ACP session is
+//!   abandoned (closed with `session/close` where supported) and the Baton
+//!   session continues in a new ACP session, losing the agent's own memory
+//!   of the conversation unless it can load it.
+//! - **Starting is bounded.** Spawning, `initialize` and opening or loading
+//!   the session take at most `start_timeout` together; the engine renews the
+//!   turn's lease meanwhile, and checks the turn's [`Fence`] right before the
+//!   prompt goes out.
 //! - Process death fails every turn on it with the exit status and stderr
 //!   tail. A process whose pipes close is retired before any turn on it ends
 //!   (and killed if it lingers), so the next turn never joins a dead
-//!   connection: it respawns the process, and resumes its ACP session with
-//!   `session/load` when the agent supports it. A process that keeps dying at
-//!   start backs off, and turns fail at once with a clear reason meanwhile.
+//!   connection. A process that keeps dying at start backs off, and turns
+//!   fail at once with a clear reason meanwhile.
+//! - Updates reach the engine through a bounded channel: a turn whose engine
+//!   is slow to store stalls the agent's pipe (backpressure) rather than
+//!   buffering without limit.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -31,22 +55,26 @@ use std::time::{Duration, Instant};
 
 use agent_client_protocol::schema::ProtocolVersion;
 use agent_client_protocol::v1::schema::{
-    CancelNotification, ContentBlock, InitializeRequest, LoadSessionRequest, NewSessionRequest,
-    PermissionOptionKind, PromptRequest, RequestPermissionOutcome, RequestPermissionRequest,
-    RequestPermissionResponse, SelectedPermissionOutcome, SessionNotification, SessionUpdate,
-    StopReason as AcpStop, TextContent, ToolCallStatus,
+    CancelNotification, CloseSessionRequest, ContentBlock, InitializeRequest, LoadSessionRequest,
+    NewSessionRequest, PermissionOptionKind, PromptRequest, RequestPermissionOutcome,
+    RequestPermissionRequest, RequestPermissionResponse, ResumeSessionRequest,
+    SelectedPermissionOutcome, SessionNotification, SessionUpdate, StopReason as AcpStop,
+    TextContent, ToolCallStatus,
 };
 use agent_client_protocol::v1::ConnectionTo;
 use agent_client_protocol::{Agent, ByteStreams};
 use async_trait::async_trait;
+use baton_core::late::{LateReason, PromptGate};
 use baton_core::turn::{AgentOutput, StopReason};
-use baton_core::ToolInfo;
+use baton_core::{SessionId, ToolInfo};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
-use crate::{AgentDriver, AgentError, AgentEvent, TurnControl, TurnHandle, TurnInput};
+use crate::{
+    AgentDriver, AgentError, AgentEvent, TurnControl, TurnHandle, TurnInput, EVENT_CAPACITY,
+};
 
 /// What an agent's permission requests get.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -89,8 +117,9 @@ pub struct AcpConfig {
     pub env_allow: Vec<String>,
     /// What permission requests get.
     pub permission: PermissionPolicy,
-    /// How long `initialize` and session set-up may take.
-    pub setup_timeout: Duration,
+    /// How long starting a turn may take in all: spawning the process,
+    /// `initialize`, and opening, resuming or loading the session.
+    pub start_timeout: Duration,
     /// How long turns fail at once after the process died at start, before
     /// it is started again; doubled at each further failed start, up to
     /// `MAX_RESTART_BACKOFF`.
@@ -100,6 +129,10 @@ pub struct AcpConfig {
     /// (ACP updates name no request, so late output of a cancelled prompt
     /// would otherwise read as the next turn's).
     pub quiet_after_cancel: Duration,
+    /// The same after a prompt answered normally: an agent that still
+    /// talks after its answer is not heard in the next turn. Zero turns it
+    /// off (for agents known to stop talking when they answer).
+    pub quiet_after_answer: Duration,
 }
 
 /// The longest wait between two failed starts.
@@ -119,42 +152,45 @@ impl AcpConfig {
             cwd: None,
             env_allow: DEFAULT_ENV_ALLOW.iter().map(|s| (*s).to_owned()).collect(),
             permission: PermissionPolicy::default(),
-            setup_timeout: Duration::from_secs(15),
+            start_timeout: Duration::from_secs(60),
             restart_backoff: Duration::from_millis(500),
             quiet_after_cancel: Duration::from_millis(300),
+            quiet_after_answer: Duration::from_millis(250),
         })
     }
 }
 
-/// The turn running on one ACP session.
+/// The turn whose prompt is in flight on one ACP session.
 struct Sink {
-    /// Which turn: a prompt, cancel or stop of an earlier turn on the same
+    /// Which prompt: a prompt, cancel or stop of an earlier turn on the same
     /// ACP session (resumed on a new process) must not touch this one.
     turn: u64,
-    tx: mpsc::UnboundedSender<AgentEvent>,
+    gate: PromptGate,
+    tx: mpsc::Sender<AgentEvent>,
     /// The process it runs on: only that process's death ends it.
     generation: u64,
-    /// The reply so far (stored as one message when the prompt answers).
-    text: String,
-    /// A cancel was sent: forward nothing more.
-    cancelled: bool,
+    /// Tells the prompt's task that the turn was forced off the session.
+    abandon: Option<oneshot::Sender<()>>,
 }
 
 /// State shared with the connection's handlers (which run inside its
-/// dispatch loop: they only route, never await).
+/// dispatch loop: they route, and wait only for room in a turn's channel).
 #[derive(Default)]
 struct Shared {
-    /// ACP session id → the turn running on it.
+    /// The agent's name, for logs.
+    name: String,
+    /// ACP session id → the turn whose prompt is in flight on it.
     sinks: Mutex<HashMap<String, Sink>>,
+    /// ACP sessions given up after a forced stop: never prompted again.
+    abandoned: Mutex<HashSet<String>>,
     /// The last bytes the process wrote to stderr.
     stderr: Mutex<VecDeque<u8>>,
     status: Mutex<Status>,
     /// Numbers the turns started on this agent.
     turns: AtomicU64,
-    /// ACP session id → until when it stays quiet after a cancelled prompt.
-    /// ACP updates carry no request id, so output an agent sends after
-    /// answering a cancelled prompt would look like the next turn's; with no
-    /// turn registered during this window it is dropped instead.
+    /// Updates dropped as late.
+    late: AtomicU64,
+    /// ACP session id → until when it stays quiet after its last answer.
     quiet_until: Mutex<HashMap<String, Instant>>,
 }
 
@@ -176,11 +212,27 @@ impl Shared {
         String::from_utf8_lossy(&bytes).trim().to_owned()
     }
 
-    fn with_sink(&self, session: &str, f: impl FnOnce(&mut Sink)) {
-        let mut sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(sink) = sinks.get_mut(session).filter(|s| !s.cancelled) {
-            f(sink);
+    /// Where an update arriving now on `session` goes, or why it is late.
+    fn target(&self, session: &str) -> Result<mpsc::Sender<AgentEvent>, LateReason> {
+        let sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        match sinks.get(session) {
+            Some(sink) => sink.gate.admit().map(|_| sink.tx.clone()),
+            None if self
+                .abandoned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(session) =>
+            {
+                Err(LateReason::Abandoned)
+            }
+            None => Err(LateReason::NoPrompt),
         }
+    }
+
+    /// Drops an update that came too late, and counts it.
+    fn late(&self, session: &str, why: LateReason, what: &str) {
+        self.late.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(agent = %self.name, session, reason = why.as_str(), what, "dropped a late agent update");
     }
 
     /// Takes the sink of `turn` on `session`: whoever takes it ends the turn.
@@ -190,6 +242,15 @@ impl Shared {
             Some(s) if s.turn == turn => sinks.remove(session),
             _ => None,
         }
+    }
+
+    /// How many prompts are in flight on the process of `generation`.
+    fn in_flight_on(&self, generation: u64) -> usize {
+        let sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        sinks
+            .values()
+            .filter(|s| s.generation == generation)
+            .count()
     }
 
     /// Ends every turn on the process of `generation`: it exited.
@@ -204,11 +265,15 @@ impl Shared {
             doomed.iter().filter_map(|k| all.remove(k)).collect()
         };
         for s in sinks {
-            let _ = s.tx.send(AgentEvent::Stopped(if s.cancelled {
+            let stop = if s.gate.admit() == Err(LateReason::AfterCancel) {
                 StopReason::Cancelled
             } else {
                 StopReason::Failed(why.to_owned())
-            }));
+            };
+            // The turn's engine is waiting for this (or has moved on).
+            tokio::spawn(async move {
+                let _ = s.tx.send(AgentEvent::Stopped(stop)).await;
+            });
         }
     }
 }
@@ -218,11 +283,57 @@ struct Process {
     cx: ConnectionTo<Agent>,
     generation: u64,
     load_session: bool,
+    /// `session/resume` (no replay) is advertised.
+    resume: bool,
+    /// `session/close` is advertised.
+    close: bool,
     /// ACP sessions opened or loaded on this process.
-    known: HashSet<String>,
+    known: Mutex<HashSet<String>>,
+    /// Turns setting up a session on it (not yet prompting): a forced stop
+    /// must not kill the process under them.
+    setting_up: AtomicU64,
     life: Life,
     /// Keeps the process running while it is the launcher's.
-    keep: mpsc::UnboundedSender<()>,
+    _keep: mpsc::UnboundedSender<()>,
+}
+
+impl Process {
+    fn knows(&self, id: &str) -> bool {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    fn learn(&self, id: &str) {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned());
+    }
+
+    fn forget(&self, id: &str) {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+}
+
+/// Counts a turn setting up on a process for as long as it lives.
+struct SettingUp(Arc<Process>);
+
+impl SettingUp {
+    fn new(p: &Arc<Process>) -> Self {
+        p.setting_up.fetch_add(1, Ordering::SeqCst);
+        Self(p.clone())
+    }
+}
+
+impl Drop for SettingUp {
+    fn drop(&mut self) {
+        self.0.setting_up.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// How long a process whose pipes closed may take to exit by itself before
@@ -301,7 +412,7 @@ impl Life {
 }
 
 struct Launcher {
-    process: Option<Process>,
+    process: Option<Arc<Process>>,
     /// Consecutive processes that died before serving a turn.
     failed_starts: u32,
     retry_at: Option<Instant>,
@@ -311,15 +422,23 @@ struct Launcher {
 pub struct AcpDriver {
     cfg: AcpConfig,
     shared: Arc<Shared>,
-    // A tokio mutex: spawning and session set-up await, and must not race.
+    // A tokio mutex: spawning awaits, and two spawns must not race. Held
+    // only to get the live process, never across a session's set-up.
     launcher: tokio::sync::Mutex<Launcher>,
     generation: AtomicU64,
+    /// Baton session → its slot: held by a turn from before its set-up
+    /// until its prompt answered or was abandoned (at most one prompt in
+    /// flight per ACP session). A std mutex, held only to look up a slot.
+    slots: Mutex<HashMap<SessionId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl AcpDriver {
     /// A driver for `cfg`; the process starts on first use.
     pub fn new(cfg: AcpConfig) -> Self {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            name: cfg.name.clone(),
+            ..Shared::default()
+        });
         shared
             .status
             .lock()
@@ -334,7 +453,18 @@ impl AcpDriver {
                 retry_at: None,
             }),
             generation: AtomicU64::new(0),
+            slots: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The slot of a Baton session.
+    fn slot(&self, session: SessionId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the slots nobody holds or waits for.
+        if slots.len() > 1024 {
+            slots.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        slots.entry(session).or_default().clone()
     }
 
     fn unavailable(&self, why: impl std::fmt::Display) -> AgentError {
@@ -417,14 +547,14 @@ impl AcpDriver {
                 .v1()
                 .on_receive_notification(
                     async move |n: SessionNotification, _cx| {
-                        route(&on_update, n);
+                        route(&on_update, n).await;
                         Ok(())
                     },
                     agent_client_protocol::on_receive_notification!(),
                 )
                 .on_receive_request(
                     async move |req: RequestPermissionRequest, responder, _cx| {
-                        responder.respond(permission(&on_permission, policy, req))
+                        responder.respond(permission(&on_permission, policy, req).await)
                     },
                     agent_client_protocol::on_receive_request!(),
                 )
@@ -479,23 +609,22 @@ impl AcpDriver {
             exited_tx.send_replace(true);
         });
 
-        let cx = match tokio::time::timeout(self.cfg.setup_timeout, cx_rx).await {
-            Ok(Ok(cx)) => cx,
-            Ok(Err(_)) => return Err(self.died(&life, "while connecting").await),
-            Err(_) => return Err(self.unavailable("the connection did not come up")),
+        // Bounded by the caller's start timeout as a whole.
+        let cx = match cx_rx.await {
+            Ok(cx) => cx,
+            Err(_) => return Err(self.died(&life, "while connecting").await),
         };
-        let init = match tokio::time::timeout(
-            self.cfg.setup_timeout,
-            cx.send_request(InitializeRequest::new(ProtocolVersion::V1))
-                .block_task(),
-        )
-        .await
+        let init = match cx
+            .send_request(InitializeRequest::new(ProtocolVersion::V1))
+            .block_task()
+            .await
         {
-            Ok(Ok(init)) => init,
-            Ok(Err(e)) => return Err(self.died(&life, &format!("at initialize ({e})")).await),
-            Err(_) => return Err(self.unavailable("initialize timed out")),
+            Ok(init) => init,
+            Err(e) => return Err(self.died(&life, &format!("at initialize ({e})")).await),
         };
         let load_session = init.agent_capabilities.load_session;
+        let caps = &init.agent_capabilities.session_capabilities;
+        let (resume, close) = (caps.resume.is_some(), caps.close.is_some());
         {
             let mut st = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
             st.state = "running";
@@ -505,9 +634,12 @@ impl AcpDriver {
             cx,
             generation,
             load_session,
-            known: HashSet::new(),
+            resume,
+            close,
+            known: Mutex::new(HashSet::new()),
+            setting_up: AtomicU64::new(0),
             life,
-            keep: kill_tx,
+            _keep: kill_tx,
         })
     }
 
@@ -526,52 +658,76 @@ impl AcpDriver {
 
     /// The live process, spawning one if needed (with back-off after
     /// repeated deaths at start).
-    async fn process<'a>(&self, l: &'a mut Launcher) -> Result<&'a mut Process, AgentError> {
+    async fn process(&self) -> Result<Arc<Process>, AgentError> {
+        let mut l = self.launcher.lock().await;
         if l.process.as_ref().is_some_and(|p| !p.life.is_alive()) {
             l.process = None;
         }
-        if l.process.is_none() {
-            if let Some(at) = l.retry_at.filter(|at| *at > Instant::now()) {
-                let last = self
-                    .shared
-                    .status
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .last_exit
-                    .clone();
-                return Err(self.unavailable(format!(
-                    "it failed to start {} times in a row (last: {}); next attempt in {} ms",
-                    l.failed_starts,
-                    last.unwrap_or_else(|| "unknown".into()),
-                    at.saturating_duration_since(Instant::now()).as_millis()
-                )));
+        if let Some(p) = &l.process {
+            return Ok(p.clone());
+        }
+        if let Some(at) = l.retry_at.filter(|at| *at > Instant::now()) {
+            let last = self
+                .shared
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .last_exit
+                .clone();
+            return Err(self.unavailable(format!(
+                "it failed to start {} times in a row (last: {}); next attempt in {} ms",
+                l.failed_starts,
+                last.unwrap_or_else(|| "unknown".into()),
+                at.saturating_duration_since(Instant::now()).as_millis()
+            )));
+        }
+        match self.spawn().await {
+            Ok(p) => {
+                let p = Arc::new(p);
+                tracing::info!(agent = %self.cfg.name, generation = p.generation, "agent process started");
+                l.process = Some(p.clone());
+                Ok(p)
             }
-            match self.spawn().await {
-                Ok(p) => l.process = Some(p),
-                Err(e) => {
-                    l.failed_starts += 1;
-                    let backoff = self
-                        .cfg
-                        .restart_backoff
-                        .saturating_mul(2u32.saturating_pow(l.failed_starts.min(16) - 1));
-                    l.retry_at = Some(Instant::now() + backoff.min(MAX_RESTART_BACKOFF));
-                    let mut st = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
-                    st.state = "backing_off";
-                    st.last_exit = Some(e.to_string());
-                    return Err(e);
-                }
+            Err(e) => {
+                l.failed_starts += 1;
+                let backoff = self
+                    .cfg
+                    .restart_backoff
+                    .saturating_mul(2u32.saturating_pow(l.failed_starts.min(16) - 1));
+                l.retry_at = Some(Instant::now() + backoff.min(MAX_RESTART_BACKOFF));
+                let mut st = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+                st.state = "backing_off";
+                st.last_exit = Some(e.to_string());
+                Err(e)
             }
         }
-        l.process
-            .as_mut()
-            .ok_or_else(|| self.unavailable("no process"))
+    }
+
+    /// A process served a session: it started well.
+    async fn started_well(&self) {
+        let mut l = self.launcher.lock().await;
+        l.failed_starts = 0;
+        l.retry_at = None;
+    }
+
+    /// A process that cannot even open a session is restarted.
+    async fn discard(&self, p: &Process) {
+        p.life.kill();
+        let mut l = self.launcher.lock().await;
+        if l.process
+            .as_ref()
+            .is_some_and(|q| q.generation == p.generation)
+        {
+            l.process = None;
+        }
     }
 
     /// The ACP session for this Baton session on `p`: the known one, a
-    /// `session/load` of the stored one, or a new one (reported back).
+    /// `session/resume` or `session/load` of the stored one, or a new one
+    /// (reported back). An abandoned session is never used again.
     async fn session(
         &self,
-        p: &mut Process,
+        p: &Process,
         stored: Option<&str>,
     ) -> Result<(String, bool), AgentError> {
         let cwd = self
@@ -580,103 +736,254 @@ impl AcpDriver {
             .clone()
             .or_else(|| std::env::current_dir().ok())
             .unwrap_or_else(|| PathBuf::from("/"));
-        if let Some(id) = stored {
-            if p.known.contains(id) {
+        let abandoned = |id: &str| {
+            self.shared
+                .abandoned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(id)
+        };
+        if let Some(id) = stored.filter(|id| !abandoned(id)) {
+            if p.knows(id) {
                 return Ok((id.to_owned(), false));
             }
-            if p.load_session {
-                // No sink is registered while it loads: the replayed history
-                // is routed nowhere, so it is not stored again.
-                let loaded = tokio::time::timeout(
-                    self.cfg.setup_timeout,
-                    p.cx.send_request(LoadSessionRequest::new(id.to_owned(), cwd.clone()))
-                        .block_task(),
-                )
-                .await;
-                if let Ok(Ok(_)) = loaded {
-                    p.known.insert(id.to_owned());
+            // No sink is registered meanwhile: a load's replayed history is
+            // routed nowhere, so it is not stored again.
+            let reopened = if p.resume {
+                p.cx.send_request(ResumeSessionRequest::new(id.to_owned(), cwd.clone()))
+                    .block_task()
+                    .await
+                    .map(|_| ())
+            } else if p.load_session {
+                p.cx.send_request(LoadSessionRequest::new(id.to_owned(), cwd.clone()))
+                    .block_task()
+                    .await
+                    .map(|_| ())
+            } else {
+                Ok(())
+            };
+            match reopened {
+                Ok(()) if p.resume || p.load_session => {
+                    p.learn(id);
                     return Ok((id.to_owned(), false));
                 }
-                tracing::warn!(agent = %self.cfg.name, session = id, "session/load failed; starting a new ACP session");
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(agent = %self.cfg.name, session = id, error = %e, "resuming the ACP session failed; starting a new one");
+                }
             }
         }
-        let created = match tokio::time::timeout(
-            self.cfg.setup_timeout,
-            p.cx.send_request(NewSessionRequest::new(cwd)).block_task(),
-        )
-        .await
+        let created = match p
+            .cx
+            .send_request(NewSessionRequest::new(cwd))
+            .block_task()
+            .await
         {
-            Ok(Ok(created)) => created,
-            Ok(Err(e)) => return Err(self.died(&p.life, &format!("at session/new ({e})")).await),
-            Err(_) => return Err(self.unavailable("session/new timed out")),
+            Ok(created) => created,
+            Err(e)
+                if agent_client_protocol::is_incoming_transport_closed(&e)
+                    || agent_client_protocol::is_connection_terminated(&e) =>
+            {
+                return Err(self.died(&p.life, &format!("at session/new ({e})")).await)
+            }
+            Err(e) => return Err(self.unavailable(format!("session/new failed: {e}"))),
         };
         let id = created.session_id.0.to_string();
-        p.known.insert(id.clone());
+        p.learn(&id);
         Ok((id, true))
+    }
+
+    /// Starts a turn (its time bounded by the caller).
+    async fn start_turn(&self, input: TurnInput) -> Result<TurnHandle, AgentError> {
+        // Wait for the session's previous prompt to answer or be abandoned.
+        let guard = self.slot(input.session_id).lock_owned().await;
+        let process = self.process().await?;
+        let setting_up = SettingUp::new(&process);
+        let (session, created) = match self.session(&process, input.agent_session.as_deref()).await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.discard(&process).await;
+                return Err(e);
+            }
+        };
+        self.started_well().await;
+
+        let quiet = self
+            .shared
+            .quiet_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&session);
+        if let Some(until) = quiet {
+            tokio::time::sleep_until(until.into()).await;
+        }
+        // Everything above may have taken long: a turn whose lease lapsed
+        // meanwhile is over (another worker may run it now).
+        if !input.fence.holds() {
+            return Err(self.unavailable("the turn's lease lapsed before its prompt could be sent"));
+        }
+        let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
+        if created {
+            let _ = tx.try_send(AgentEvent::AgentSession(session.clone()));
+        }
+        let turn = self.shared.turns.fetch_add(1, Ordering::Relaxed);
+        let (abandon_tx, abandon_rx) = oneshot::channel::<()>();
+        let mut gate = PromptGate::default();
+        gate.open(turn);
+        self.shared
+            .sinks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                session.clone(),
+                Sink {
+                    turn,
+                    gate,
+                    tx,
+                    generation: process.generation,
+                    abandon: Some(abandon_tx),
+                },
+            );
+        drop(setting_up);
+        let blocks: Vec<ContentBlock> = input
+            .messages
+            .iter()
+            .map(|m| ContentBlock::Text(TextContent::new(m.clone())))
+            .collect();
+        let prompt = process
+            .cx
+            .send_request(PromptRequest::new(session.clone(), blocks));
+        let (shared, sid, prompt_life) =
+            (self.shared.clone(), session.clone(), process.life.clone());
+        let (quiet_after_cancel, quiet_after_answer) =
+            (self.cfg.quiet_after_cancel, self.cfg.quiet_after_answer);
+        tokio::spawn(async move {
+            // Released when this task ends: the session's next prompt may go.
+            let _slot = guard;
+            let answer = tokio::select! {
+                answer = prompt.block_task() => answer,
+                // Forced off the session (or its process died): whoever took
+                // the sink ended the turn. Dropping the request tells the
+                // agent with `$/cancel_request`.
+                _ = abandon_rx => return,
+            };
+            if let Err(e) = &answer {
+                if agent_client_protocol::is_incoming_transport_closed(e)
+                    || agent_client_protocol::is_connection_terminated(e)
+                {
+                    // The process is gone or going. Retire it before this
+                    // turn ends, so the next turn cannot be sent to it; its
+                    // exit ends the turn, with the exit status and stderr.
+                    prompt_life.pipes_closed().await;
+                }
+            }
+            // Every update of a prompt is handled before its response: what
+            // comes from now on is late. Whoever takes the sink ends the turn
+            // (this, or the process's death, or a forced stop).
+            let Some(sink) = shared.take_sink(&sid, turn) else {
+                return;
+            };
+            let cancelled = sink.gate.admit() == Err(LateReason::AfterCancel);
+            let quiet = if cancelled {
+                quiet_after_cancel
+            } else {
+                quiet_after_answer
+            };
+            if !quiet.is_zero() {
+                shared
+                    .quiet_until
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(sid.clone(), Instant::now() + quiet);
+            }
+            let stop = match answer {
+                _ if cancelled => StopReason::Cancelled,
+                Ok(resp) => match resp.stop_reason {
+                    AcpStop::EndTurn => StopReason::Completed,
+                    AcpStop::Cancelled => StopReason::Cancelled,
+                    other => StopReason::Failed(format!("the agent stopped: {other:?}")),
+                },
+                Err(e) => StopReason::Failed(format!("session/prompt failed: {e}")),
+            };
+            let _ = sink.tx.send(AgentEvent::Stopped(stop)).await;
+        });
+        tracing::debug!(session = %session, generation = process.generation, "ACP prompt sent");
+        Ok(TurnHandle {
+            events: rx,
+            control: Box::new(Control {
+                shared: self.shared.clone(),
+                session,
+                turn,
+                process,
+            }),
+        })
     }
 }
 
-/// Maps one `session/update` to the turn running on its session.
-fn route(shared: &Shared, n: SessionNotification) {
+/// Routes one `session/update` to the turn whose prompt is in flight on its
+/// session; anything else is late (`baton_core::late`). Waits for room in
+/// the turn's channel: backpressure on the agent's pipe.
+async fn route(shared: &Shared, n: SessionNotification) {
     let session = n.session_id.0.to_string();
-    shared.with_sink(&session, |sink| {
-        let event = match n.update {
-            SessionUpdate::AgentMessageChunk(chunk) => match chunk.content {
-                ContentBlock::Text(t) => {
-                    sink.text.push_str(&t.text);
-                    Some(AgentEvent::Delta(t.text))
-                }
-                _ => None,
-            },
-            SessionUpdate::ToolCall(call) => {
-                Some(AgentEvent::Output(AgentOutput::ToolCall(ToolInfo {
-                    id: call.tool_call_id.0.to_string(),
-                    name: Some(call.title.clone()),
-                    arguments: call.raw_input.clone(),
-                })))
-            }
-            SessionUpdate::ToolCallUpdate(update) => match update.fields.status {
-                Some(status @ (ToolCallStatus::Completed | ToolCallStatus::Failed)) => {
-                    let content = update
-                        .fields
-                        .content
-                        .as_ref()
-                        .map(|c| text_of(&serde_json::to_value(c).unwrap_or(Value::Null)))
-                        .filter(|t| !t.is_empty())
-                        .unwrap_or_else(|| format!("{status:?}").to_lowercase());
-                    Some(AgentEvent::Output(AgentOutput::ToolResult {
-                        id: update.tool_call_id.0.to_string(),
-                        content,
-                    }))
-                }
-                _ => None,
-            },
-            SessionUpdate::Plan(plan) => {
-                let lines: Vec<String> = plan
-                    .entries
-                    .iter()
-                    .map(|e| {
-                        format!(
-                            "- [{}] {}",
-                            serde_json::to_value(&e.status)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_owned))
-                                .unwrap_or_default(),
-                            e.content
-                        )
-                    })
-                    .collect();
-                Some(AgentEvent::Output(AgentOutput::System(format!(
-                    "plan:\n{}",
-                    lines.join("\n")
-                ))))
+    let event = match n.update {
+        SessionUpdate::AgentMessageChunk(chunk) => match chunk.content {
+            ContentBlock::Text(t) => Some(AgentEvent::Delta(t.text)),
+            _ => None,
+        },
+        SessionUpdate::ToolCall(call) => {
+            Some(AgentEvent::Output(AgentOutput::ToolCall(ToolInfo {
+                id: call.tool_call_id.0.to_string(),
+                name: Some(call.title.clone()),
+                arguments: call.raw_input.clone(),
+            })))
+        }
+        SessionUpdate::ToolCallUpdate(update) => match update.fields.status {
+            Some(status @ (ToolCallStatus::Completed | ToolCallStatus::Failed)) => {
+                let content = update
+                    .fields
+                    .content
+                    .as_ref()
+                    .map(|c| text_of(&serde_json::to_value(c).unwrap_or(Value::Null)))
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or_else(|| format!("{status:?}").to_lowercase());
+                Some(AgentEvent::Output(AgentOutput::ToolResult {
+                    id: update.tool_call_id.0.to_string(),
+                    content,
+                }))
             }
             _ => None,
-        };
-        if let Some(e) = event {
-            let _ = sink.tx.send(e);
+        },
+        SessionUpdate::Plan(plan) => {
+            let lines: Vec<String> = plan
+                .entries
+                .iter()
+                .map(|e| {
+                    format!(
+                        "- [{}] {}",
+                        serde_json::to_value(&e.status)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        e.content
+                    )
+                })
+                .collect();
+            Some(AgentEvent::Output(AgentOutput::System(format!(
+                "plan:\n{}",
+                lines.join("\n")
+            ))))
         }
-    });
+        _ => None,
+    };
+    let Some(event) = event else { return };
+    match shared.target(&session) {
+        Ok(tx) => {
+            // The turn may have ended meanwhile: then nobody listens.
+            let _ = tx.send(event).await;
+        }
+        Err(why) => shared.late(&session, why, "session/update"),
+    }
 }
 
 /// The text inside tool-call content, however nested.
@@ -702,18 +1009,13 @@ fn text_of(v: &Value) -> String {
 }
 
 /// Answers a permission request by policy, and records it in the turn.
-fn permission(
+async fn permission(
     shared: &Shared,
     policy: PermissionPolicy,
     req: RequestPermissionRequest,
 ) -> RequestPermissionResponse {
     let session = req.session_id.0.to_string();
-    let cancelled = shared
-        .sinks
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&session)
-        .is_none_or(|s| s.cancelled);
+    let target = shared.target(&session);
     let wanted: &[PermissionOptionKind] = match policy {
         PermissionPolicy::Allow => &[
             PermissionOptionKind::AllowOnce,
@@ -724,7 +1026,10 @@ fn permission(
             PermissionOptionKind::RejectAlways,
         ],
     };
-    let choice = (!cancelled)
+    // The spec: a request of a cancelled (or no longer running) prompt is
+    // answered `cancelled`.
+    let choice = target
+        .is_ok()
         .then(|| {
             wanted
                 .iter()
@@ -757,9 +1062,12 @@ fn permission(
             RequestPermissionOutcome::Cancelled,
         ),
     };
-    shared.with_sink(&session, |sink| {
-        let _ = sink.tx.send(AgentEvent::Output(AgentOutput::System(note)));
-    });
+    match target {
+        Ok(tx) => {
+            let _ = tx.send(AgentEvent::Output(AgentOutput::System(note))).await;
+        }
+        Err(why) => shared.late(&session, why, "session/request_permission"),
+    }
     RequestPermissionResponse::new(outcome)
 }
 
@@ -767,41 +1075,71 @@ struct Control {
     shared: Arc<Shared>,
     session: String,
     turn: u64,
-    cx: ConnectionTo<Agent>,
-    life: Life,
     /// Keeps the process running while this turn may need it.
-    _keep: mpsc::UnboundedSender<()>,
+    process: Arc<Process>,
+}
+
+impl Control {
+    fn send_cancel(&self) {
+        if let Err(e) = self
+            .process
+            .cx
+            .send_notification(CancelNotification::new(self.session.clone()))
+        {
+            tracing::warn!(error = %e, "sending session/cancel");
+        }
+    }
 }
 
 impl TurnControl for Control {
     fn cancel(&self) {
         let first = {
             let mut sinks = self.shared.sinks.lock().unwrap_or_else(|p| p.into_inner());
-            match sinks.get_mut(&self.session) {
-                Some(s) if s.turn == self.turn && !s.cancelled => {
-                    s.cancelled = true;
-                    true
-                }
-                _ => false,
-            }
+            sinks
+                .get_mut(&self.session)
+                .filter(|s| s.turn == self.turn)
+                .is_some_and(|s| s.gate.cancel(self.turn))
         };
         if first {
-            if let Err(e) = self
-                .cx
-                .send_notification(CancelNotification::new(self.session.clone()))
-            {
-                tracing::warn!(error = %e, "sending session/cancel");
-            }
+            self.send_cancel();
         }
     }
 
     fn force_stop(&self) {
-        // The agent did not drain: restart the process. Other sessions' turns
-        // on it end `failed`; the next turn resumes with session/load.
-        if self.shared.take_sink(&self.session, self.turn).is_some() {
-            // Dead from now on for new turns, before the kill lands, so the
-            // next turn starts a new process instead of joining this one.
-            self.life.kill();
+        let Some(mut sink) = self.shared.take_sink(&self.session, self.turn) else {
+            return;
+        };
+        // A forced stop without a cancel first (a lost lease, a deleted
+        // session) still tells the agent.
+        if sink.gate.cancel(self.turn) {
+            self.send_cancel();
+        }
+        sink.gate.abandon();
+        let p = &self.process;
+        let others = self.shared.in_flight_on(p.generation);
+        let setting_up = p.setting_up.load(Ordering::SeqCst);
+        if others == 0 && setting_up == 0 {
+            // Nobody else is on the process: restart it. The next turn
+            // resumes the ACP session where the agent supports it.
+            tracing::info!(agent = %self.shared.name, session = %self.session, "forced stop: restarting the agent process (no other session on it)");
+            p.life.kill();
+        } else {
+            // Other sessions are mid-prompt on it: give up this ACP session
+            // only; the Baton session goes on in a new one.
+            tracing::info!(agent = %self.shared.name, session = %self.session, others, "forced stop: abandoning the ACP session; the process keeps serving the others");
+            self.shared
+                .abandoned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.session.clone());
+            p.forget(&self.session);
+            if p.close {
+                p.cx.send_request(CloseSessionRequest::new(self.session.clone()))
+                    .detach();
+            }
+        }
+        if let Some(abandon) = sink.abandon.take() {
+            let _ = abandon.send(());
         }
     }
 }
@@ -809,118 +1147,18 @@ impl TurnControl for Control {
 #[async_trait]
 impl AgentDriver for AcpDriver {
     async fn start(&self, input: TurnInput) -> Result<TurnHandle, AgentError> {
-        let mut launcher = self.launcher.lock().await;
-        let process = self.process(&mut launcher).await?;
-        let (session, created) = match self.session(process, input.agent_session.as_deref()).await {
-            Ok(s) => s,
-            Err(e) => {
-                // A process that cannot even open a session is restarted.
-                process.life.kill();
-                launcher.process = None;
-                return Err(e);
-            }
-        };
-        let (cx, generation, life, keep) = (
-            process.cx.clone(),
-            process.generation,
-            process.life.clone(),
-            process.keep.clone(),
-        );
-        launcher.failed_starts = 0;
-        launcher.retry_at = None;
-        drop(launcher);
+        let limit = self.cfg.start_timeout;
+        match tokio::time::timeout(limit, self.start_turn(input)).await {
+            Ok(started) => started,
+            Err(_) => Err(self.unavailable(format!(
+                "it did not start the turn within the start timeout ({} ms: spawn, initialize and session set-up)",
+                limit.as_millis()
+            ))),
+        }
+    }
 
-        let quiet = self
-            .shared
-            .quiet_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&session);
-        if let Some(until) = quiet {
-            tokio::time::sleep_until(until.into()).await;
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        if created {
-            let _ = tx.send(AgentEvent::AgentSession(session.clone()));
-        }
-        let turn = self.shared.turns.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .sinks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                session.clone(),
-                Sink {
-                    turn,
-                    tx: tx.clone(),
-                    generation,
-                    text: String::new(),
-                    cancelled: false,
-                },
-            );
-        let blocks: Vec<ContentBlock> = input
-            .messages
-            .iter()
-            .map(|m| ContentBlock::Text(TextContent::new(m.clone())))
-            .collect();
-        let prompt = cx.send_request(PromptRequest::new(session.clone(), blocks));
-        let (shared, sid, prompt_life) = (self.shared.clone(), session.clone(), life.clone());
-        let quiet_after_cancel = self.cfg.quiet_after_cancel;
-        tokio::spawn(async move {
-            let answer = prompt.block_task().await;
-            if let Err(e) = &answer {
-                if agent_client_protocol::is_incoming_transport_closed(e)
-                    || agent_client_protocol::is_connection_terminated(e)
-                {
-                    // The process is gone or going. Retire it before this
-                    // turn ends, so the next turn cannot be sent to it; its
-                    // exit ends the turn, with the exit status and stderr.
-                    prompt_life.pipes_closed().await;
-                }
-            }
-            // Every update of a prompt is handled before its response: the
-            // sink now holds the whole reply. Whoever takes the sink ends the
-            // turn (this, or the process's death, or a forced stop).
-            let Some(sink) = shared.take_sink(&sid, turn) else {
-                return;
-            };
-            if sink.cancelled {
-                shared
-                    .quiet_until
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(sid.clone(), Instant::now() + quiet_after_cancel);
-            }
-            let stop = match answer {
-                _ if sink.cancelled => StopReason::Cancelled,
-                Ok(resp) => {
-                    if !sink.text.is_empty() {
-                        let _ = sink
-                            .tx
-                            .send(AgentEvent::Output(AgentOutput::Message(sink.text.clone())));
-                    }
-                    match resp.stop_reason {
-                        AcpStop::EndTurn => StopReason::Completed,
-                        AcpStop::Cancelled => StopReason::Cancelled,
-                        other => StopReason::Failed(format!("the agent stopped: {other:?}")),
-                    }
-                }
-                Err(e) => StopReason::Failed(format!("session/prompt failed: {e}")),
-            };
-            let _ = sink.tx.send(AgentEvent::Stopped(stop));
-        });
-        tracing::debug!(session = %session, generation, "ACP prompt sent");
-        Ok(TurnHandle {
-            events: rx,
-            control: Box::new(Control {
-                shared: self.shared.clone(),
-                session,
-                turn,
-                cx,
-                life,
-                _keep: keep,
-            }),
-        })
+    fn late_updates(&self) -> u64 {
+        self.shared.late.load(Ordering::Relaxed)
     }
 
     fn describe(&self) -> Value {
@@ -942,6 +1180,8 @@ impl AgentDriver for AcpDriver {
                 "last_exit": st.last_exit,
             },
             "capabilities": st.capabilities,
+            "start_timeout_ms": self.cfg.start_timeout.as_millis() as u64,
+            "late_updates": self.late_updates(),
         })
     }
 }

@@ -1,18 +1,19 @@
 //! The built-in demo agent: answers each input message with
-//! `echo: <content>`, streamed one delta per word, then stored as one
-//! assistant message (several messages: one line each).
+//! `echo: <content>`, streamed one delta per word, which the engine stores as
+//! one assistant message (several messages: one line each).
 //!
 //! Directives at the start of a message make it misbehave on purpose, for
 //! tests and demos (the echo leaves the directive out):
 //! - `/sleep MS` — the turn takes at least MS milliseconds, streaming slowly;
 //! - `/fail` — streams one delta, then the turn fails and nothing is stored;
 //! - `/hang` — never finishes until cancelled (honours cancel);
-//! - `/stubborn` — never finishes and ignores cancel: only a forced stop ends it.
+//! - `/stubborn` — never finishes and ignores cancel: only a forced stop ends it;
+//! - `/big N` — streams a word of N bytes (to meet the output cap).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use baton_core::turn::{AgentOutput, StopReason};
+use baton_core::turn::StopReason;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, Instant};
 
@@ -43,6 +44,8 @@ enum Directive {
     Fail,
     Hang,
     Stubborn,
+    /// Streams one word of this many bytes (for output caps).
+    Big(usize),
 }
 
 /// Splits a leading directive off `text`.
@@ -55,6 +58,14 @@ fn parse(text: &str) -> (Directive, &str) {
         "/fail" => (Directive::Fail, rest.trim_start()),
         "/hang" => (Directive::Hang, rest.trim_start()),
         "/stubborn" => (Directive::Stubborn, rest.trim_start()),
+        "/big" => {
+            let rest = rest.trim_start();
+            let (n, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            match n.parse::<usize>() {
+                Ok(n) => (Directive::Big(n), after.trim_start()),
+                Err(_) => (Directive::None, text),
+            }
+        }
         "/sleep" => {
             let rest = rest.trim_start();
             let (ms, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
@@ -98,7 +109,7 @@ impl TurnControl for Control {
 #[async_trait]
 impl AgentDriver for DemoAgent {
     async fn start(&self, input: TurnInput) -> Result<TurnHandle, AgentError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(crate::EVENT_CAPACITY);
         let (signal_tx, signal_rx) = watch::channel(Signal::Run);
         tokio::spawn(run(self.word_delay, input, tx, signal_rx));
         Ok(TurnHandle {
@@ -146,35 +157,35 @@ async fn pause(
 async fn run(
     word_delay: Duration,
     input: TurnInput,
-    tx: mpsc::UnboundedSender<AgentEvent>,
+    tx: mpsc::Sender<AgentEvent>,
     mut signal: watch::Receiver<Signal>,
 ) {
-    let outcome = script(word_delay, &input, &tx, &mut signal).await;
-    let last = match outcome {
-        Ok(Some(reply)) => {
-            let _ = tx.send(AgentEvent::Output(AgentOutput::Message(reply)));
-            AgentEvent::Stopped(StopReason::Completed)
-        }
-        Ok(None) => AgentEvent::Stopped(StopReason::Failed(
+    let last = match script(word_delay, &input, &tx, &mut signal).await {
+        Ok(true) => AgentEvent::Stopped(StopReason::Completed),
+        Ok(false) => AgentEvent::Stopped(StopReason::Failed(
             "the demo agent failed on purpose (/fail)".into(),
         )),
         Err(Stop::Cancelled) => AgentEvent::Stopped(StopReason::Cancelled),
         Err(Stop::Killed) => return,
     };
-    let _ = tx.send(last);
+    let _ = tx.send(last).await;
 }
 
-/// Streams the echo; `Ok(None)` is a deliberate failure.
+/// Streams the echo, one delta per word and a line per message (the engine
+/// stores the text it streamed as the reply); `Ok(false)` is a deliberate
+/// failure.
 async fn script(
     word_delay: Duration,
     input: &TurnInput,
-    tx: &mpsc::UnboundedSender<AgentEvent>,
+    tx: &mpsc::Sender<AgentEvent>,
     signal: &mut watch::Receiver<Signal>,
-) -> Result<Option<String>, Stop> {
-    let mut lines = Vec::with_capacity(input.messages.len());
-    for message in &input.messages {
+) -> Result<bool, Stop> {
+    for (n, message) in input.messages.iter().enumerate() {
         let (directive, text) = parse(message);
-        let line = format!("echo: {text}");
+        let line = match directive {
+            Directive::Big(bytes) => format!("echo: {}", "x".repeat(bytes)),
+            _ => format!("echo: {text}"),
+        };
         let words: Vec<&str> = line.split_whitespace().collect();
         let started = Instant::now();
         let (delay, min_total) = match directive {
@@ -182,16 +193,16 @@ async fn script(
             _ => (word_delay, Duration::ZERO),
         };
         for (i, word) in words.iter().enumerate() {
-            let chunk = if i == 0 {
-                (*word).to_owned()
-            } else {
-                format!(" {word}")
+            let chunk = match (i, n) {
+                (0, 0) => (*word).to_owned(),
+                (0, _) => format!("\n{word}"),
+                _ => format!(" {word}"),
             };
-            if tx.send(AgentEvent::Delta(chunk)).is_err() {
+            if tx.send(AgentEvent::Delta(chunk)).await.is_err() {
                 return Err(Stop::Killed);
             }
             if directive == Directive::Fail {
-                return Ok(None);
+                return Ok(false);
             }
             pause(delay, signal, directive == Directive::Stubborn).await?;
         }
@@ -203,7 +214,6 @@ async fn script(
         if let Some(rest) = min_total.checked_sub(started.elapsed()) {
             pause(rest, signal, false).await?;
         }
-        lines.push(line);
     }
     // Let a cancel that raced the last word win: nothing is stored then.
     sleep(Duration::ZERO).await;
@@ -214,7 +224,7 @@ async fn script(
             Stop::Cancelled
         });
     }
-    Ok(Some(lines.join("\n")))
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -228,6 +238,7 @@ mod tests {
             turn_id: TurnId::new(),
             messages: messages.iter().map(|m| (*m).to_owned()).collect(),
             agent_session: None,
+            fence: crate::Fence::open(),
         }
     }
 
@@ -251,7 +262,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn echoes_word_by_word_then_stores_one_message() -> Result<(), AgentError> {
+    async fn echoes_word_by_word_one_line_per_message() -> Result<(), AgentError> {
         let agent = DemoAgent::default();
         let mut h = agent.start(input(&["hi there", "/sleep 10 again"])).await?;
         let events = collect(&mut h).await;
@@ -262,13 +273,15 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(deltas, "echo: hi thereecho: again");
-        let n = events.len();
+        assert_eq!(deltas, "echo: hi there\necho: again");
         assert_eq!(
-            events[n - 2],
-            AgentEvent::Output(AgentOutput::Message("echo: hi there\necho: again".into()))
+            events.last(),
+            Some(&AgentEvent::Stopped(StopReason::Completed))
         );
-        assert_eq!(events[n - 1], AgentEvent::Stopped(StopReason::Completed));
+        assert!(
+            events.iter().all(|e| !matches!(e, AgentEvent::Output(_))),
+            "the reply is the text it streamed"
+        );
         Ok(())
     }
 

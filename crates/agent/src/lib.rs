@@ -6,6 +6,9 @@
 //! [`TurnControl`] to cancel it (politely) or force it to stop. Because each
 //! turn has its own channel, output of a turn the engine has moved on from
 //! cannot be mistaken for the next turn's (I8): the engine drops the channel.
+//! The channel is bounded ([`EVENT_CAPACITY`]): an agent that talks faster
+//! than its turn is stored waits (backpressure), it is never buffered
+//! without limit. What counts as late is decided in `baton_core::late`.
 
 pub mod acp;
 pub mod demo;
@@ -20,6 +23,40 @@ use tokio::sync::mpsc;
 
 pub use acp::{AcpConfig, AcpDriver, PermissionPolicy};
 pub use demo::DemoAgent;
+
+/// How many events of one turn may wait for the engine.
+pub const EVENT_CAPACITY: usize = 256;
+
+/// Whether the worker running a turn still holds the session's lease. A
+/// driver asks right before it sends the prompt, after everything that may
+/// have taken long (spawning, `initialize`, loading): a turn whose lease
+/// lapsed meanwhile (and that another worker may be running now) is never
+/// prompted.
+#[derive(Clone)]
+pub struct Fence(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl Fence {
+    /// A fence that asks `holds`.
+    pub fn new(holds: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(holds))
+    }
+
+    /// A fence that always holds (tools and tests without a lease).
+    pub fn open() -> Self {
+        Self::new(|| true)
+    }
+
+    /// Whether the lease still holds.
+    pub fn holds(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Fence").field(&self.holds()).finish()
+    }
+}
 
 /// A driver could not start a turn.
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +75,15 @@ pub struct TurnInput {
     pub messages: Vec<String>,
     /// The agent's own id for this conversation, if it gave one before.
     pub agent_session: Option<String>,
+    /// Checked right before the prompt is sent.
+    pub fence: Fence,
 }
 
 /// Something the agent did during a turn.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentEvent {
-    /// A transient chunk of output (streamed, never stored).
+    /// A chunk of the agent's text: streamed at once; each run of text
+    /// between two other outputs is stored as one assistant message.
     Delta(String),
     /// Output to store.
     Output(AgentOutput),
@@ -64,7 +104,7 @@ pub trait TurnControl: Send + Sync {
 
 /// A started turn.
 pub struct TurnHandle {
-    pub events: mpsc::UnboundedReceiver<AgentEvent>,
+    pub events: mpsc::Receiver<AgentEvent>,
     pub control: Box<dyn TurnControl>,
 }
 
@@ -78,6 +118,12 @@ pub trait AgentDriver: Send + Sync + 'static {
     /// What `GET /v1/agents` shows about this agent.
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({ "kind": "custom" })
+    }
+
+    /// Updates that arrived when no prompt of a live turn was in flight,
+    /// dropped (see `baton_core::late`).
+    fn late_updates(&self) -> u64 {
+        0
     }
 }
 
@@ -108,5 +154,10 @@ impl Agents {
     /// The agents' names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.by_name.keys().map(String::as_str)
+    }
+
+    /// Every agent with its name, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn AgentDriver>)> {
+        self.by_name.iter().map(|(k, v)| (k.as_str(), v))
     }
 }

@@ -80,39 +80,60 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let content_type = req
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !content_type.is_empty() && !content_type.starts_with("application/json") {
-            return Err(ApiError::invalid(format!(
-                "Content-Type must be application/json, not {content_type:?}"
-            )));
-        }
-        // Read here (not with axum's `Bytes`) so an oversized body is judged
-        // on the bytes read, chunked or not, and drained before the `413`.
-        let limit = state.cfg.max_body;
-        let mut body = req.into_body().into_data_stream();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
-            if bytes.len() + chunk.len() > limit {
-                drain(body).await;
-                return Err(ApiError::too_large(limit));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        if bytes.is_empty() {
-            return Err(ApiError::invalid(
+        match read_json(req, state).await? {
+            Some(v) => Ok(JsonBody(v)),
+            None => Err(ApiError::invalid(
                 "the body is empty; expected a JSON object",
-            ));
+            )),
         }
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
     }
+}
+
+/// A JSON body that may be left out (an empty body is `None`).
+pub struct MaybeJsonBody<T>(pub Option<T>);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for MaybeJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        read_json(req, state).await.map(MaybeJsonBody)
+    }
+}
+
+async fn read_json<T: DeserializeOwned>(
+    req: Request,
+    state: &AppState,
+) -> Result<Option<T>, ApiError> {
+    let content_type = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type.is_empty() && !content_type.starts_with("application/json") {
+        return Err(ApiError::invalid(format!(
+            "Content-Type must be application/json, not {content_type:?}"
+        )));
+    }
+    // Read here (not with axum's `Bytes`) so an oversized body is judged
+    // on the bytes read, chunked or not, and drained before the `413`.
+    let limit = state.cfg.max_body;
+    let mut body = req.into_body().into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
+        if bytes.len() + chunk.len() > limit {
+            drain(body).await;
+            return Err(ApiError::too_large(limit));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
 }
 
 /// How much of a refused (oversized) body is still read and discarded, and

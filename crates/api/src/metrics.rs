@@ -25,6 +25,11 @@ struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DispositionLabels {
     disposition: String,
 }
@@ -37,6 +42,7 @@ pub struct Metrics {
     messages: Family<DispositionLabels, Counter>,
     streams: Gauge,
     actors: Gauge,
+    late: Family<AgentLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -70,6 +76,12 @@ impl Default for Metrics {
             "Sessions with a turn running on this node",
             actors.clone(),
         );
+        let late = Family::<AgentLabels, Counter>::default();
+        registry.register(
+            "agent_late_updates",
+            "Agent updates dropped because no prompt of a live turn was in flight",
+            late.clone(),
+        );
         Self {
             registry,
             requests,
@@ -77,6 +89,7 @@ impl Default for Metrics {
             messages,
             streams,
             actors,
+            late,
         }
     }
 }
@@ -144,6 +157,13 @@ pub async fn render(State(state): State<AppState>) -> Response {
         .metrics
         .actors
         .set(state.engine.active_actors() as i64);
+    for (name, agent) in state.engine.agents().iter() {
+        let counter = state.metrics.late.get_or_create(&AgentLabels {
+            agent: name.to_owned(),
+        });
+        let total = agent.late_updates();
+        counter.inc_by(total.saturating_sub(counter.get()));
+    }
     let mut out = String::new();
     match prometheus_client::encoding::text::encode(&mut out, &state.metrics.registry) {
         Ok(()) => (

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{idempotency_key, query_u64, session_id, JsonBody, Owner};
+use crate::extract::{idempotency_key, query_u64, session_id, JsonBody, MaybeJsonBody, Owner};
 use crate::AppState;
 
 /// `POST /v1/sessions` body.
@@ -70,11 +70,29 @@ pub struct TurnList {
     pub turns: Vec<Turn>,
 }
 
+/// `POST /v1/sessions/{id}/cancel`'s optional body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    /// Cancel only this turn: if it is not the session's active turn (it
+    /// ended, or another turn runs now), nothing is cancelled.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub turn_id: Option<TurnId>,
+}
+
 /// `POST /v1/sessions/{id}/cancel`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Cancelled {
-    /// The turn being cancelled; `null` when the session was idle.
+    /// The turn being cancelled; `null` when nothing was cancelled.
     pub turn_id: Option<TurnId>,
+    /// Whether a cancel was requested by this call.
+    pub cancelled: bool,
+    /// The session's active turn when nothing was cancelled because the
+    /// body named another one (`null`: the session is idle).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub active_turn_id: Option<Option<TurnId>>,
 }
 
 fn non_empty(content: &str) -> ApiResult<()> {
@@ -257,21 +275,46 @@ pub async fn turns(
     Ok(Json(TurnList { turns }))
 }
 
-/// Cancel the running (or starting) turn, if any.
+/// Cancel the running (or starting) turn, if any; with `{"turn_id": …}`,
+/// only that turn.
 #[utoipa::path(post, path = "/v1/sessions/{id}/cancel", params(("id" = String, Path)),
-    responses((status = 202, body = Cancelled), (status = 200, description = "Idle: nothing to cancel", body = Cancelled),
-        (status = 404, body = ErrorBody)))]
+    request_body(content = Option<CancelBody>, description = "Optional: which turn to cancel"),
+    responses((status = 202, description = "A cancel was requested", body = Cancelled),
+        (status = 200, description = "Nothing cancelled: the session is idle, or the named turn is not the active one (`active_turn_id` says which is)", body = Cancelled),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn cancel(
     State(state): State<AppState>,
     Owner(owner): Owner,
     Path(id): Path<String>,
+    MaybeJsonBody(body): MaybeJsonBody<CancelBody>,
 ) -> ApiResult<Response> {
     let id = session_id(&id)?;
-    let turn_id = state.engine.cancel(&owner, id).await?;
-    let status = if turn_id.is_some() {
-        StatusCode::ACCEPTED
-    } else {
-        StatusCode::OK
+    let only = body.and_then(|b| b.turn_id);
+    let turn_id = state.engine.cancel(&owner, id, only).await?;
+    if turn_id.is_some() {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(Cancelled {
+                turn_id,
+                cancelled: true,
+                active_turn_id: None,
+            }),
+        )
+            .into_response());
+    }
+    // A stale cancel says which turn is active now (informational: read
+    // after the refusal).
+    let active_turn_id = match only {
+        Some(_) => Some(state.engine.session(&owner, id).await?.turn_id),
+        None => None,
     };
-    Ok((status, Json(Cancelled { turn_id })).into_response())
+    Ok((
+        StatusCode::OK,
+        Json(Cancelled {
+            turn_id: None,
+            cancelled: false,
+            active_turn_id,
+        }),
+    )
+        .into_response())
 }

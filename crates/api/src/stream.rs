@@ -6,16 +6,20 @@
 //! any hole (`seq > last + 1`, or a lagged receiver) from the store. Every
 //! entry on the bus is committed, and so is everything before it, so the
 //! store can always fill the hole. Deltas carry no id and are dropped once
-//! their turn's `turn_ended` has been sent (I8).
+//! their turn's `turn_ended` has been sent, or when they come from a worker
+//! whose lease epoch is older than one already seen (I8; the rule lives in
+//! `baton_core::late::DeltaFilter`). At shutdown a stream ends only once the
+//! node's turns have ended, after sending what they stored last.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use baton_core::{Entry, EntryType, Seq, SessionId, TurnId};
+use baton_core::late::DeltaFilter;
+use baton_core::{Entry, Seq, SessionId, TurnId};
 use baton_engine::BusEvent;
 use baton_store::{SharedStore, StoreError};
 use futures_util::Stream;
@@ -79,17 +83,17 @@ pub async fn stream(
     let (tx, rx) = mpsc::channel(256);
     let store = state.engine.store().clone();
     let gauge = state.metrics.stream_opened();
-    let mut shutdown = state.engine.shutdown_signal();
+    let closed = state.engine.shutdown_signal();
+    let bus = state.engine.bus().clone();
     tokio::spawn(async move {
         let _gauge = gauge;
-        // Streams end when the server shuts down, so graceful shutdown does
-        // not wait on them; clients resume elsewhere with Last-Event-ID.
-        tokio::select! {
-            r = follow(store, id, after, live, &tx) => if let Err(e) = r {
-                tracing::debug!(session = %id, error = %e, "stream ended");
-            },
-            _ = shutdown.wait_for(|s| *s) => {}
+        // Streams end when the server has stopped its turns, so graceful
+        // shutdown does not wait on them; clients resume elsewhere with
+        // Last-Event-ID.
+        if let Err(e) = follow(store, id, after, live, &tx, closed).await {
+            tracing::debug!(session = %id, error = %e, "stream ended");
         }
+        bus.prune(id);
     });
     Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(
         KeepAlive::new()
@@ -117,7 +121,7 @@ impl std::fmt::Display for Stop {
 struct Cursor<'a> {
     tx: &'a mpsc::Sender<Result<Event, Infallible>>,
     last: Seq,
-    ended: HashSet<TurnId>,
+    deltas: DeltaFilter,
 }
 
 impl Cursor<'_> {
@@ -136,11 +140,7 @@ impl Cursor<'_> {
             .await
             .map_err(|_| Stop::Disconnected)?;
         self.last = e.seq;
-        if e.kind == EntryType::TurnEnded {
-            if let Some(t) = e.turn_id {
-                self.ended.insert(t);
-            }
-        }
+        self.deltas.entry(e);
         Ok(())
     }
 
@@ -167,17 +167,24 @@ impl Cursor<'_> {
     }
 }
 
+/// Resolves once the node's turns have stopped at shutdown.
+async fn ended(closed: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`; drop it here.
+    let _ = closed.wait_for(|c| *c).await.map(|_| ());
+}
+
 async fn follow(
     store: SharedStore,
     id: SessionId,
     after: Seq,
     mut live: broadcast::Receiver<BusEvent>,
     tx: &mpsc::Sender<Result<Event, Infallible>>,
+    mut closed: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Stop> {
     let mut cur = Cursor {
         tx,
         last: after,
-        ended: HashSet::new(),
+        deltas: DeltaFilter::default(),
     };
     cur.catch_up(&store, id, None).await?;
     // The bus is a hint across nodes (notifications can be dropped while a
@@ -199,6 +206,10 @@ async fn follow(
                 continue;
             }
             _ = tx.closed() => return Err(Stop::Disconnected),
+            _ = ended(&mut closed) => {
+                // The node's turns are over: send what they stored last.
+                return cur.catch_up(&store, id, None).await;
+            }
         };
         match event {
             Ok(BusEvent::Entry(e)) => {
@@ -207,8 +218,12 @@ async fn follow(
                 }
                 cur.send_entry(&e).await?;
             }
-            Ok(BusEvent::Delta { turn_id, text }) => {
-                if cur.ended.contains(&turn_id) {
+            Ok(BusEvent::Delta {
+                turn_id,
+                epoch,
+                text,
+            }) => {
+                if cur.deltas.admit(turn_id, epoch).is_err() {
                     continue;
                 }
                 let data = serde_json::to_string(&Delta {
@@ -225,7 +240,7 @@ async fn follow(
                     cur.catch_up(&store, id, Some(seq)).await?;
                 }
             }
-            Ok(BusEvent::Cancel { .. }) => {}
+            Ok(BusEvent::Cancel { .. } | BusEvent::Released) => {}
             Err(broadcast::error::RecvError::Lagged(_)) => cur.catch_up(&store, id, None).await?,
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         }

@@ -1891,6 +1891,7 @@ async fn delta_round(
             id,
             BusEvent::Delta {
                 turn_id: stop_turn,
+                epoch: 0,
                 text: String::new(),
             },
         );
@@ -1928,7 +1929,7 @@ fn read_bus(
             let now = Instant::now();
             match ev {
                 Ok(BusEvent::Delta { turn_id, .. }) if turn_id == stop => return log,
-                Ok(BusEvent::Delta { turn_id, text }) => {
+                Ok(BusEvent::Delta { turn_id, text, .. }) => {
                     log.record((turn_id.to_string(), text), now)
                 }
                 Ok(_) => {}

@@ -96,6 +96,10 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         json_or_error(follow).await?;
         bail!("could not open the stream");
     }
+    // The turn this client last saw running: `/cancel` names it, so a cancel
+    // typed just as it ended never cancels the turn after it.
+    let running: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
+    let seen = running.clone();
     tokio::spawn(async move {
         let mut events = follow.bytes_stream().eventsource();
         let mut out = std::io::stdout();
@@ -103,6 +107,16 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             let Ok(data) = serde_json::from_str::<Value>(&ev.data) else {
                 continue;
             };
+            if ev.event == "entry" {
+                let mut r = seen.lock().unwrap_or_else(|p| p.into_inner());
+                match data["type"].as_str() {
+                    Some("turn_started") => *r = data["turn_id"].as_str().map(str::to_owned),
+                    Some("turn_ended") if *r == data["turn_id"].as_str().map(str::to_owned) => {
+                        *r = None
+                    }
+                    _ => {}
+                }
+            }
             match ev.event.as_str() {
                 "delta" => {
                     let _ = write!(out, "{}", data["text"].as_str().unwrap_or(""));
@@ -134,11 +148,22 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             "" => continue,
             "/quit" => break,
             "/cancel" => {
+                let turn = running.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let Some(turn) = turn else {
+                    eprintln!("[no turn is running]");
+                    continue;
+                };
                 let url = format!("{base}/v1/sessions/{session}/cancel");
                 let resp = request(&client, &args.token, reqwest::Method::POST, url)
+                    .json(&json!({ "turn_id": turn }))
                     .send()
                     .await?;
-                json_or_error(resp).await?;
+                let v = json_or_error(resp).await?;
+                if v["cancelled"] == true {
+                    eprintln!("[cancelling…]");
+                } else {
+                    eprintln!("[that turn had already ended; nothing cancelled]");
+                }
             }
             text => {
                 let mut body = json!({ "content": text });

@@ -73,6 +73,23 @@ pub struct ServeConfig {
     /// next turn waits, and late output of the cancelled one is dropped.
     #[arg(long, env = "BATON_ACP_QUIET_AFTER_CANCEL_MS", default_value_t = 300)]
     pub acp_quiet_after_cancel_ms: u64,
+    /// The same after a prompt answered normally: an agent still talking
+    /// after its answer is not heard in the next turn (0: off).
+    #[arg(long, env = "BATON_ACP_QUIET_AFTER_ANSWER_MS", default_value_t = 250)]
+    pub acp_quiet_after_answer_ms: u64,
+    /// How long an ACP agent may take to start a turn in all: spawn,
+    /// `initialize`, opening or loading the session. The turn's lease is
+    /// renewed meanwhile; past it the turn ends `failed`.
+    #[arg(long, env = "BATON_ACP_START_TIMEOUT_MS", default_value_t = 60_000)]
+    pub acp_start_timeout_ms: u64,
+    /// On SIGTERM, how long running turns may go on before they are
+    /// cancelled (0: cancel at once). A second signal forces.
+    #[arg(long, env = "BATON_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
+    pub shutdown_grace_ms: u64,
+    /// The largest stored assistant message, tool result or run of text, in
+    /// bytes; past it the turn ends `failed` and nothing partial is stored.
+    #[arg(long, env = "BATON_MAX_OUTPUT_BYTES", default_value_t = 1 << 20)]
+    pub max_output_bytes: usize,
     /// The demo agent's pause between streamed words.
     #[arg(long, env = "BATON_DEMO_WORD_DELAY_MS", default_value_t = 20)]
     pub demo_word_delay_ms: u64,
@@ -120,6 +137,10 @@ impl ServeConfig {
             acp_permission: Vec::new(),
             acp_restart_backoff_ms: 500,
             acp_quiet_after_cancel_ms: 300,
+            acp_quiet_after_answer_ms: 250,
+            acp_start_timeout_ms: 60_000,
+            shutdown_grace_ms: 30_000,
+            max_output_bytes: 1 << 20,
         }
     }
 
@@ -134,6 +155,9 @@ impl ServeConfig {
             cfg.restart_backoff = std::time::Duration::from_millis(self.acp_restart_backoff_ms);
             cfg.quiet_after_cancel =
                 std::time::Duration::from_millis(self.acp_quiet_after_cancel_ms);
+            cfg.quiet_after_answer =
+                std::time::Duration::from_millis(self.acp_quiet_after_answer_ms);
+            cfg.start_timeout = std::time::Duration::from_millis(self.acp_start_timeout_ms);
             for (n, dir) in &self.acp_cwd {
                 if n == name {
                     cfg.cwd = Some(dir.into());
@@ -197,5 +221,8 @@ impl ServeConfig {
     }
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_millis(self.sweep_ms)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
     }
 }

@@ -14,6 +14,7 @@ pub mod config;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use baton_agent::{Agents, DemoAgent};
@@ -66,6 +67,8 @@ impl App {
             lease_ttl: cfg.lease_ttl(),
             sweep_interval: cfg.sweep_interval(),
             sole_owner,
+            max_output_bytes: cfg.max_output_bytes,
+            shutdown_grace: cfg.shutdown_grace(),
             ..EngineConfig::default()
         };
         let bus = match &cfg.database_url {
@@ -117,6 +120,16 @@ impl App {
         self,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        self.run_until_forced(signal, std::future::pending()).await
+    }
+
+    /// [`App::run_until`], where `force` resolving during the shutdown ends
+    /// the grace and the drain at once (a second signal).
+    pub async fn run_until_forced(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+        force: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let engine = self.engine.clone();
         let router = baton_api::router(self.state);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -125,14 +138,21 @@ impl App {
         });
         let server = tokio::spawn(async move { server.await });
         signal.await;
-        tracing::info!("shutting down: no new connections; cancelling running turns");
+        tracing::info!("shutting down: no new connections");
         let _ = stop_tx.send(());
-        // Ends streams and turns; in-flight requests finish meanwhile.
-        engine.shutdown().await;
+        // Lets running turns finish within the grace, then cancels the
+        // rest; ends streams once the turns are over. In-flight requests
+        // finish meanwhile.
+        engine.shutdown_with(force).await;
         server
             .await
             .context("the HTTP server task panicked")?
             .context("serving HTTP")?;
+        // An actor a late request spawned releases its lease at once.
+        engine.wait_idle(Duration::from_secs(2)).await;
+        if let Err(e) = engine.store().flush().await {
+            tracing::warn!(error = %e, "flushing the store at shutdown");
+        }
         tracing::info!("shut down cleanly");
         Ok(())
     }

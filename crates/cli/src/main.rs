@@ -12,7 +12,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(baton_cli::ServeConfig),
+    Serve(Box<baton_cli::ServeConfig>),
     /// Chat with an agent from the terminal.
     Chat(baton_cli::chat::ChatArgs),
     /// Measure the store and the API.
@@ -33,7 +33,11 @@ async fn main() -> anyhow::Result<()> {
             let app = baton_cli::App::build(&cfg).await?;
             // Printed once the server can take requests: scripts wait for it.
             println!("listening on http://{}", app.addr());
-            app.run_until(baton_cli::shutdown_signal()).await
+            // A second SIGTERM or Ctrl-C during the shutdown forces it.
+            app.run_until_forced(baton_cli::shutdown_signal(), async {
+                baton_cli::shutdown_signal().await
+            })
+            .await
         }
         Command::Chat(args) => baton_cli::chat::run(args).await,
         Command::Bench(args) => baton_cli::bench::run(args).await,

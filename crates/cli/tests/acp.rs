@@ -245,10 +245,11 @@ async fn ignored_cancel_is_forced_and_the_next_turn_works(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
     let app = server(cmd, |cfg| cfg.cancel_drain_ms = 500).await;
     let c = &app.client;
-    let id = c
-        .create_session_id(json!({"message": "/ignore-cancel"}))
-        .await;
-    running_turn(c, &id, 0).await;
+    let id = c.create_session_id(json!({})).await;
+    let mut stream = c.open_stream(&id, None).await;
+    c.post(&id, "/ignore-cancel", None, None).await;
+    // Prompted (a cancel while it starts never reaches the agent).
+    stream.until_delta().await;
     c.cancel(&id).await;
     let t = ended_turn(c, &id, 0).await;
     assert_eq!(t["status"], "cancelled");
@@ -260,7 +261,7 @@ async fn ignored_cancel_is_forced_and_the_next_turn_works(kind: &str) {
     let me = peer_agent(c).await;
     assert_eq!(
         me["process"]["starts"], 2,
-        "the process was restarted: {me}"
+        "the process was restarted (no other session was on it): {me}"
     );
     app.stop().await;
 }
@@ -327,8 +328,9 @@ async fn a_stopped_turns_prompt_does_not_end_the_next_turn(kind: &str) {
     let c = &app.client;
     let id = c.create_session_id(json!({"message": "first"})).await;
     ended_turn(c, &id, 0).await;
+    let mut stream = c.open_stream(&id, None).await;
     c.post(&id, "/ignore-cancel", None, None).await;
-    running_turn(c, &id, 1).await;
+    stream.until_delta().await;
     c.cancel(&id).await;
     let t = ended_turn(c, &id, 1).await;
     assert!(t["reason"].as_str().unwrap().contains("forced"), "{t}");
@@ -505,6 +507,181 @@ async fn a_peer_that_cannot_start_backs_off(kind: &str) {
     app.stop().await;
 }
 
+/// The peer's command behind `env VARS`.
+fn with_env(cmd: &str, vars: &str) -> String {
+    format!("env {vars} {cmd}")
+}
+
+/// An agent that is slow to start (a cold start before it reads stdin, or
+/// a slow `initialize`) keeps its turn's lease: the turn completes, it is
+/// never ended `lost`, and the next turn runs on the same process.
+async fn a_slow_start_keeps_the_lease(kind: &str, vars: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let app = server(with_env(&cmd, vars), |cfg| {
+        cfg.lease_ms = 3_000;
+        cfg.heartbeat_ms = 500;
+        cfg.sweep_ms = 200;
+    })
+    .await;
+    let c = &app.client;
+    let id = c.create_session_id(json!({"message": "first"})).await;
+    c.post(&id, "second", None, None).await;
+    for n in 0..2 {
+        let t = ended_turn(c, &id, n).await;
+        assert_eq!(t["status"], "completed", "{t}");
+    }
+    let entries = c.entries(&id).await;
+    assert_eq!(replies(&entries), vec!["echo: first", "echo: second"]);
+    check_log(&entries);
+    assert_eq!(peer_agent(c).await["process"]["starts"], 1);
+    app.stop().await;
+}
+
+async fn a_slow_cold_start_keeps_the_lease(kind: &str) {
+    a_slow_start_keeps_the_lease(kind, "ACP_PEER_STDIN_DELAY_MS=4500").await;
+}
+
+async fn a_slow_initialize_keeps_the_lease(kind: &str) {
+    a_slow_start_keeps_the_lease(kind, "ACP_PEER_INIT_DELAY_MS=4500").await;
+}
+
+/// Past `--acp-start-timeout-ms` the turn ends `failed`, saying so.
+async fn a_start_past_the_timeout_fails_the_turn(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let app = server(with_env(&cmd, "ACP_PEER_STDIN_DELAY_MS=20000"), |cfg| {
+        cfg.acp_start_timeout_ms = 1_000;
+    })
+    .await;
+    let c = &app.client;
+    let id = c.create_session_id(json!({"message": "anyone?"})).await;
+    let t = ended_turn(c, &id, 0).await;
+    assert_eq!(t["status"], "failed", "{t}");
+    assert!(
+        t["reason"]
+            .as_str()
+            .unwrap()
+            .contains("start timeout (1000 ms"),
+        "{t}"
+    );
+    app.stop().await;
+}
+
+/// An agent that sends one more chunk ~100 ms after answering: the chunk
+/// is dropped and counted, never stored or streamed in the next turn.
+async fn a_chunk_after_the_answer_is_not_the_next_turns(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    // A window no loaded machine can miss; the default (250 ms) is the
+    // same rule.
+    let app = server(cmd, |cfg| cfg.acp_quiet_after_answer_ms = 1_500).await;
+    let c = &app.client;
+    let id = c.create_session_id(json!({})).await;
+    let mut stream = c.open_stream(&id, None).await;
+    c.post(&id, "/after-done alpha", None, None).await;
+    c.post(&id, "beta gamma delta", None, None).await;
+    let t = ended_turn(c, &id, 1).await;
+    assert_eq!(t["status"], "completed", "{t}");
+    let entries = c.entries(&id).await;
+    assert_eq!(
+        replies(&entries),
+        vec!["echo: alpha", "echo: beta gamma delta"]
+    );
+    check_log(&entries);
+    let seen = stream
+        .until_entry(|e| e["type"] == "turn_ended" && e["turn_id"] == t["id"])
+        .await;
+    assert!(
+        seen.iter()
+            .all(|e| !e.data.to_string().contains("LATE-AFTER-DONE")),
+        "the late chunk never reaches a stream: {seen:#?}"
+    );
+    let me = peer_agent(c).await;
+    assert_eq!(me["late_updates"], 1, "{me}");
+    let text = c
+        .req(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("baton_agent_late_updates_total{agent=\"peer\"} 1"),
+        "{text}"
+    );
+    app.stop().await;
+}
+
+/// Session A's agent ignores `session/cancel`; forcing it at the drain
+/// deadline leaves session B's turn on the same process alone: B completes
+/// its whole reply, the process is not restarted, and A goes on in a new
+/// ACP session.
+async fn a_forced_stop_leaves_other_sessions_alone(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let app = server(cmd, |cfg| cfg.cancel_drain_ms = 300).await;
+    let c = &app.client;
+    let a = c.create_session_id(json!({})).await;
+    let b = c.create_session_id(json!({})).await;
+    let mut sa = c.open_stream(&a, None).await;
+    let mut sb = c.open_stream(&b, None).await;
+    c.post(&a, "/ignore-cancel", None, None).await;
+    sa.until_delta().await;
+    c.post(
+        &b,
+        "/slow 150 one two three four five six seven eight",
+        None,
+        None,
+    )
+    .await;
+    sb.until_delta().await;
+    c.cancel(&a).await;
+    let t = ended_turn(c, &a, 0).await;
+    assert_eq!(t["status"], "cancelled", "{t}");
+    assert!(t["reason"].as_str().unwrap().contains("forced"), "{t}");
+    let t = ended_turn(c, &b, 0).await;
+    assert_eq!(t["status"], "completed", "B is untouched: {t}");
+    assert_eq!(
+        replies(&c.entries(&b).await),
+        vec!["echo: one two three four five six seven eight"]
+    );
+    c.post(&a, "still here", None, None).await;
+    let t = ended_turn(c, &a, 1).await;
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(replies(&c.entries(&a).await), vec!["echo: still here"]);
+    let me = peer_agent(c).await;
+    assert_eq!(me["process"]["starts"], 1, "not restarted: {me}");
+    app.stop().await;
+}
+
+/// Output past the cap fails that turn only: the agent is cancelled (not
+/// killed) and a turn beside it on the same process completes.
+async fn output_past_the_cap_fails_only_that_turn(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let app = server(cmd, |cfg| cfg.max_output_bytes = 60).await;
+    let c = &app.client;
+    let a = c.create_session_id(json!({})).await;
+    let b = c.create_session_id(json!({})).await;
+    let mut sb = c.open_stream(&b, None).await;
+    c.post(&b, "/slow 100 short and sweet", None, None).await;
+    sb.until_delta().await;
+    let long = "lorem ipsum dolor sit amet ".repeat(10);
+    c.post(&a, &format!("/slow 5 {long}"), None, None).await;
+    let t = ended_turn(c, &a, 0).await;
+    assert_eq!(t["status"], "failed", "{t}");
+    assert!(
+        t["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exceeded the limit of 60 bytes"),
+        "{t}"
+    );
+    assert!(replies(&c.entries(&a).await).is_empty(), "nothing partial");
+    let t = ended_turn(c, &b, 0).await;
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(replies(&c.entries(&b).await), vec!["echo: short and sweet"]);
+    assert_eq!(peer_agent(c).await["process"]["starts"], 1);
+    app.stop().await;
+}
+
 macro_rules! for_each_peer {
     ($($scenario:ident),* $(,)?) => {
         $(
@@ -532,4 +709,10 @@ for_each_peer!(
     twenty_queued_messages_are_twenty_fifo_prompts,
     permission_policy_is_applied_and_recorded,
     a_peer_that_cannot_start_backs_off,
+    a_slow_cold_start_keeps_the_lease,
+    a_slow_initialize_keeps_the_lease,
+    a_start_past_the_timeout_fails_the_turn,
+    a_chunk_after_the_answer_is_not_the_next_turns,
+    a_forced_stop_leaves_other_sessions_alone,
+    output_past_the_cap_fails_only_that_turn,
 );

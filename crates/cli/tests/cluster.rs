@@ -30,6 +30,10 @@ struct Node {
 }
 
 async fn node(url: &str) -> Node {
+    node_with(url, |_| {}).await
+}
+
+async fn node_with(url: &str, tune: impl FnOnce(&mut ServeConfig)) -> Node {
     let mut cfg = ServeConfig::embedded("unused.db");
     cfg.database_url = Some(url.to_owned());
     cfg.demo_word_delay_ms = 1;
@@ -37,6 +41,8 @@ async fn node(url: &str) -> Node {
     cfg.lease_ms = 2_000;
     cfg.heartbeat_ms = 500;
     cfg.sweep_ms = 200;
+    cfg.shutdown_grace_ms = 0;
+    tune(&mut cfg);
     let app = App::build(&cfg).await.expect("building a node");
     let client = Client::new(format!("http://{}", app.addr()));
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -484,4 +490,66 @@ impl FirstAddr for String {
         use std::net::ToSocketAddrs;
         self.to_socket_addrs().unwrap().next().unwrap()
     }
+}
+
+/// SIGTERM on node A while it runs a turn with two messages queued: the
+/// turn completes on A within the grace, and the queued turns start on node
+/// B as soon as A lets go — not at B's next sweep (a minute away) nor after
+/// a lease expiry (half a minute away) — and none is counted as a vanished
+/// worker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_node_finishes_its_turn_and_hands_the_queue_over_at_once() {
+    let Some(schema) =
+        database("a_stopping_node_finishes_its_turn_and_hands_the_queue_over_at_once").await
+    else {
+        return;
+    };
+    let url = schema.url().to_owned();
+    let slow = |cfg: &mut ServeConfig| {
+        cfg.lease_ms = 40_000;
+        cfg.heartbeat_ms = 1_000;
+        cfg.sweep_ms = 60_000;
+        cfg.shutdown_grace_ms = 20_000;
+    };
+    let a = node_with(&url, slow).await;
+    let b = node_with(&url, slow).await;
+    let s = a
+        .client
+        .create_session(json!({"message": "/sleep 1500 on a"}))
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    for m in ["queued one", "queued two"] {
+        let (status, v) = a.client.post(&id, m, None, None).await;
+        assert_eq!(status, 201, "{v}");
+        assert_eq!(v["disposition"]["type"], "queued", "{v}");
+    }
+    let stopped = tokio::spawn(a.shutdown());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let turns = loop {
+        let turns = b.client.turns(&id).await;
+        if turns.len() == 3 && turns.iter().all(|t| t["ended_at"].is_string()) {
+            break turns;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue never ran on B: {turns:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stopped.await.unwrap();
+    for t in &turns {
+        assert_eq!(t["status"], "completed", "{t}");
+    }
+    let entries = b.client.entries(&id).await;
+    check_transcript(&entries);
+    let replies: Vec<&str> = entries
+        .iter()
+        .filter(|e| e["role"] == "assistant")
+        .map(|e| e["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        replies,
+        vec!["echo: on a", "echo: queued one", "echo: queued two"]
+    );
+    b.shutdown().await;
 }

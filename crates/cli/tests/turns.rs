@@ -569,7 +569,7 @@ async fn stubborn_agent_is_forced_at_the_drain_deadline() {
     c.wait_idle(&id).await;
     let (status, idle) = c.cancel(&id).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(idle, json!({"turn_id": null}));
+    assert_eq!(idle, json!({"turn_id": null, "cancelled": false}));
 
     let (entries, turns) = check(c, &id).await;
     assert_eq!(turns.len(), 2);
@@ -1055,7 +1055,11 @@ async fn fail_directive_ends_failed_and_queue_continues() {
 async fn sigterm_cancels_running_turns_with_reason_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("baton.db");
-    let srv = spawn_binary(&db, &["--cancel-drain-ms", "300"]).await;
+    let srv = spawn_binary(
+        &db,
+        &["--cancel-drain-ms", "300", "--shutdown-grace-ms", "0"],
+    )
+    .await;
     let c = srv.client.clone();
     let s = c
         .create_session(json!({"message": "/hang through shutdown"}))

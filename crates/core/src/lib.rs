@@ -10,6 +10,7 @@
 
 pub mod entry;
 pub mod id;
+pub mod late;
 pub mod model;
 pub mod policy;
 pub mod session;

@@ -12,7 +12,17 @@
 //! - a cancel is idempotent and wins over a late completion (ended is
 //!   absorbing);
 //! - tool calls still open at the end get a synthetic `cancelled` result, so
-//!   the transcript replays validly to a model.
+//!   the transcript replays validly to a model;
+//! - output is stored in the order the agent produced it: deltas are the
+//!   agent's text, and each run of text between two other outputs (a tool
+//!   call, a result, a note) is stored as one assistant message, before the
+//!   output that ended it. A trailing run is stored only when the turn
+//!   completes (a cancelled or failed turn's half-sentence is not a reply);
+//! - no stored message, tool result or run of text exceeds the output cap:
+//!   past it the turn is cancelled, drained and ended `failed`, and nothing
+//!   partial is stored.
+//!
+//! Events after the end are dropped here ([`crate::late::LateReason::TurnEnded`]).
 
 use crate::{NewEntry, ToolInfo, TurnId, TurnStatus};
 
@@ -58,6 +68,9 @@ pub enum Event {
     DrainDeadline,
     /// The lease could not be renewed: another worker may own the session.
     LeaseLost,
+    /// The turn cannot go on (its output could not be stored, …): it is
+    /// cancelled, drained and ended `failed` with `reason`.
+    Failure { reason: String },
 }
 
 /// An effect for the engine to perform, in order.
@@ -102,21 +115,38 @@ enum State {
     Ended,
 }
 
+/// The default cap on one stored message, tool result or run of text.
+pub const DEFAULT_MAX_OUTPUT: usize = 1 << 20;
+
 /// One turn's state.
 #[derive(Clone, Debug)]
 pub struct TurnMachine {
     turn: TurnId,
     state: State,
     open_tools: Vec<String>,
+    /// The run of text streamed since the last other output.
+    run: String,
+    max_output: usize,
+    /// Output passed the cap: nothing more of it is streamed or stored.
+    overflowed: bool,
 }
 
 impl TurnMachine {
-    /// A turn in `starting`.
+    /// A turn in `starting`, with the default output cap.
     pub fn new(turn: TurnId) -> Self {
+        Self::with_max_output(turn, DEFAULT_MAX_OUTPUT)
+    }
+
+    /// A turn in `starting` whose stored outputs are at most `max_output`
+    /// bytes each.
+    pub fn with_max_output(turn: TurnId, max_output: usize) -> Self {
         Self {
             turn,
             state: State::Starting { pending: None },
             open_tools: Vec::new(),
+            run: String::new(),
+            max_output,
+            overflowed: false,
         }
     }
 
@@ -149,6 +179,10 @@ impl TurnMachine {
                 pending.get_or_insert((TurnStatus::Cancelled, reason));
                 Vec::new()
             }
+            (State::Starting { pending }, Event::Failure { reason }) => {
+                pending.get_or_insert((TurnStatus::Failed, reason));
+                Vec::new()
+            }
             // Nothing reaches an agent before the prompt; anything else that
             // arrives in `starting` is stale and dropped.
             (State::Starting { .. }, _) => Vec::new(),
@@ -158,14 +192,34 @@ impl TurnMachine {
             (State::Running, Event::TurnDeadline) => {
                 self.drain(TurnStatus::TimedOut, "turn timed out".to_owned())
             }
+            (State::Running, Event::Failure { reason }) => self.drain(TurnStatus::Failed, reason),
             (State::Running | State::Draining { .. }, Event::AgentDelta(text)) => {
+                if self.overflowed {
+                    return Vec::new();
+                }
+                if self.run.len() + text.len() > self.max_output {
+                    return self.overflow();
+                }
+                self.run.push_str(&text);
                 vec![Action::PublishDelta(text)]
             }
             (State::Running | State::Draining { .. }, Event::AgentOutput(out)) => {
-                vec![Action::Append(self.record(out))]
+                if self.overflowed {
+                    return Vec::new();
+                }
+                if output_len(&out) > self.max_output {
+                    return self.overflow();
+                }
+                let mut actions = self.flush();
+                actions.push(Action::Append(self.record(out)));
+                actions
             }
             (State::Running, Event::AgentStopped(stop)) => match stop {
-                StopReason::Completed => self.end(TurnStatus::Completed, None),
+                StopReason::Completed => {
+                    let mut actions = self.flush();
+                    actions.extend(self.end(TurnStatus::Completed, None));
+                    actions
+                }
                 // An agent that cancels on its own (no cancel was asked for).
                 StopReason::Cancelled => self.end(
                     TurnStatus::Cancelled,
@@ -199,6 +253,31 @@ impl TurnMachine {
         vec![Action::SendCancel, Action::ArmDrainDeadline]
     }
 
+    /// Output past the cap: nothing of it is stored, the turn stops `failed`.
+    fn overflow(&mut self) -> Vec<Action> {
+        self.run.clear();
+        self.overflowed = true;
+        match self.state {
+            State::Running => self.drain(
+                TurnStatus::Failed,
+                format!(
+                    "the agent's output exceeded the limit of {} bytes per message",
+                    self.max_output
+                ),
+            ),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The run of text so far, as a message to store before what ends it.
+    fn flush(&mut self) -> Vec<Action> {
+        if self.run.is_empty() {
+            return Vec::new();
+        }
+        let text = std::mem::take(&mut self.run);
+        vec![Action::Append(NewEntry::assistant_message(self.turn, text))]
+    }
+
     fn record(&mut self, out: AgentOutput) -> NewEntry {
         match out {
             AgentOutput::Message(text) => NewEntry::assistant_message(self.turn, text),
@@ -216,6 +295,7 @@ impl TurnMachine {
 
     fn end(&mut self, status: TurnStatus, reason: Option<String>) -> Vec<Action> {
         self.state = State::Ended;
+        self.run.clear();
         let mut entries: Vec<NewEntry> = std::mem::take(&mut self.open_tools)
             .into_iter()
             .map(|id| {
@@ -235,9 +315,23 @@ impl TurnMachine {
     }
 }
 
+/// The stored size of an output.
+fn output_len(out: &AgentOutput) -> usize {
+    match out {
+        AgentOutput::Message(t) | AgentOutput::System(t) => t.len(),
+        AgentOutput::ToolResult { content, .. } => content.len(),
+        AgentOutput::ToolCall(tool) => {
+            tool.id.len()
+                + tool.name.as_ref().map_or(0, String::len)
+                + tool.arguments.as_ref().map_or(0, |a| a.to_string().len())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::EntryType as EntryKind;
     use proptest::prelude::*;
 
     fn ends(actions: &[Action]) -> usize {
@@ -333,6 +427,130 @@ mod tests {
         );
     }
 
+    fn appended(actions: &[Action]) -> Vec<NewEntry> {
+        actions
+            .iter()
+            .flat_map(|a| match a {
+                Action::Append(e) => vec![e.clone()],
+                Action::End { entries, .. } => entries.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn text_runs_are_stored_in_order_around_tool_calls() {
+        let t = TurnId::new();
+        let mut m = TurnMachine::new(t);
+        let mut stored = appended(&m.handle(Event::Started));
+        let script = [
+            Event::AgentDelta("Let me ".into()),
+            Event::AgentDelta("look.".into()),
+            Event::AgentOutput(AgentOutput::ToolCall(ToolInfo {
+                id: "c1".into(),
+                name: Some("grep".into()),
+                arguments: None,
+            })),
+            Event::AgentOutput(AgentOutput::ToolResult {
+                id: "c1".into(),
+                content: "3 matches".into(),
+            }),
+            Event::AgentDelta("Found them.".into()),
+            Event::AgentStopped(StopReason::Completed),
+        ];
+        for e in script {
+            stored.extend(appended(&m.handle(e)));
+        }
+        let shape: Vec<(EntryKind, String)> = stored
+            .iter()
+            .map(|e| {
+                (
+                    e.kind,
+                    e.content
+                        .clone()
+                        .or_else(|| e.tool.as_ref().map(|t| t.id.clone()))
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (EntryKind::Message, "Let me look.".to_owned()),
+                (EntryKind::ToolCall, "c1".to_owned()),
+                (EntryKind::ToolResult, "3 matches".to_owned()),
+                (EntryKind::Message, "Found them.".to_owned()),
+                (EntryKind::TurnEnded, String::new()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cancelled_turns_trailing_text_is_not_stored() {
+        let mut m = TurnMachine::new(TurnId::new());
+        m.handle(Event::Started);
+        m.handle(Event::AgentDelta("half a sen".into()));
+        m.handle(Event::CancelRequested {
+            reason: "user".into(),
+        });
+        let stored = appended(&m.handle(Event::AgentStopped(StopReason::Cancelled)));
+        assert_eq!(
+            stored.iter().map(|e| e.kind).collect::<Vec<_>>(),
+            [EntryKind::TurnEnded]
+        );
+    }
+
+    #[test]
+    fn output_past_the_cap_fails_the_turn_and_stores_nothing_of_it() {
+        let mut m = TurnMachine::with_max_output(TurnId::new(), 10);
+        m.handle(Event::Started);
+        assert_eq!(
+            m.handle(Event::AgentDelta("0123456".into())),
+            vec![Action::PublishDelta("0123456".into())]
+        );
+        assert_eq!(
+            m.handle(Event::AgentDelta("789ab".into())),
+            vec![Action::SendCancel, Action::ArmDrainDeadline],
+            "the run would pass the cap: cancel, drain"
+        );
+        assert!(m.handle(Event::AgentDelta("more".into())).is_empty());
+        let actions = m.handle(Event::AgentStopped(StopReason::Completed));
+        let stored = appended(&actions);
+        assert_eq!(stored.len(), 1, "only turn_ended: {stored:?}");
+        assert_eq!(stored[0].status, Some(TurnStatus::Failed));
+        assert!(stored[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("exceeded the limit of 10 bytes")));
+        let mut m = TurnMachine::with_max_output(TurnId::new(), 10);
+        m.handle(Event::Started);
+        assert_eq!(
+            m.handle(Event::AgentOutput(AgentOutput::ToolResult {
+                id: "x".into(),
+                content: "far too long a result".into(),
+            })),
+            vec![Action::SendCancel, Action::ArmDrainDeadline]
+        );
+    }
+
+    #[test]
+    fn a_failure_drains_then_ends_failed() {
+        let mut m = TurnMachine::new(TurnId::new());
+        m.handle(Event::Started);
+        assert_eq!(
+            m.handle(Event::Failure {
+                reason: "store refused".into()
+            }),
+            vec![Action::SendCancel, Action::ArmDrainDeadline]
+        );
+        let actions = m.handle(Event::DrainDeadline);
+        assert_eq!(actions.first(), Some(&Action::ForceStop));
+        assert!(matches!(
+            actions.get(1),
+            Some(Action::End { status: TurnStatus::Failed, reason: Some(r), .. }) if r.starts_with("store refused")
+        ));
+    }
+
     fn event() -> impl Strategy<Value = Event> {
         prop_oneof![
             Just(Event::Started),
@@ -352,6 +570,9 @@ mod tests {
             Just(Event::TurnDeadline),
             Just(Event::DrainDeadline),
             Just(Event::LeaseLost),
+            Just(Event::Failure {
+                reason: "store".into()
+            }),
         ]
     }
 

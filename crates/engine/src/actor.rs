@@ -12,11 +12,23 @@
 //! it returns. Every write carries the lease; a stale-epoch or turn-not-active
 //! answer means someone else owns the session now, and the actor stops
 //! without another write.
+//!
+//! Nothing the actor awaits while it holds a lease can outlive the lease:
+//! starting the agent runs inside the turn's select loop, so heartbeats keep
+//! renewing while a slow agent boots; every store call is cut at the moment
+//! self-fencing is due ([`Lease clock`](LeaseClock)), and the actor then
+//! stops, fenced, before the lease can expire. The agent's [`Fence`] asks
+//! the same clock right before the prompt goes out, and deltas are published
+//! only while it holds (and carry the epoch, for streams to drop a
+//! superseded worker's).
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_agent::{AgentEvent, TurnControl, TurnInput};
+use baton_agent::{AgentError, AgentEvent, Fence, TurnControl, TurnHandle, TurnInput};
 use baton_core::turn::{Action, Event, StopReason, TurnMachine};
 use baton_core::{EntryType, NewEntry, TurnStatus};
 use baton_store::{Begin, Lease, StoreError, Take, TurnToRun};
@@ -40,21 +52,36 @@ enum Outcome {
 pub(crate) async fn run(inner: Arc<Inner>, lease: Lease, mut bus: broadcast::Receiver<BusEvent>) {
     let session = lease.session_id;
     let mut failures = 0u32;
+    // Between turns the lease was just extended (by `take_turn` or the
+    // claim that spawned this actor).
+    let clock = LeaseClock::new(inner.lease_ttl(), inner.cfg.heartbeat);
     loop {
-        if *inner.shutdown.borrow() {
-            // Leave the queue for the next start-up or another node.
-            let _ = inner.store.release_lease(&lease, true).await;
+        if *inner.stopping.borrow() {
+            // Leave the queue for the next start-up or another node, and
+            // tell the other nodes at once.
+            if let Ok(Ok(true)) =
+                tokio::time::timeout(clock.remaining(), inner.store.release_lease(&lease, true))
+                    .await
+            {
+                inner.bus.publish(session, BusEvent::Released);
+            }
             break;
         }
-        let step = match inner.store.take_turn(&lease).await {
-            Ok(Take::Run(turn, begun)) => run_turn(&inner, &lease, turn, begun, &mut bus)
-                .await
-                .map(Some),
+        let asked = Instant::now();
+        let step = match clock.bounded(inner.store.take_turn(&lease)).await {
+            Ok(Take::Run(turn, begun)) => {
+                // `begin` extended the lease.
+                clock.renewed(asked);
+                run_turn(&inner, &lease, &clock, turn, begun, &mut bus)
+                    .await
+                    .map(Some)
+            }
             Ok(Take::Released) => break,
             // The active turn is one this actor lost track of: the pause
             // keeps this from spinning until the lease lapses and the
             // sweeper ends that turn `lost`.
             Ok(Take::Busy) => {
+                clock.renewed(asked);
                 sleep(Duration::from_millis(20)).await;
                 Ok(None)
             }
@@ -78,6 +105,79 @@ pub(crate) async fn run(inner: Arc<Inner>, lease: Lease, mut bus: broadcast::Rec
         }
     }
     inner.actor_exited(session, lease.epoch);
+    inner.bus.prune(session);
+}
+
+/// When the actor's lease was last extended, and when it must stop on its
+/// own: shared with the agent's [`Fence`].
+#[derive(Clone)]
+struct LeaseClock {
+    last: Arc<Mutex<Instant>>,
+    fenced: Arc<AtomicBool>,
+    due: Duration,
+}
+
+impl LeaseClock {
+    fn new(ttl: Duration, heartbeat: Duration) -> Self {
+        Self {
+            last: Arc::new(Mutex::new(Instant::now())),
+            fenced: Arc::new(AtomicBool::new(false)),
+            // Where a renewal failure fences, but never less than half the
+            // lease (a heartbeat close to the lease leaves no margin there).
+            due: fence_due(ttl, heartbeat).max(ttl / 2),
+        }
+    }
+
+    /// A renewal that began at `at` landed.
+    fn renewed(&self, at: Instant) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if at > *last {
+            *last = at;
+        }
+    }
+
+    fn since_renewal(&self) -> Duration {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    /// How long until self-fencing is due.
+    fn remaining(&self) -> Duration {
+        self.due.saturating_sub(self.since_renewal())
+    }
+
+    /// Whether the lease still holds for this worker.
+    fn holds(&self) -> bool {
+        !self.fenced.load(Ordering::SeqCst) && self.since_renewal() < self.due
+    }
+
+    /// Stops for good: nothing of this worker goes out any more.
+    fn fence(&self) {
+        self.fenced.store(true, Ordering::SeqCst);
+    }
+
+    fn agent_fence(&self) -> Fence {
+        let clock = self.clone();
+        Fence::new(move || clock.holds())
+    }
+
+    /// Runs a store call, cut where self-fencing is due: a store that stops
+    /// answering makes the worker stop while the lease is still its own.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.remaining(), call).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.fence();
+                tracing::warn!("a store call outlived the lease's fence; stopping this worker");
+                Err(StoreError::StaleEpoch { epoch: 0 })
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -91,9 +191,15 @@ impl Inner {
     }
 }
 
+/// A driver's start of a turn, polled inside the turn's loop.
+type Starting = Pin<Box<dyn Future<Output = Result<TurnHandle, AgentError>> + Send>>;
+
 /// Stops the agent's turn if the actor leaves early (a dropped future).
 struct Agent {
-    events: Option<mpsc::UnboundedReceiver<AgentEvent>>,
+    /// The start in progress; dropping it abandons the start (nothing was
+    /// prompted yet).
+    starting: Option<Starting>,
+    events: Option<mpsc::Receiver<AgentEvent>>,
     control: Option<Box<dyn TurnControl>>,
 }
 
@@ -105,11 +211,16 @@ impl Drop for Agent {
     }
 }
 
-async fn next_agent_event(
-    events: &mut Option<mpsc::UnboundedReceiver<AgentEvent>>,
-) -> Option<AgentEvent> {
+async fn next_agent_event(events: &mut Option<mpsc::Receiver<AgentEvent>>) -> Option<AgentEvent> {
     match events {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn started(starting: &mut Option<Starting>) -> Result<TurnHandle, AgentError> {
+    match starting {
+        Some(f) => f.as_mut().await,
         None => std::future::pending().await,
     }
 }
@@ -139,13 +250,15 @@ fn renewal_budget(ttl: Duration, heartbeat: Duration, since_renewal: Duration) -
 async fn run_turn(
     inner: &Inner,
     lease: &Lease,
+    clock: &LeaseClock,
     todo: TurnToRun,
     begun: Begin,
     bus: &mut broadcast::Receiver<BusEvent>,
 ) -> Result<Outcome, StoreError> {
     let turn_id = todo.turn.id;
-    let mut machine = TurnMachine::new(turn_id);
+    let mut machine = TurnMachine::with_max_output(turn_id, inner.cfg.max_output_bytes);
     let mut agent = Agent {
+        starting: None,
         events: None,
         control: None,
     };
@@ -155,7 +268,6 @@ async fn run_turn(
     let mut heartbeat =
         tokio::time::interval_at(Instant::now() + inner.cfg.heartbeat, inner.cfg.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_renewal = Instant::now();
     // Each fires once; afterwards the select must not poll it again.
     let mut shutdown_seen = false;
     let mut bus_open = true;
@@ -185,38 +297,38 @@ async fn run_turn(
         while let Some(event) = pending.pop_front() {
             for action in machine.handle(event) {
                 match action {
-                    Action::SendPrompt => {
-                        let driver = inner.agents.get(&todo.agent);
-                        let input = TurnInput {
-                            session_id: lease.session_id,
-                            turn_id,
-                            messages: todo
-                                .inputs
-                                .iter()
-                                .filter_map(|e| e.content.clone())
-                                .collect(),
-                            agent_session: todo.agent_session.clone(),
-                        };
-                        let started = match driver {
-                            Some(d) => d.start(input).await.map_err(|e| e.to_string()),
-                            None => Err(format!("no agent named {:?} on this node", todo.agent)),
-                        };
-                        match started {
-                            Ok(handle) => {
-                                agent.events = Some(handle.events);
-                                agent.control = Some(handle.control);
-                            }
-                            Err(why) => {
-                                pending.push_back(Event::AgentStopped(StopReason::Failed(why)))
-                            }
+                    Action::SendPrompt => match inner.agents.get(&todo.agent) {
+                        Some(driver) => {
+                            let input = TurnInput {
+                                session_id: lease.session_id,
+                                turn_id,
+                                messages: todo
+                                    .inputs
+                                    .iter()
+                                    .filter_map(|e| e.content.clone())
+                                    .collect(),
+                                agent_session: todo.agent_session.clone(),
+                                fence: clock.agent_fence(),
+                            };
+                            // Polled in the loop below, beside heartbeats and
+                            // cancels: a slow start renews the lease.
+                            agent.starting =
+                                Some(Box::pin(async move { driver.start(input).await }));
                         }
-                    }
+                        None => pending.push_back(Event::AgentStopped(StopReason::Failed(
+                            format!("no agent named {:?} on this node", todo.agent),
+                        ))),
+                    },
                     Action::ArmTurnDeadline => {
                         turn_deadline = Some(Instant::now() + inner.cfg.turn_timeout)
                     }
                     Action::SendCancel => {
                         if let Some(c) = &agent.control {
                             c.cancel();
+                        } else if agent.starting.take().is_some() {
+                            // Still starting: the prompt never went out, so
+                            // the agent has nothing to drain.
+                            pending.push_back(Event::AgentStopped(StopReason::Cancelled));
                         }
                     }
                     Action::ArmDrainDeadline => {
@@ -227,18 +339,30 @@ async fn run_turn(
                         // before the deltas that follow it.
                         if !unsaved.is_empty() {
                             if let Some(ev) =
-                                save(inner, lease, turn_id, &mut unsaved, &mut lost).await
+                                save(inner, lease, clock, turn_id, &mut unsaved, &mut lost).await
                             {
                                 pending.push_front(ev);
                                 continue;
                             }
                         }
-                        inner
-                            .bus
-                            .publish(lease.session_id, BusEvent::Delta { turn_id, text });
+                        // A worker past its fence publishes nothing (its
+                        // lease may be someone else's by now).
+                        if !clock.holds() {
+                            pending.push_front(Event::LeaseLost);
+                            continue;
+                        }
+                        inner.bus.publish(
+                            lease.session_id,
+                            BusEvent::Delta {
+                                turn_id,
+                                epoch: lease.epoch,
+                                text,
+                            },
+                        );
                     }
                     Action::Append(entry) => unsaved.push(entry),
                     Action::ForceStop => {
+                        agent.starting = None;
                         if let Some(c) = agent.control.take() {
                             c.force_stop();
                         }
@@ -249,6 +373,7 @@ async fn run_turn(
                         reason,
                         entries,
                     } => {
+                        agent.starting = None;
                         agent.events = None;
                         let closing = if lost.is_empty() {
                             entries
@@ -265,9 +390,12 @@ async fn run_turn(
                             closing,
                             lost,
                         };
-                        return end(inner, lease, turn_id, last).await;
+                        return end(inner, lease, clock, turn_id, last).await;
                     }
-                    Action::Abandon => return Ok(Outcome::Fenced),
+                    Action::Abandon => {
+                        clock.fence();
+                        return Ok(Outcome::Fenced);
+                    }
                 }
             }
         }
@@ -281,7 +409,7 @@ async fn run_turn(
             if let Some(rx) = &mut agent.events {
                 for _ in 0..DRAIN_MAX {
                     let Ok(ev) = rx.try_recv() else { break };
-                    if let Some(ev) = agent_event(inner, lease, ev).await {
+                    if let Some(ev) = agent_event(inner, lease, clock, ev).await {
                         pending.push_back(ev);
                     }
                 }
@@ -291,7 +419,7 @@ async fn run_turn(
             }
         }
         if !unsaved.is_empty() {
-            if let Some(ev) = save(inner, lease, turn_id, &mut unsaved, &mut lost).await {
+            if let Some(ev) = save(inner, lease, clock, turn_id, &mut unsaved, &mut lost).await {
                 pending.push_back(ev);
             }
             continue;
@@ -299,8 +427,19 @@ async fn run_turn(
 
         drained = false;
         let event = tokio::select! {
+            start = started(&mut agent.starting) => {
+                agent.starting = None;
+                match start {
+                    Ok(handle) => {
+                        agent.events = Some(handle.events);
+                        agent.control = Some(handle.control);
+                        continue;
+                    }
+                    Err(e) => Event::AgentStopped(StopReason::Failed(e.to_string())),
+                }
+            }
             ev = next_agent_event(&mut agent.events) => match ev {
-                Some(ev) => match agent_event(inner, lease, ev).await {
+                Some(ev) => match agent_event(inner, lease, clock, ev).await {
                     Some(ev) => ev,
                     None => continue,
                 },
@@ -329,13 +468,13 @@ async fn run_turn(
                 // The store stamps the new expiry when the renewal begins, so
                 // that, not its answer, is when the lease was last extended.
                 let asked = Instant::now();
-                let budget = renewal_budget(inner.lease_ttl(), inner.cfg.heartbeat, asked - last_renewal);
+                let budget = renewal_budget(inner.lease_ttl(), inner.cfg.heartbeat, clock.since_renewal());
                 match tokio::time::timeout(budget, inner.store.renew_lease(lease))
                     .await
                     .unwrap_or_else(|_| Err(StoreError::Unavailable("lease renewal timed out".into())))
                 {
                     Ok(renewal) => {
-                        last_renewal = asked;
+                        clock.renewed(asked);
                         match renewal.cancel {
                             Some((t, reason)) if t == turn_id => Event::CancelRequested { reason },
                             _ => continue,
@@ -347,7 +486,7 @@ async fn run_turn(
                         // Self-fencing: stop while the lease is still ours, when
                         // the next renewal could no longer land before it expires
                         // (another worker may own the session after that).
-                        if last_renewal.elapsed() >= fence_due(inner.lease_ttl(), inner.cfg.heartbeat) {
+                        if clock.since_renewal() >= fence_due(inner.lease_ttl(), inner.cfg.heartbeat) {
                             Event::LeaseLost
                         } else {
                             continue;
@@ -373,7 +512,12 @@ async fn run_turn(
 }
 
 /// The machine's event for an agent's event (`None`: handled here).
-async fn agent_event(inner: &Inner, lease: &Lease, ev: AgentEvent) -> Option<Event> {
+async fn agent_event(
+    inner: &Inner,
+    lease: &Lease,
+    clock: &LeaseClock,
+    ev: AgentEvent,
+) -> Option<Event> {
     match ev {
         AgentEvent::Delta(text) => Some(Event::AgentDelta(text)),
         AgentEvent::Output(out) => Some(Event::AgentOutput(out)),
@@ -381,10 +525,17 @@ async fn agent_event(inner: &Inner, lease: &Lease, ev: AgentEvent) -> Option<Eve
         AgentEvent::AgentSession(id) => {
             // Kept with the session so a restarted agent can resume it; a
             // failure here costs only that resumption.
-            if let Err(e) = inner.store.set_agent_session(lease, &id).await {
-                tracing::warn!(error = %e, "could not record the agent's session id");
+            match clock
+                .bounded(inner.store.set_agent_session(lease, &id))
+                .await
+            {
+                Ok(()) => None,
+                Err(StoreError::StaleEpoch { .. }) => Some(Event::LeaseLost),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record the agent's session id");
+                    None
+                }
             }
-            None
         }
     }
 }
@@ -394,13 +545,17 @@ async fn agent_event(inner: &Inner, lease: &Lease, ev: AgentEvent) -> Option<Eve
 async fn save(
     inner: &Inner,
     lease: &Lease,
+    clock: &LeaseClock,
     turn_id: baton_core::TurnId,
     unsaved: &mut Vec<NewEntry>,
     lost: &mut Vec<(EntryType, String)>,
 ) -> Option<Event> {
     let batch = std::mem::take(unsaved);
     let tools = tool_ids(&batch);
-    match inner.store.append_output(lease, turn_id, batch).await {
+    match clock
+        .bounded(inner.store.append_output(lease, turn_id, batch))
+        .await
+    {
         Ok(committed) => {
             inner.bus.publish_entries(&committed);
             None
@@ -410,12 +565,13 @@ async fn save(
         }
         Err(e) => {
             // Output that cannot be stored ends the turn: a transcript with
-            // a hole must not look complete.
+            // a hole must not look complete. The agent is cancelled and
+            // drained like for any stop; only this turn is affected.
             tracing::warn!(error = %e, "could not store agent output");
             lost.extend(tools);
-            Some(Event::AgentStopped(StopReason::Failed(format!(
-                "could not store the agent's output: {e}"
-            ))))
+            Some(Event::Failure {
+                reason: format!("could not store the agent's output: {e}"),
+            })
         }
     }
 }
@@ -445,6 +601,7 @@ const TRIES_WITH_OUTPUT: u32 = 3;
 async fn end(
     inner: &Inner,
     lease: &Lease,
+    clock: &LeaseClock,
     turn_id: baton_core::TurnId,
     last: End,
 ) -> Result<Outcome, StoreError> {
@@ -459,13 +616,24 @@ async fn end(
     let mut entries: Vec<NewEntry> = output.iter().chain(&closing).cloned().collect();
     let mut attempt = 0u32;
     loop {
-        match inner
-            .store
-            .end_turn(lease, turn_id, status, reason.clone(), entries.clone())
+        let asked = Instant::now();
+        match clock
+            .bounded(
+                inner
+                    .store
+                    .end_turn(lease, turn_id, status, reason.clone(), entries.clone()),
+            )
             .await
         {
             Ok(ended) => {
+                // `end_turn` extended the lease for the next turn.
+                clock.renewed(asked);
+                let took = ended
+                    .committed
+                    .iter()
+                    .any(|e| e.kind == EntryType::TurnStarted);
                 inner.bus.publish_entries(&ended.committed);
+                tracing::info!(turn = %turn_id, status = status.as_str(), reason = reason.as_deref().unwrap_or(""), next_turn = took, "turn ended");
                 return Ok(Outcome::Done);
             }
             Err(

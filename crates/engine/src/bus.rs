@@ -22,13 +22,22 @@ use tokio::sync::broadcast;
 pub enum BusEvent {
     /// A committed entry.
     Entry(Box<Entry>),
-    /// A transient chunk of a turn's output.
-    Delta { turn_id: TurnId, text: String },
+    /// A transient chunk of a turn's output, from the worker holding the
+    /// lease of `epoch` (streams drop deltas of superseded epochs).
+    Delta {
+        turn_id: TurnId,
+        #[serde(default)]
+        epoch: baton_core::Epoch,
+        text: String,
+    },
     /// An entry was committed; fetch it from the store (used across nodes
     /// when the entry is too large to travel on the bus).
     Committed { seq: baton_core::Seq },
     /// A cancel was requested for a turn (wakes the node running it).
     Cancel { turn_id: TurnId, reason: String },
+    /// A node gave the session's lease up with work waiting (it is shutting
+    /// down): any node may take it over now, without waiting for a sweep.
+    Released,
 }
 
 /// Forwards local events to other nodes.
@@ -48,6 +57,9 @@ pub struct Bus {
     // await.
     channels: Arc<Mutex<HashMap<SessionId, broadcast::Sender<BusEvent>>>>,
     relay: Option<Arc<dyn Relay>>,
+    /// Wakes this node's sweeper when a session's lease was released with
+    /// work waiting, here or on another node.
+    released: Arc<tokio::sync::Notify>,
 }
 
 impl Bus {
@@ -56,7 +68,33 @@ impl Bus {
         Self {
             channels: Arc::default(),
             relay: Some(relay),
+            released: Arc::default(),
         }
+    }
+
+    /// Resolves when a session's lease was released with work waiting.
+    pub async fn released(&self) {
+        self.released.notified().await;
+    }
+
+    /// Forgets a session's channel once nobody listens to it (no stream and
+    /// no actor), so the map holds only live sessions.
+    pub fn prune(&self, session: SessionId) {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if channels
+            .get(&session)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            channels.remove(&session);
+        }
+    }
+
+    /// How many sessions have a channel (for tests and metrics).
+    pub fn channels(&self) -> usize {
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Subscribes to a session's live events.
@@ -85,6 +123,10 @@ impl Bus {
 
     /// Delivers an event to local subscribers only (events from other nodes).
     pub fn deliver(&self, session: SessionId, event: BusEvent) {
+        if event == BusEvent::Released {
+            self.released.notify_one();
+            return;
+        }
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = channels.get(&session) {
             if tx.send(event).is_err() {

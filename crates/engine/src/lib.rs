@@ -52,6 +52,11 @@ pub struct EngineConfig {
     /// Whether this process owns the store alone (the embedded store): then
     /// at start-up every lease not its own is a dead process's.
     pub sole_owner: bool,
+    /// The cap on one stored message, tool result or run of text.
+    pub max_output_bytes: usize,
+    /// How long running turns may go on after shutdown begins before they
+    /// are cancelled (zero: cancel at once).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +69,8 @@ impl Default for EngineConfig {
             lease_ttl: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(2),
             sole_owner: true,
+            max_output_bytes: baton_core::turn::DEFAULT_MAX_OUTPUT,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -82,8 +89,14 @@ pub(crate) struct Inner {
     /// remove, never across an await. An entry is replaced by a newer epoch's
     /// actor and removed by its own actor as it exits.
     actors: Mutex<HashMap<SessionId, ActorSlot>>,
-    /// Flips to true once: actors cancel their turns and exit.
+    /// Flips to true once, when shutdown begins: actors take no new turn
+    /// (they release their leases between turns).
+    pub stopping: watch::Sender<bool>,
+    /// Flips to true once, when the shutdown grace is over: actors cancel
+    /// their running turns.
     pub shutdown: watch::Sender<bool>,
+    /// Flips to true once every actor has exited: streams end.
+    closed: watch::Sender<bool>,
 }
 
 /// The engine. Cheap to clone.
@@ -102,7 +115,9 @@ impl Engine {
                 agents,
                 cfg,
                 actors: Mutex::new(HashMap::new()),
+                stopping: watch::channel(false).0,
                 shutdown: watch::channel(false).0,
+                closed: watch::channel(false).0,
             }),
         }
     }
@@ -115,14 +130,17 @@ impl Engine {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(engine.inner.cfg.sweep_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let bus = engine.inner.bus.clone();
             loop {
                 tokio::select! {
-                    _ = tick.tick() => {
-                        if let Err(e) = engine.sweep(false).await {
-                            tracing::warn!(error = %e, "sweep failed; will retry");
-                        }
-                    }
+                    _ = tick.tick() => {}
+                    // Another node (or this one) handed a session over: take
+                    // it now rather than at the next tick.
+                    _ = bus.released() => {}
                     _ = stopped(&mut stop) => break,
+                }
+                if let Err(e) = engine.sweep(false).await {
+                    tracing::warn!(error = %e, "sweep failed; will retry");
                 }
             }
         });
@@ -131,13 +149,16 @@ impl Engine {
 
     /// Takes over sessions whose worker vanished and runs their queues.
     pub async fn sweep(&self, all_foreign: bool) -> Result<()> {
+        if *self.inner.stopping.borrow() {
+            return Ok(());
+        }
         for r in self
             .inner
             .store
             .recover(&self.inner.cfg.node, all_foreign)
             .await?
         {
-            tracing::info!(session = %r.lease.session_id, epoch = r.lease.epoch, "took over a session");
+            tracing::info!(session = %r.lease.session_id, epoch = r.lease.epoch, ended = r.committed.len(), "took over a session");
             self.inner.bus.publish_entries(&r.committed);
             self.spawn_actor(r.lease);
         }
@@ -191,23 +212,80 @@ impl Engine {
         Ok(posted)
     }
 
-    /// Cancels the session's starting or running turn, if any.
-    pub async fn cancel(&self, owner: &str, id: SessionId) -> Result<Option<TurnId>> {
+    /// Cancels the session's starting or running turn, if any; with
+    /// `only`, only if that is the active turn (a stale cancel cancels
+    /// nothing).
+    pub async fn cancel(
+        &self,
+        owner: &str,
+        id: SessionId,
+        only: Option<TurnId>,
+    ) -> Result<Option<TurnId>> {
         let reason = "cancelled by user";
-        let turn = self.inner.store.request_cancel(owner, id, reason).await?;
+        let turn = self
+            .inner
+            .store
+            .request_cancel(owner, id, reason, only)
+            .await?;
         if let Some(turn_id) = turn {
             self.announce_cancel(id, turn_id, reason.to_owned());
         }
         Ok(turn)
     }
 
-    /// Cancels the session's turn, then deletes the session.
+    /// Cancels the session's turn, waits for it to end (drained, forced at
+    /// the drain deadline), then deletes the session.
     pub async fn delete(&self, owner: &str, id: SessionId) -> Result<()> {
         let reason = "session deleted";
-        if let Some(turn_id) = self.inner.store.request_cancel(owner, id, reason).await? {
+        let mut live = self.inner.bus.subscribe(id);
+        if let Some(turn_id) = self
+            .inner
+            .store
+            .request_cancel(owner, id, reason, None)
+            .await?
+        {
             self.announce_cancel(id, turn_id, reason.to_owned());
+            // The turn's node records its end; bounded, for a node that died
+            // (its lease then ends the turn `lost` anyway, or the delete
+            // removes it).
+            let patience = self.inner.cfg.cancel_drain + Duration::from_secs(2);
+            let ended = async {
+                loop {
+                    match tokio::time::timeout(Duration::from_millis(250), live.recv()).await {
+                        Ok(Ok(BusEvent::Entry(e)))
+                            if e.kind == baton_core::EntryType::TurnEnded
+                                && e.turn_id == Some(turn_id) =>
+                        {
+                            return;
+                        }
+                        Ok(Ok(_))
+                        | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                        // Across nodes the bus is a hint: ask the store.
+                        _ => {
+                            if self
+                                .inner
+                                .store
+                                .turns(id)
+                                .await
+                                .map(|ts| {
+                                    ts.iter().any(|t| t.id == turn_id && t.ended_at.is_some())
+                                })
+                                .unwrap_or(true)
+                            {
+                                return;
+                            }
+                        }
+                    }
+                }
+            };
+            if tokio::time::timeout(patience, ended).await.is_err() {
+                tracing::warn!(session = %id, turn = %turn_id, "deleting a session whose turn did not end in time");
+            }
         }
-        self.inner.store.delete_session(owner, id).await
+        drop(live);
+        let deleted = self.inner.store.delete_session(owner, id).await;
+        self.inner.bus.prune(id);
+        deleted
     }
 
     /// The owner's session.
@@ -230,6 +308,10 @@ impl Engine {
             if slot.epoch >= lease.epoch && !slot.task.is_finished() {
                 return;
             }
+            // A superseded actor (its lease was taken over) is stopped: its
+            // turn's agent work is forced off the agent session, which the
+            // driver releases before the new actor's prompt may go out.
+            slot.task.abort();
         }
         let session = lease.session_id;
         let epoch = lease.epoch;
@@ -241,25 +323,82 @@ impl Engine {
         actors.insert(session, ActorSlot { epoch, task });
     }
 
-    /// Stops: running turns are cancelled (reason `shutdown`), drained and
-    /// ended; leases are released; returns once every actor has exited or
-    /// the drain deadline (plus a margin) has passed.
+    /// Stops: no new turn starts on this node (leases of sessions with work
+    /// waiting are released, for another node or the next start); running
+    /// turns may finish within the shutdown grace, then are cancelled
+    /// (reason `shutdown`), drained and ended. Returns once every actor has
+    /// exited, also ones spawned meanwhile (bounded: grace, drain deadline
+    /// and a margin), then ends the streams.
     pub async fn shutdown(&self) {
+        self.shutdown_with(std::future::pending()).await;
+    }
+
+    /// [`Engine::shutdown`], where `force` resolving ends the grace at once
+    /// and forces running turns off their agents without a drain.
+    pub async fn shutdown_with(&self, force: impl std::future::Future<Output = ()>) {
+        let running = self.active_actors();
+        tracing::info!(
+            running,
+            grace_ms = self.inner.cfg.shutdown_grace.as_millis() as u64,
+            "shutting down: no new turns; running turns may finish within the grace"
+        );
+        self.inner.stopping.send_replace(true);
+        let mut force = std::pin::pin!(force);
+        let mut forced = false;
+        tokio::select! {
+            _ = self.idle() => {}
+            _ = tokio::time::sleep(self.inner.cfg.shutdown_grace) => {}
+            _ = &mut force => forced = true,
+        }
+        if self.active_actors() > 0 {
+            tracing::info!(
+                running = self.active_actors(),
+                forced,
+                "shutdown: cancelling the turns still running"
+            );
+        }
         self.inner.shutdown.send_replace(true);
+        let limit = self.inner.cfg.cancel_drain + Duration::from_secs(5);
+        tokio::select! {
+            r = tokio::time::timeout(limit, self.idle()) => if r.is_err() {
+                tracing::warn!("some turns did not finish within the shutdown deadline");
+            },
+            _ = &mut force, if !forced => {
+                tracing::warn!("shutdown forced: stopping the remaining turns now");
+            }
+        }
         let tasks: Vec<JoinHandle<()>> = {
             let mut actors = self.inner.actors.lock().unwrap_or_else(|p| p.into_inner());
             actors.drain().map(|(_, slot)| slot.task).collect()
         };
-        let wait = futures_util::future::join_all(tasks);
-        let limit = self.inner.cfg.cancel_drain + Duration::from_secs(5);
-        if tokio::time::timeout(limit, wait).await.is_err() {
-            tracing::warn!("some turns did not finish within the shutdown deadline");
+        for t in &tasks {
+            t.abort();
+        }
+        let _ = futures_util::future::join_all(tasks).await;
+        self.inner.closed.send_replace(true);
+    }
+
+    /// Waits up to `limit` for every actor on this node to exit.
+    pub async fn wait_idle(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.idle()).await;
+    }
+
+    /// Resolves once no actor runs on this node.
+    async fn idle(&self) {
+        while self.active_actors() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// Becomes true when shutdown begins (streams end on it).
+    /// Becomes true once shutdown has stopped this node's turns (streams
+    /// end on it, after sending what those turns stored last).
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.inner.shutdown.subscribe()
+        self.inner.closed.subscribe()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        *self.inner.stopping.borrow()
     }
 
     /// Number of actors running on this node.

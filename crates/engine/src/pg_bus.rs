@@ -72,7 +72,11 @@ impl Relay for PgRelay {
                     self.send(session, BusEvent::Committed { seq: e.seq });
                 }
             }
-            BusEvent::Delta { turn_id, text } if text.len() >= MAX_PAYLOAD => {
+            BusEvent::Delta {
+                turn_id,
+                epoch,
+                text,
+            } if text.len() >= MAX_PAYLOAD => {
                 // Split at char boundaries; the pieces concatenate to the whole.
                 let mut rest = text.as_str();
                 while !rest.is_empty() {
@@ -84,6 +88,7 @@ impl Relay for PgRelay {
                         session,
                         BusEvent::Delta {
                             turn_id: *turn_id,
+                            epoch: *epoch,
                             text: rest[..cut].to_owned(),
                         },
                     );

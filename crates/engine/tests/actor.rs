@@ -36,9 +36,9 @@ impl TurnControl for NoControl {
 #[async_trait]
 impl AgentDriver for Burst {
     async fn start(&self, _input: TurnInput) -> Result<TurnHandle, AgentError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(self.0.len().max(1));
         for ev in &self.0 {
-            let _ = tx.send(ev.clone());
+            let _ = tx.try_send(ev.clone());
         }
         Ok(TurnHandle {
             events: rx,
@@ -65,24 +65,24 @@ impl TurnControl for FloodControl {
 #[async_trait]
 impl AgentDriver for Flood {
     async fn start(&self, _input: TurnInput) -> Result<TurnHandle, AgentError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(baton_agent::EVENT_CAPACITY);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         tokio::spawn(async move {
             // Bounded: a broken actor fails the test, never hangs the machine.
             for i in 0..2_000_000u64 {
                 if flag.load(Ordering::SeqCst) {
-                    let _ = tx.send(AgentEvent::Stopped(StopReason::Cancelled));
+                    let _ = tx.send(AgentEvent::Stopped(StopReason::Cancelled)).await;
                     return;
                 }
-                if tx.send(AgentEvent::Delta(format!("{i} "))).is_err() {
+                if tx.send(AgentEvent::Delta(format!("{i} "))).await.is_err() {
                     return;
                 }
                 if i % 64 == 0 {
                     tokio::task::yield_now().await;
                 }
             }
-            let _ = tx.send(AgentEvent::Stopped(StopReason::Completed));
+            let _ = tx.send(AgentEvent::Stopped(StopReason::Completed)).await;
         });
         Ok(TurnHandle {
             events: rx,
@@ -213,14 +213,23 @@ async fn until_delta(rx: &mut broadcast::Receiver<BusEvent>) {
 /// Output that arrives in one burst is stored in one transaction with the
 /// turn's end (one commit, not one per entry); a delta between two outputs
 /// splits them, so the bus still shows stored output before the deltas that
-/// follow it, exactly in the agent's order.
+/// follow it, exactly in the agent's order. Each run of text is stored as
+/// its own message, before the output that ended it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_is_one_transaction_and_the_bus_keeps_the_agents_order() {
+    let call = ToolInfo {
+        id: "c".into(),
+        name: Some("grep".into()),
+        arguments: None,
+    };
     let script = vec![
         AgentEvent::Delta("one".into()),
-        AgentEvent::Output(AgentOutput::Message("one".into())),
+        AgentEvent::Output(AgentOutput::ToolCall(call)),
+        AgentEvent::Output(AgentOutput::ToolResult {
+            id: "c".into(),
+            content: "found".into(),
+        }),
         AgentEvent::Delta("two".into()),
-        AgentEvent::Output(AgentOutput::Message("two".into())),
         AgentEvent::Output(AgentOutput::System("note".into())),
         AgentEvent::Stopped(StopReason::Completed),
     ];
@@ -237,6 +246,8 @@ async fn a_burst_is_one_transaction_and_the_bus_keeps_the_agents_order() {
             Seen::Entry(TurnStarted, None),
             Seen::Delta("one".into()),
             Seen::Entry(Message, Some("one".into())),
+            Seen::Entry(ToolCall, None),
+            Seen::Entry(ToolResult, Some("found".into())),
             Seen::Delta("two".into()),
             Seen::Entry(Message, Some("two".into())),
             Seen::Entry(Message, Some("note".into())),
@@ -247,14 +258,18 @@ async fn a_burst_is_one_transaction_and_the_bus_keeps_the_agents_order() {
     let ended = entries.last().expect("turn_ended");
     assert_eq!(ended.status, Some(TurnStatus::Completed));
     // Entries of one transaction carry its one timestamp.
-    let (one, two, note) = (&entries[2], &entries[3], &entries[4]);
+    let (one, result, two, note) = (&entries[2], &entries[4], &entries[5], &entries[6]);
+    assert_eq!(
+        one.created_at, result.created_at,
+        "the first burst is one transaction"
+    );
     assert_eq!(
         (two.created_at, note.created_at),
         (ended.created_at, ended.created_at),
         "the last burst is stored with turn_ended, in its transaction"
     );
     assert_eq!(
-        (one.seq + 1, two.seq + 1, note.seq + 1),
+        (one.seq + 3, two.seq + 1, note.seq + 1),
         (two.seq, note.seq, ended.seq),
         "I1: gapless"
     );
@@ -271,7 +286,7 @@ async fn a_flooding_agent_is_still_cancelled() {
     post(&f, id, "go").await;
     // Wait until it floods, then cancel.
     until_delta(&mut rx).await;
-    f.engine.cancel("o", id).await.expect("cancel");
+    f.engine.cancel("o", id, None).await.expect("cancel");
     let ended = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match rx.recv().await {
@@ -298,10 +313,10 @@ struct Echo;
 #[async_trait]
 impl AgentDriver for Echo {
     async fn start(&self, input: TurnInput) -> Result<TurnHandle, AgentError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(2);
         let last = input.messages.last().cloned().unwrap_or_default();
-        let _ = tx.send(AgentEvent::Output(AgentOutput::Message(last)));
-        let _ = tx.send(AgentEvent::Stopped(StopReason::Completed));
+        let _ = tx.try_send(AgentEvent::Output(AgentOutput::Message(last)));
+        let _ = tx.try_send(AgentEvent::Stopped(StopReason::Completed));
         Ok(TurnHandle {
             events: rx,
             control: Box::new(NoControl),
@@ -385,8 +400,9 @@ impl Store for FaultyStore {
         owner: &str,
         id: SessionId,
         reason: &str,
+        only: Option<TurnId>,
     ) -> StoreResult<Option<TurnId>> {
-        self.store.request_cancel(owner, id, reason).await
+        self.store.request_cancel(owner, id, reason, only).await
     }
     async fn next_turn(&self, lease: &Lease) -> StoreResult<Option<TurnToRun>> {
         self.store.next_turn(lease).await
@@ -519,8 +535,10 @@ struct Tools(Arc<tokio::sync::Notify>);
 #[async_trait]
 impl AgentDriver for Tools {
     async fn start(&self, _input: TurnInput) -> Result<TurnHandle, AgentError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(baton_agent::EVENT_CAPACITY);
         let stored = self.0.clone();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let cancelled = stop.clone();
         tokio::spawn(async move {
             let call = |id: &str, name: &str| {
                 AgentEvent::Output(AgentOutput::ToolCall(ToolInfo {
@@ -535,12 +553,17 @@ impl AgentDriver for Tools {
                 AgentEvent::Stopped(StopReason::Completed),
             ];
             for ev in script {
-                if tx.send(ev).is_err() {
+                if tx.send(ev).await.is_err() {
                     return;
                 }
                 // Bounded: a broken actor fails the test, never hangs it.
                 tokio::select! {
                     _ = stored.notified() => {}
+                    // The refused output stops the turn: cancel, drain.
+                    _ = cancelled.notified() => {
+                        let _ = tx.send(AgentEvent::Stopped(StopReason::Cancelled)).await;
+                        return;
+                    }
                     _ = tx.closed() => return,
                     _ = tokio::time::sleep(Duration::from_secs(20)) => {}
                 }
@@ -548,12 +571,25 @@ impl AgentDriver for Tools {
         });
         Ok(TurnHandle {
             events: rx,
-            control: Box::new(NoControl),
+            control: Box::new(StopOnCancel(stop)),
         })
     }
 }
 
-/// A tool call the store refuses mid-turn ends the turn `failed`; its
+/// Tells the agent's script to stop (it answers `cancelled`).
+struct StopOnCancel(Arc<tokio::sync::Notify>);
+
+impl TurnControl for StopOnCancel {
+    fn cancel(&self) {
+        self.0.notify_one();
+    }
+    fn force_stop(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// A tool call the store refuses mid-turn stops the turn (cancel, drain) and
+/// ends it `failed`; its
 /// closing entries answer the stored call and not the refused one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_tool_call_is_not_answered_at_the_end() {
@@ -618,8 +654,8 @@ impl TurnControl for WaiterControl {
 #[async_trait]
 impl AgentDriver for Waiter {
     async fn start(&self, _input: TurnInput) -> Result<TurnHandle, AgentError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(AgentEvent::Delta("working".into()));
+        let (tx, rx) = mpsc::channel(baton_agent::EVENT_CAPACITY);
+        let _ = tx.try_send(AgentEvent::Delta("working".into()));
         // The sender stays in the channel's keeping: the turn never ends by
         // itself.
         std::mem::forget(tx);

@@ -24,6 +24,7 @@ async fn events_published_on_one_node_reach_another_in_order() {
             session,
             BusEvent::Delta {
                 turn_id,
+                epoch: 1,
                 text: text.to_owned(),
             },
         );

@@ -1017,7 +1017,9 @@ pub async fn sessions_are_isolated_by_owner<Fut: Future<Output = SharedStore>>(
             "keyed post_message to {what}"
         );
         expect_err!(
-            b.store.request_cancel(&b.owner, target, "intrusion").await,
+            b.store
+                .request_cancel(&b.owner, target, "intrusion", None)
+                .await,
             StoreError::NotFound,
             "request_cancel of {what}"
         );
@@ -1469,7 +1471,7 @@ pub async fn cancel_requests_are_durable_and_idempotent<Fut: Future<Output = Sha
     let id = f.session(Policy::Queue).await;
     assert_eq!(
         f.store
-            .request_cancel(&f.owner, id, "nothing")
+            .request_cancel(&f.owner, id, "nothing", None)
             .await
             .expect("cancel when idle"),
         None
@@ -1478,14 +1480,14 @@ pub async fn cancel_requests_are_durable_and_idempotent<Fut: Future<Output = Sha
     let (_, t1, lease) = f.start(id, "m1").await;
     assert_eq!(
         f.store
-            .request_cancel(&f.owner, id, "first")
+            .request_cancel(&f.owner, id, "first", None)
             .await
             .expect("cancel"),
         Some(t1)
     );
     assert_eq!(
         f.store
-            .request_cancel(&f.owner, id, "second")
+            .request_cancel(&f.owner, id, "second", None)
             .await
             .expect("cancel again"),
         Some(t1)
@@ -1510,7 +1512,7 @@ pub async fn cancel_requests_are_durable_and_idempotent<Fut: Future<Output = Sha
     assert_eq!(ended.next, None);
     assert_eq!(
         f.store
-            .request_cancel(&f.owner, id, "late")
+            .request_cancel(&f.owner, id, "late", None)
             .await
             .expect("cancel when idle"),
         None
@@ -1535,7 +1537,7 @@ pub async fn cancel_requests_are_durable_and_idempotent<Fut: Future<Output = Sha
     let waiting = f.post(f.msg(id, "waiting")).await;
     assert_eq!(
         f.store
-            .request_cancel(&f.owner, id, "stop")
+            .request_cancel(&f.owner, id, "stop", None)
             .await
             .expect("cancel"),
         Some(t2)
@@ -2102,7 +2104,7 @@ pub async fn take_turn_begins_or_releases<Fut: Future<Output = SharedStore>>(
         .expect("the queued message starts the next turn");
     assert_eq!(
         f.store
-            .request_cancel(&f.owner, id, "user")
+            .request_cancel(&f.owner, id, "user", None)
             .await
             .expect("cancel"),
         Some(t2)
@@ -2450,7 +2452,7 @@ pub async fn delete_removes_everything<Fut: Future<Output = SharedStore>>(
         "post after delete"
     );
     expect_err!(
-        f.store.request_cancel(&f.owner, id, "x").await,
+        f.store.request_cancel(&f.owner, id, "x", None).await,
         StoreError::NotFound,
         "cancel after delete"
     );

@@ -30,7 +30,7 @@ use baton_core::{
     Disposition, Entry, Epoch, NewEntry, Policy, Seq, Session, SessionId, Turn, TurnId, TurnStatus,
 };
 
-pub use sql::{SqlStore, StoreConfig};
+pub use sql::{pg_timeouts, PgTimeouts, SqlStore, StoreConfig};
 
 /// What a store operation can answer besides success.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +198,11 @@ pub struct Ended {
 pub trait Store: Send + Sync + 'static {
     /// Checks that the database answers.
     async fn ping(&self) -> Result<()>;
+    /// Returns once every write sent before it has committed (the embedded
+    /// writer's last batch is on disk); used at shutdown.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
     /// Creates a session (idempotent per owner and key); with a `message`,
     /// stores it as entry 1 and starts the first turn in the same transaction.
     async fn create_session(&self, req: CreateSession) -> Result<Created>;
@@ -214,12 +219,15 @@ pub trait Store: Send + Sync + 'static {
     async fn entries(&self, id: SessionId, after: Seq, limit: u32) -> Result<Page>;
     /// The session's turns, oldest first.
     async fn turns(&self, id: SessionId) -> Result<Vec<Turn>>;
-    /// Asks the active turn to cancel; returns it, or `None` when idle.
+    /// Asks the active turn to cancel — with `only`, only if that is the
+    /// active turn; returns the turn asked, or `None` when nothing was
+    /// (idle, or `only` names a turn that is not the active one).
     async fn request_cancel(
         &self,
         owner: &str,
         id: SessionId,
         reason: &str,
+        only: Option<TurnId>,
     ) -> Result<Option<TurnId>>;
 
     /// The session's turn waiting to start under this lease, if any.

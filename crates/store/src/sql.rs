@@ -117,6 +117,28 @@ fn retryable(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01" | "23505")))
 }
 
+/// The waits a PostgreSQL connection allows, from the lease's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PgTimeouts {
+    pub statement: Duration,
+    pub acquire: Duration,
+    pub idle_in_transaction: Duration,
+}
+
+/// A third of the lease for a statement, a lock or a connection from the
+/// pool, half for a transaction left idle: all end before the lease does.
+pub fn pg_timeouts(lease: Duration) -> PgTimeouts {
+    let floor = Duration::from_millis(100);
+    PgTimeouts {
+        statement: (lease / 3).max(floor),
+        acquire: (lease / 3).max(floor),
+        idle_in_transaction: (lease / 2).max(floor),
+    }
+}
+
+/// How long a health check waits for the embedded writer.
+const WRITER_PATIENCE: Duration = Duration::from_secs(5);
+
 /// How many times a PostgreSQL write transaction is tried.
 const PG_TRIES: u32 = 20;
 
@@ -256,9 +278,30 @@ impl SqlStore {
     /// advisory lock, so several nodes may start at once).
     pub async fn open_postgres(url: &str, cfg: StoreConfig) -> Result<Self> {
         sqlx::any::install_default_drivers();
+        // Every wait on the database ends below the lease, so a database
+        // that stops answering (not refusing) makes a worker give up while
+        // its lease is still its own; a lock or a transaction a vanished
+        // client left behind is released by the server.
+        let t = pg_timeouts(cfg.lease_ttl);
+        let set = format!(
+            "SET statement_timeout = {}; SET lock_timeout = {}; SET idle_in_transaction_session_timeout = {}",
+            t.statement.as_millis(),
+            t.statement.as_millis(),
+            t.idle_in_transaction.as_millis()
+        );
         let pool = AnyPoolOptions::new()
             .max_connections(cfg.max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(t.acquire)
+            // No ping per acquire: a broken connection fails its statement
+            // and the pool replaces it.
+            .test_before_acquire(false)
+            .after_connect(move |conn, _meta| {
+                let set = set.clone();
+                Box::pin(async move {
+                    sqlx::Executor::execute(conn, sqlx::raw_sql(&set)).await?;
+                    Ok(())
+                })
+            })
             .connect(url)
             .await
             .map_err(|e| StoreError::Unavailable(format!("connecting to PostgreSQL: {e}")))?;
@@ -1191,7 +1234,11 @@ async fn op_recover_one(
     let Some(turn) = s.active_turn else {
         return Ok(None);
     };
-    let expired = s.lease_owner.is_none() || s.lease_expires_at.is_none_or(|t| t < now);
+    // A lease given up on purpose (a node shutting down between turns)
+    // hands the queue over: that is not a worker vanishing, so it does not
+    // count against the turn's bounded recovery.
+    let released = s.lease_owner.is_none();
+    let expired = released || s.lease_expires_at.is_none_or(|t| t < now);
     let foreign = s.lease_owner.as_deref() != Some(node);
     if !(expired || (all_foreign && foreign)) {
         return Ok(None);
@@ -1211,6 +1258,7 @@ async fn op_recover_one(
             TurnStatus::Lost,
             "lost: the worker running this turn vanished and its lease expired".to_owned(),
         )),
+        _ if released => None,
         _ if recoveries >= cfg.max_recoveries => Some((
             TurnStatus::Failed,
             format!("failed: handed to {recoveries} workers that vanished before running it"),
@@ -1252,7 +1300,31 @@ macro_rules! op {
 impl Store for SqlStore {
     async fn ping(&self) -> Result<()> {
         let mut c = self.reader().await?;
-        c.execute("SELECT 1", &[]).await.map(|_| ()).map_err(unfail)
+        c.execute("SELECT 1", &[])
+            .await
+            .map(|_| ())
+            .map_err(unfail)?;
+        drop(c);
+        if self.dialect == Dialect::Sqlite {
+            // The embedded store writes on one thread: healthy only if it
+            // commits (a dead or stuck writer is `503`, not `200`).
+            tokio::time::timeout(WRITER_PATIENCE, self.flush())
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable("the store's writer does not answer".into())
+                })??;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        match self.exec {
+            Exec::Sqlite(_) => {
+                self.write(None, |_c, _now| Box::pin(async { Ok(()) }))
+                    .await
+            }
+            Exec::Postgres(_) => Ok(()),
+        }
     }
 
     async fn create_session(&self, req: CreateSession) -> Result<Created> {
@@ -1371,14 +1443,16 @@ impl Store for SqlStore {
         owner: &str,
         id: SessionId,
         reason: &str,
+        only: Option<TurnId>,
     ) -> Result<Option<TurnId>> {
         let (d, owner, reason) = (self.dialect, owner.to_owned(), reason.to_owned());
         op!(self, Some(id), [owner, reason], |c, _now| {
             let s = lock_owned(c, d, &owner, id).await?;
-            if let Some(turn) = s.active_turn {
+            let target = s.active_turn.filter(|t| only.is_none_or(|o| o == *t));
+            if let Some(turn) = target {
                 request_cancel_turn(c, turn, &reason).await?;
             }
-            Ok(s.active_turn)
+            Ok(target)
         })
     }
 

@@ -64,22 +64,34 @@ LOAD_SESSION = os.environ.get("ACP_PEER_LOAD_SESSION") == "1"
 STATE_DIR = os.environ.get("ACP_PEER_STATE_DIR") or None
 
 
-def default_delay_ms() -> float:
-    raw = os.environ.get("ACP_PEER_DELAY_MS")
+def env_ms(name: str, default: float) -> float:
+    raw = os.environ.get(name)
     if raw is None or raw == "":
-        return 5.0
+        return default
     try:
         return max(0.0, float(raw))
     except ValueError:
-        log(f"ignoring bad ACP_PEER_DELAY_MS={raw!r}")
-        return 5.0
+        log(f"ignoring bad {name}={raw!r}")
+        return default
 
 
-DELAY_MS = default_delay_ms()
+DELAY_MS = env_ms("ACP_PEER_DELAY_MS", 5.0)
+STDIN_DELAY_MS = env_ms("ACP_PEER_STDIN_DELAY_MS", 0.0)
+INIT_DELAY_MS = env_ms("ACP_PEER_INIT_DELAY_MS", 0.0)
 
 # Directives understood at the start of the prompt text; they may be chained
 # ("/slow 50 /tool hello").
-SIMPLE_DIRECTIVES = {"/hang", "/late", "/ignore-cancel", "/die", "/tool", "/permission"}
+SIMPLE_DIRECTIVES = {
+    "/hang",
+    "/late",
+    "/ignore-cancel",
+    "/die",
+    "/tool",
+    "/permission",
+    "/after-done",
+    "/chatty",
+    "/chatty-hang",
+}
 
 
 def parse_directives(text: str) -> tuple[dict[str, Any], str]:
@@ -162,9 +174,10 @@ class Turn:
         if record:
             self.sent.append(text)
 
-    async def stream(self, reply: str, delay_ms: float) -> bool:
-        """Stream reply word by word; False if cancelled midway."""
-        for i, piece in enumerate(split_chunks(reply)):
+    async def play(self, steps: list[Any], delay_ms: float) -> bool:
+        """Send steps (text: an agent chunk; else a session update) delay_ms
+        apart; False if cancelled midway."""
+        for i, step in enumerate(steps):
             if i > 0 and delay_ms > 0:
                 try:
                     await asyncio.wait_for(self.cancel.wait(), delay_ms / 1000.0)
@@ -172,14 +185,35 @@ class Turn:
                     pass
             if self.cancel.is_set():
                 return False
-            await self.chunk(piece)
+            if isinstance(step, str):
+                await self.chunk(step)
+            else:
+                await self.peer.client().session_update(self.session.id, step)
         return not self.cancel.is_set()
+
+
+def chatty_steps(hang: bool) -> list[Any]:
+    """/chatty: agent text between tool calls. /chatty-hang stops at the
+    first tool call, left pending."""
+    steps: list[Any] = [
+        "Let me look. ",
+        start_tool_call("chat-1", "grep", kind="search", status="pending"),
+    ]
+    if hang:
+        return steps
+    return steps + [
+        update_tool_call("chat-1", status="completed", content=[tool_content(text_block("found 3 matches"))]),
+        "Found them. ",
+        start_tool_call("chat-2", "read", kind="read", status="pending"),
+        update_tool_call("chat-2", status="completed", content=[tool_content(text_block("file contents"))]),
+    ]
 
 
 class EchoPeer(Agent):
     def __init__(self) -> None:
         self._conn: Client | None = None
         self.sessions: dict[str, Session] = {}
+        self._background: set[asyncio.Task[None]] = set()  # sends after a response
 
     def on_connect(self, conn: Client) -> None:
         self._conn = conn
@@ -190,6 +224,8 @@ class EchoPeer(Agent):
         return self._conn
 
     async def initialize(self, protocol_version: int, client_capabilities=None, client_info=None, **kwargs: Any):
+        if INIT_DELAY_MS > 0:
+            await asyncio.sleep(INIT_DELAY_MS / 1000.0)
         return InitializeResponse(
             protocol_version=1,
             agent_capabilities=AgentCapabilities(load_session=LOAD_SESSION),
@@ -251,17 +287,24 @@ class EchoPeer(Agent):
             session.history.append({"role": "agent", "text": reply})
         session.save()
         if "/late" in directives:
-            asyncio.get_running_loop().create_task(self._late2(session_id))
+            self._after_response(session_id, "LATE2", 0.05)
+        if "/after-done" in directives:
+            self._after_response(session_id, "LATE-AFTER-DONE", 0.1)
         return PromptResponse(stop_reason=stop)
 
-    async def _late2(self, session_id: str) -> None:
-        # The SDK writes the prompt response once prompt() returns; give it a
-        # moment so LATE2 is on the wire after the response.
-        await asyncio.sleep(0.05)
+    def _after_response(self, session_id: str, text: str, delay_s: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._send_late(session_id, text, delay_s))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_late(self, session_id: str, text: str, delay_s: float) -> None:
+        # The SDK writes the prompt response once prompt() returns; the delay
+        # puts this chunk on the wire after the response. Not recorded.
+        await asyncio.sleep(delay_s)
         try:
-            await self.client().session_update(session_id, update_agent_message_text("LATE2"))
+            await self.client().session_update(session_id, update_agent_message_text(text))
         except Exception as exc:  # connection gone
-            log(f"could not send LATE2: {exc}")
+            log(f"could not send {text}: {exc}")
 
     async def _run(self, turn: Turn, directives: dict[str, Any], rest: str) -> str | None:
         delay = float(directives.get("/slow", DELAY_MS))
@@ -315,12 +358,21 @@ class EchoPeer(Agent):
             else:
                 reply = "permission denied"
 
-        if not await turn.stream(reply, delay):
+        if "/chatty-hang" in directives:
+            if await turn.play(chatty_steps(hang=True), delay):
+                await turn.cancel.wait()  # the tool call stays open
+            return "cancelled"
+
+        steps = chatty_steps(hang=False) if "/chatty" in directives else []
+        if not await turn.play(steps + split_chunks(reply), delay):
             return "cancelled"
         return "end_turn"
 
 
 async def main() -> None:
+    if STDIN_DELAY_MS > 0:
+        # Slow cold start: stdin is not read (nor stdout written) until then.
+        await asyncio.sleep(STDIN_DELAY_MS / 1000.0)
     await run_agent(EchoPeer())
 
 

@@ -30,20 +30,33 @@ const log = (message) => process.stderr.write(`[${PEER_NAME}] ${message}\n`);
 
 const LOAD_SESSION = process.env.ACP_PEER_LOAD_SESSION === "1";
 const STATE_DIR = process.env.ACP_PEER_STATE_DIR || null;
-const DELAY_MS = (() => {
-  const raw = process.env.ACP_PEER_DELAY_MS;
-  if (raw === undefined || raw === "") return 5;
+function envMs(name, fallback) {
+  const raw = process.env[name];
+  if (raw === undefined || raw === "") return fallback;
   const n = Number(raw);
   if (!Number.isFinite(n) || n < 0) {
-    log(`ignoring bad ACP_PEER_DELAY_MS=${JSON.stringify(raw)}`);
-    return 5;
+    log(`ignoring bad ${name}=${JSON.stringify(raw)}`);
+    return fallback;
   }
   return n;
-})();
+}
+const DELAY_MS = envMs("ACP_PEER_DELAY_MS", 5);
+const STDIN_DELAY_MS = envMs("ACP_PEER_STDIN_DELAY_MS", 0);
+const INIT_DELAY_MS = envMs("ACP_PEER_INIT_DELAY_MS", 0);
 
 // Directives understood at the start of the prompt text; they may be chained
 // ("/slow 50 /tool hello").
-const SIMPLE_DIRECTIVES = new Set(["/hang", "/late", "/ignore-cancel", "/die", "/tool", "/permission"]);
+const SIMPLE_DIRECTIVES = new Set([
+  "/hang",
+  "/late",
+  "/ignore-cancel",
+  "/die",
+  "/tool",
+  "/permission",
+  "/after-done",
+  "/chatty",
+  "/chatty-hang",
+]);
 
 function parseDirectives(text) {
   const found = new Map();
@@ -153,16 +166,46 @@ class Turn {
     clearTimeout(timer);
   }
 
-  // Stream reply word by word; false if cancelled midway.
-  async stream(reply, delayMs) {
-    const chunks = splitChunks(reply);
-    for (let i = 0; i < chunks.length; i++) {
+  // Send steps (a string: an agent chunk; else a session update) delayMs
+  // apart; false if cancelled midway.
+  async play(steps, delayMs) {
+    for (let i = 0; i < steps.length; i++) {
       if (i > 0 && delayMs > 0) await this.pause(delayMs);
       if (this.cancelled) return false;
-      await this.chunk(chunks[i]);
+      const step = steps[i];
+      if (typeof step === "string") await this.chunk(step);
+      else await this.update(step);
     }
     return !this.cancelled;
   }
+}
+
+const toolCall = (toolCallId, title, kind) => ({
+  sessionUpdate: "tool_call",
+  toolCallId,
+  title,
+  kind,
+  status: "pending",
+});
+const toolDone = (toolCallId, text) => ({
+  sessionUpdate: "tool_call_update",
+  toolCallId,
+  status: "completed",
+  content: [{ type: "content", content: { type: "text", text } }],
+});
+
+// /chatty: agent text between tool calls. /chatty-hang stops at the first
+// tool call, left pending.
+function chattySteps(hang) {
+  const steps = ["Let me look. ", toolCall("chat-1", "grep", "search")];
+  if (hang) return steps;
+  return [
+    ...steps,
+    toolDone("chat-1", "found 3 matches"),
+    "Found them. ",
+    toolCall("chat-2", "read", "read"),
+    toolDone("chat-2", "file contents"),
+  ];
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -230,15 +273,24 @@ async function runTurn(turn, directives, rest) {
     reply = outcome.outcome === "selected" && outcome.optionId === "allow-once" ? "permission granted" : "permission denied";
   }
 
-  return (await turn.stream(reply, delay)) ? "end_turn" : "cancelled";
+  if (directives.has("/chatty-hang")) {
+    if (await turn.play(chattySteps(true), delay)) await turn.onCancel; // the tool call stays open
+    return "cancelled";
+  }
+
+  const steps = directives.has("/chatty") ? chattySteps(false) : [];
+  return (await turn.play([...steps, ...splitChunks(reply)], delay)) ? "end_turn" : "cancelled";
 }
 
 const app = agent({ name: PEER_NAME })
-  .onRequest(methods.agent.initialize, () => ({
-    protocolVersion: 1,
-    agentCapabilities: { loadSession: LOAD_SESSION },
-    agentInfo: { name: PEER_NAME, version: "0.1.0" },
-  }))
+  .onRequest(methods.agent.initialize, async () => {
+    if (INIT_DELAY_MS > 0) await sleep(INIT_DELAY_MS);
+    return {
+      protocolVersion: 1,
+      agentCapabilities: { loadSession: LOAD_SESSION },
+      agentInfo: { name: PEER_NAME, version: "0.1.0" },
+    };
+  })
   .onRequest(methods.agent.session.new, () => {
     const session = new Session(`sess-${randomUUID().replaceAll("-", "")}`);
     sessions.set(session.id, session);
@@ -284,16 +336,19 @@ const app = agent({ name: PEER_NAME })
     const reply = turn.sent.join("");
     if (reply) session.history.push({ role: "agent", text: reply });
     session.save();
-    if (directives.has("/late")) {
-      // The SDK writes the prompt response once this handler returns; give it
-      // a moment so LATE2 is on the wire after the response.
+    // The SDK writes the prompt response once this handler returns; the delay
+    // puts these chunks on the wire after the response. Not recorded.
+    const sendLate = (text, ms) =>
       setTimeout(() => {
-        turn.chunk("LATE2", false).catch((err) => log(`could not send LATE2: ${err}`));
-      }, 50);
-    }
+        turn.chunk(text, false).catch((err) => log(`could not send ${text}: ${err}`));
+      }, ms);
+    if (directives.has("/late")) sendLate("LATE2", 50);
+    if (directives.has("/after-done")) sendLate("LATE-AFTER-DONE", 100);
     return { stopReason: stop };
   });
 
+// Slow cold start: stdin is not read (nor stdout written) until then.
+if (STDIN_DELAY_MS > 0) await sleep(STDIN_DELAY_MS);
 const connection = app.connect(ndJsonStream(Writable.toWeb(process.stdout), Readable.toWeb(process.stdin)));
 await connection.closed;
 // stdin closed: the client is gone. Exit even if a turn (/hang, /ignore-cancel)

@@ -235,6 +235,16 @@ impl SseReader {
         })
     }
 
+    /// Reads until the first `delta` (the agent was prompted and talks).
+    pub async fn until_delta(&mut self) -> Sse {
+        while let Some(ev) = self.next().await {
+            if ev.event == "delta" {
+                return ev;
+            }
+        }
+        panic!("stream ended before a delta");
+    }
+
     /// Reads until an `entry` event satisfies `pred`; returns everything read.
     pub async fn until_entry(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Sse> {
         let mut out = Vec::new();
@@ -274,6 +284,9 @@ async fn start(
 ) -> TestServer {
     let mut cfg = ServeConfig::embedded(db.to_string_lossy());
     cfg.demo_word_delay_ms = 1;
+    // Tests that stop a server mid-turn want the cancel at once; the grace
+    // is tested where a test sets it.
+    cfg.shutdown_grace_ms = 0;
     tune(&mut cfg);
     let app = App::build(&cfg).await.expect("building the app");
     let base = format!("http://{}", app.addr());
@@ -355,6 +368,12 @@ impl ChildServer {
 
     /// SIGTERM, then wait for exit; returns whether it exited successfully.
     pub async fn terminate(mut self) -> bool {
+        self.signal();
+        self.wait().await
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn signal(&mut self) {
         let pid = self.child.id().unwrap();
         let status = std::process::Command::new("kill")
             .arg("-TERM")
@@ -362,6 +381,10 @@ impl ChildServer {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// Waits for exit; returns whether it exited successfully.
+    pub async fn wait(&mut self) -> bool {
         let exit = tokio::time::timeout(PATIENCE, self.child.wait())
             .await
             .expect("baton did not exit")
