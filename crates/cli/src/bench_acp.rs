@@ -43,6 +43,9 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::{App, ServeConfig};
 
+/// The server's default quiet window after an answered prompt.
+const QUIET_AFTER_ANSWER: Duration = Duration::from_millis(250);
+
 /// `baton bench acp` flags.
 #[derive(Clone, Debug, Args)]
 pub struct AcpBenchArgs {
@@ -360,6 +363,7 @@ impl Baton {
             shell_quote(&peer.to_string_lossy())
         );
         cfg.acp = vec![(AGENT.into(), command)];
+        cfg.acp_quiet_after_answer_ms = QUIET_AFTER_ANSWER.as_millis() as u64;
         cfg.default_agent = AGENT.into();
         if !cfg.listen.ip().is_loopback() {
             bail!("the benchmark server must listen on loopback");
@@ -430,6 +434,10 @@ impl Baton {
 
     async fn turn(&mut self, text: &str) -> anyhow::Result<BatonTurn> {
         self.wait_quiet().await?;
+        // Back-to-back prompts on one ACP session wait out the quiet window
+        // after an answer (late output is dropped there); a user's next
+        // message comes later than that, so the wait is untimed here.
+        tokio::time::sleep(QUIET_AFTER_ANSWER).await;
         while self.events.try_recv().is_ok() {}
         let rb = self
             .client

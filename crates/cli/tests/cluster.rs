@@ -331,15 +331,20 @@ async fn a_killed_nodes_turn_ends_lost_and_its_queue_runs_elsewhere() {
 struct Proxy {
     port: u16,
     cut: tokio::sync::watch::Sender<bool>,
+    /// While true, nothing is forwarded either way but every connection
+    /// stays open: a database that stops answering without refusing.
+    freeze: tokio::sync::watch::Sender<bool>,
 }
 
 async fn proxy_to(target: std::net::SocketAddr) -> Proxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (cut, cut_rx) = tokio::sync::watch::channel(false);
+    let (freeze, freeze_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
             let mut cut_rx = cut_rx.clone();
+            let mut freeze_rx = freeze_rx.clone();
             if *cut_rx.borrow() {
                 drop(inbound);
                 continue;
@@ -348,14 +353,19 @@ async fn proxy_to(target: std::net::SocketAddr) -> Proxy {
                 let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                     return;
                 };
-                tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    _ = cut_rx.wait_for(|c| *c) => {}
+                let frozen = tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                    _ = cut_rx.wait_for(|c| *c) => false,
+                    _ = freeze_rx.wait_for(|f| *f) => true,
+                };
+                if frozen {
+                    // Hold both ends open, silent, until cut.
+                    let _ = cut_rx.wait_for(|c| *c).await.map(|_| ());
                 }
             });
         }
     });
-    Proxy { port, cut }
+    Proxy { port, cut, freeze }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -552,4 +562,83 @@ async fn a_stopping_node_finishes_its_turn_and_hands_the_queue_over_at_once() {
         vec!["echo: on a", "echo: queued one", "echo: queued two"]
     );
     b.shutdown().await;
+}
+
+/// A database that stops answering (not refusing): the node behind it stops
+/// its turn within its lease (its store calls and renewals are cut where
+/// self-fencing is due, and its connections time out), and the other node
+/// recovers the session — the turn ends `lost`, the queue runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_database_goes_silent_stops_within_its_lease() {
+    let Some(schema) = database("a_node_whose_database_goes_silent_stops_within_its_lease").await
+    else {
+        return;
+    };
+    let url = schema.url().to_owned();
+    let parsed = reqwest::Url::parse(&url).unwrap();
+    let target: std::net::SocketAddr = format!(
+        "{}:{}",
+        parsed.host_str().unwrap(),
+        parsed.port().unwrap_or(5432)
+    )
+    .to_socket_addrs_first();
+    let proxy = proxy_to(target).await;
+    let mut via_proxy = parsed.clone();
+    via_proxy.set_host(Some("127.0.0.1")).unwrap();
+    via_proxy.set_port(Some(proxy.port)).unwrap();
+
+    let survivor = node(&url).await;
+    let isolated = node(via_proxy.as_str()).await;
+    let s = isolated
+        .client
+        .create_session(json!({"message": "/hang"}))
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while survivor.client.turns(&id).await[0]["status"] != "running" {
+        assert!(tokio::time::Instant::now() < deadline, "the turn never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..2 {
+        let (status, v) = survivor
+            .client
+            .post(&id, &format!("queued {i}"), None, None)
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    proxy.freeze.send_replace(true);
+    // The isolated node's actor stops by itself although nothing refused it.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let text = isolated
+            .client
+            .req(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text
+            .lines()
+            .any(|l| l.starts_with("baton_session_actors ") && l.ends_with(" 0"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the isolated node kept its turn: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    survivor.client.wait_idle(&id).await;
+    let turns = survivor.client.turns(&id).await;
+    assert_eq!(turns[0]["status"], "lost", "{turns:#?}");
+    assert!(
+        turns[1..].iter().all(|t| t["status"] == "completed"),
+        "{turns:#?}"
+    );
+    check_transcript(&survivor.client.entries(&id).await);
+    proxy.cut.send_replace(true);
+    survivor.shutdown().await;
 }

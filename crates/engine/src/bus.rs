@@ -136,3 +136,26 @@ impl Bus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session's channel is forgotten once nobody listens, and not before.
+    #[test]
+    fn prune_forgets_only_channels_nobody_listens_to() {
+        let bus = Bus::default();
+        let (a, b) = (SessionId::new(), SessionId::new());
+        let rx_a = bus.subscribe(a);
+        let rx_b = bus.subscribe(b);
+        assert_eq!(bus.channels(), 2);
+        bus.prune(a);
+        assert_eq!(bus.channels(), 2, "a still has a subscriber");
+        drop(rx_a);
+        bus.prune(a);
+        assert_eq!(bus.channels(), 1);
+        drop(rx_b);
+        bus.prune(b);
+        assert_eq!(bus.channels(), 0);
+    }
+}
