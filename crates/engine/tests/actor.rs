@@ -338,22 +338,31 @@ const SLOW_RENEWAL: Duration = Duration::from_millis(1_500);
 /// late, as `renewals` says; and it tells `stored` of each mid-turn output
 /// it stored.
 struct FaultyStore {
-    store: SqlStore,
+    store: Arc<SqlStore>,
     /// What lease renewals do: one of the `RENEWALS_*` modes.
     renewals: Arc<AtomicU8>,
     /// When the last renewal that was answered began.
     renewed: Arc<Mutex<Option<Instant>>>,
     /// Told each time mid-turn output was stored.
     stored: Arc<tokio::sync::Notify>,
+    /// Once set, recovery sweeps fail too (a node cut off from the
+    /// database cannot take sessions over either).
+    no_sweeps: Arc<AtomicBool>,
 }
 
 impl FaultyStore {
     fn new(store: SqlStore) -> Self {
+        Self::sharing(Arc::new(store))
+    }
+
+    /// Over a store other nodes use too.
+    fn sharing(store: Arc<SqlStore>) -> Self {
         Self {
             store,
             renewals: Arc::default(),
             renewed: Arc::default(),
             stored: Arc::default(),
+            no_sweeps: Arc::default(),
         }
     }
 }
@@ -464,6 +473,9 @@ impl Store for FaultyStore {
         self.store.set_agent_session(lease, agent_session).await
     }
     async fn recover(&self, node: &str, all_foreign: bool) -> StoreResult<Vec<Recovered>> {
+        if self.no_sweeps.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected: cut off".into()));
+        }
         self.store.recover(node, all_foreign).await
     }
 }
@@ -731,4 +743,260 @@ async fn renewals_fail_then_the_worker_fences(mode: u8) {
         cfg.lease_ttl
     );
     f.engine.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Takeovers under random start delays: a property of the engine
+
+/// An agent that counts the prompts in flight per session (and the most
+/// ever seen at once), tags every word with its turn, and, at the turn
+/// numbered `hang_at`, makes node A's lease renewals hang and talks until it
+/// is forced off (so node B must take the session over).
+struct Probe {
+    delays: Vec<u64>,
+    hang_at: usize,
+    late: bool,
+    starts: std::sync::atomic::AtomicUsize,
+    in_flight: Arc<Mutex<std::collections::HashMap<SessionId, usize>>>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+    a_renewals: Arc<AtomicU8>,
+    a_no_sweeps: Arc<AtomicBool>,
+}
+
+/// Ends one prompt's flight once, on whichever comes first.
+struct Flight {
+    session: SessionId,
+    done: AtomicBool,
+    in_flight: Arc<Mutex<std::collections::HashMap<SessionId, usize>>>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl Flight {
+    fn land(&self) {
+        if !self.done.swap(true, Ordering::SeqCst) {
+            let mut m = self.in_flight.lock().expect("in-flight map");
+            if let Some(n) = m.get_mut(&self.session) {
+                *n -= 1;
+            }
+        }
+    }
+}
+
+struct FlightControl(Arc<Flight>);
+
+impl TurnControl for FlightControl {
+    fn cancel(&self) {
+        self.0.stop.notify_one();
+    }
+    fn force_stop(&self) {
+        // Synchronous: once forced, the agent does nothing more for it.
+        self.0.land();
+        self.0.stop.notify_one();
+    }
+}
+
+#[async_trait]
+impl AgentDriver for Probe {
+    async fn start(&self, input: TurnInput) -> Result<TurnHandle, AgentError> {
+        let n = self.starts.fetch_add(1, Ordering::SeqCst);
+        let delay = self
+            .delays
+            .get(n % self.delays.len().max(1))
+            .copied()
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        if !input.fence.holds() {
+            return Err(AgentError::Unavailable("fenced before the prompt".into()));
+        }
+        {
+            let mut m = self.in_flight.lock().expect("in-flight map");
+            let c = m.entry(input.session_id).or_default();
+            *c += 1;
+            self.most.fetch_max(*c, Ordering::SeqCst);
+        }
+        let hang = n == self.hang_at;
+        if hang {
+            self.a_no_sweeps.store(true, Ordering::SeqCst);
+            self.a_renewals.store(RENEWALS_HANG, Ordering::SeqCst);
+        }
+        let flight = Arc::new(Flight {
+            session: input.session_id,
+            done: AtomicBool::new(false),
+            in_flight: self.in_flight.clone(),
+            stop: Arc::new(tokio::sync::Notify::new()),
+        });
+        let (tx, rx) = mpsc::channel(baton_agent::EVENT_CAPACITY);
+        let (f, late, turn) = (flight.clone(), self.late, input.turn_id);
+        tokio::spawn(async move {
+            let words = if hang { 10_000 } else { 3 };
+            for _ in 0..words {
+                tokio::select! {
+                    _ = f.stop.notified() => {
+                        f.land();
+                        let _ = tx.send(AgentEvent::Stopped(StopReason::Cancelled)).await;
+                        return;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(40)) => {}
+                }
+                if tx
+                    .send(AgentEvent::Delta(format!("{turn} ")))
+                    .await
+                    .is_err()
+                {
+                    f.land();
+                    return;
+                }
+            }
+            // Landed before it says so: the next prompt may follow at once.
+            f.land();
+            let _ = tx.send(AgentEvent::Stopped(StopReason::Completed)).await;
+            if late {
+                // Talks after its answer: never stored in any turn.
+                let _ = tx.send(AgentEvent::Delta("LATE ".into())).await;
+            }
+        });
+        Ok(TurnHandle {
+            events: rx,
+            control: Box::new(FlightControl(flight)),
+        })
+    }
+}
+
+fn takeover_config(node: &str) -> EngineConfig {
+    EngineConfig {
+        node: node.into(),
+        heartbeat: Duration::from_millis(250),
+        lease_ttl: Duration::from_millis(3_000),
+        sweep_interval: Duration::from_millis(100),
+        cancel_drain: Duration::from_millis(300),
+        sole_owner: false,
+        ..EngineConfig::default()
+    }
+}
+
+/// One run: `messages` queued on node A; the agent's starts are delayed by
+/// `delays`; at start `hang_at` node A's renewals hang, and node B takes the
+/// session over. Whatever the timing: never two prompts in flight on one
+/// session, every stored word in the turn that produced it, every turn
+/// ended (the one A lost `lost`, the others `completed`), seqs gapless.
+async fn takeover_run(delays: Vec<u64>, messages: usize, hang_at: usize, late: bool) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = Arc::new(
+        SqlStore::open_sqlite(
+            &dir.path().join("baton.db"),
+            StoreConfig {
+                lease_ttl: Duration::from_millis(3_000),
+                ..StoreConfig::default()
+            },
+        )
+        .await
+        .expect("open the embedded store"),
+    );
+    let a_store = FaultyStore::sharing(store.clone());
+    let a_renewals = a_store.renewals.clone();
+    let a_no_sweeps = a_store.no_sweeps.clone();
+    let probe = Arc::new(Probe {
+        delays,
+        hang_at,
+        late,
+        starts: Default::default(),
+        in_flight: Default::default(),
+        most: Default::default(),
+        a_renewals,
+        a_no_sweeps,
+    });
+    let mut agents = Agents::default();
+    agents.insert("probe", probe.clone() as Arc<dyn AgentDriver>);
+    let a = Engine::new(
+        Arc::new(a_store),
+        Bus::default(),
+        agents.clone(),
+        takeover_config("a"),
+    );
+    let b = Engine::new(
+        Arc::new(FaultyStore::sharing(store.clone())),
+        Bus::default(),
+        agents,
+        takeover_config("b"),
+    );
+    a.start().await.expect("engine a");
+    b.start().await.expect("engine b");
+    let fa = Fixture {
+        engine: a.clone(),
+        _dir: dir,
+    };
+    let id = session(&fa, "probe").await;
+    for i in 0..messages {
+        post(&fa, id, &format!("m{i}")).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let turns = loop {
+        let turns = store.turns(id).await.expect("turns");
+        let idle = store
+            .session("o", id)
+            .await
+            .expect("session")
+            .turn_id
+            .is_none();
+        if idle && turns.len() == messages && turns.iter().all(|t| t.ended_at.is_some()) {
+            break turns;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session never settled: {turns:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        probe.most.load(Ordering::SeqCst),
+        1,
+        "two prompts were in flight on one session"
+    );
+    let entries = store.entries(id, 0, 1_000).await.expect("entries").entries;
+    let seqs: Vec<Seq> = entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=entries.len() as Seq).collect::<Vec<_>>(), "I1");
+    for e in entries
+        .iter()
+        .filter(|e| e.kind == EntryType::Message && e.turn_id.is_some())
+    {
+        let own = e.turn_id.map(|t| t.to_string()).unwrap_or_default();
+        let content = e.content.as_deref().unwrap_or_default();
+        assert!(
+            content.split_whitespace().all(|w| w == own),
+            "output of another turn (or late output) stored in {own}: {content:?}"
+        );
+    }
+    for (i, t) in turns.iter().enumerate() {
+        let want = if i == hang_at {
+            TurnStatus::Lost
+        } else {
+            TurnStatus::Completed
+        };
+        assert_eq!(t.status, want, "turn {i}: {t:?}");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+mod takeover {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn takeovers_under_random_start_delays_keep_one_prompt_in_flight(
+            delays in proptest::collection::vec(0u64..700, 1..5),
+            messages in 2usize..5,
+            hang in 0usize..4,
+            late in any::<bool>(),
+        ) {
+            let hang_at = hang % messages;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(super::takeover_run(delays, messages, hang_at, late));
+        }
+    }
 }
