@@ -14,7 +14,7 @@
 //!   from this actor or from one that superseded it, waits for the slot.
 //! - **Attribution by protocol** (`baton_core::late`). An update is routed
 //!   to a turn only while that turn's prompt is in flight on its ACP session
-//!   (a [`PromptGate`]: opened right before `session/prompt` is sent, closed
+//!   (a [`PromptGate`]: opened right before `session/prompt` is sent, gone
 //!   when its response arrives). JSON-RPC on one pipe is ordered, so every
 //!   update the agent sent before answering is handled before the answer;
 //!   what arrives after it, after `session/cancel`, or on an abandoned ACP
@@ -829,8 +829,7 @@ impl AcpDriver {
         }
         let turn = self.shared.turns.fetch_add(1, Ordering::Relaxed);
         let (abandon_tx, abandon_rx) = oneshot::channel::<()>();
-        let mut gate = PromptGate::default();
-        gate.open(turn);
+        let gate = PromptGate::open(turn);
         self.shared
             .sinks
             .lock()
@@ -1114,7 +1113,6 @@ impl TurnControl for Control {
         if sink.gate.cancel(self.turn) {
             self.send_cancel();
         }
-        sink.gate.abandon();
         let p = &self.process;
         let others = self.shared.in_flight_on(p.generation);
         let setting_up = p.setting_up.load(Ordering::SeqCst);

@@ -596,14 +596,8 @@ async fn a_chunk_after_the_answer_is_not_the_next_turns(kind: &str) {
     );
     let me = peer_agent(c).await;
     assert_eq!(me["late_updates"], 1, "{me}");
-    let text = c
-        .req(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, metrics) = c.send(c.req(reqwest::Method::GET, "/metrics")).await;
+    let text = metrics.as_str().unwrap_or_default();
     assert!(
         text.contains("baton_agent_late_updates_total{agent=\"peer\"} 1"),
         "{text}"

@@ -368,15 +368,20 @@ async fn proxy_to(target: std::net::SocketAddr) -> Proxy {
     Proxy { port, cut, freeze }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_node_that_loses_the_database_fences_itself_and_answers_503() {
-    let Some(schema) =
-        database("a_node_that_loses_the_database_fences_itself_and_answers_503").await
-    else {
-        return;
-    };
-    let url = schema.url().to_owned();
-    let parsed = reqwest::Url::parse(&url).unwrap();
+/// Two nodes on the database at `url`, one of them (`isolated`) through a
+/// proxy, with a `/hang` turn running on the isolated one and two messages
+/// queued behind it (`acked`: their seqs).
+struct Split {
+    proxy: Proxy,
+    survivor: Node,
+    isolated: Node,
+    id: String,
+    hung: String,
+    acked: Vec<u64>,
+}
+
+async fn split(url: &str) -> Split {
+    let parsed = reqwest::Url::parse(url).unwrap();
     let target: std::net::SocketAddr = format!(
         "{}:{}",
         parsed.host_str().unwrap(),
@@ -388,7 +393,7 @@ async fn a_node_that_loses_the_database_fences_itself_and_answers_503() {
     via_proxy.set_host(Some("127.0.0.1")).unwrap();
     via_proxy.set_port(Some(proxy.port)).unwrap();
 
-    let survivor = node(&url).await;
+    let survivor = node(url).await;
     let isolated = node(via_proxy.as_str()).await;
     let s = isolated
         .client
@@ -410,6 +415,54 @@ async fn a_node_that_loses_the_database_fences_itself_and_answers_503() {
         assert_eq!(status, 201, "{v}");
         acked.push(v["entry"]["seq"].as_u64().unwrap());
     }
+    Split {
+        proxy,
+        survivor,
+        isolated,
+        id,
+        hung,
+        acked,
+    }
+}
+
+/// Waits until `node` runs no session actor (it stopped its turn).
+async fn until_no_actors(node: &Node) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, metrics) = node
+            .client
+            .send(node.client.req(reqwest::Method::GET, "/metrics"))
+            .await;
+        let text = metrics.as_str().unwrap_or_default().to_owned();
+        if text
+            .lines()
+            .any(|l| l.starts_with("baton_session_actors ") && l.ends_with(" 0"))
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the isolated node kept its turn: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_loses_the_database_fences_itself_and_answers_503() {
+    let Some(schema) =
+        database("a_node_that_loses_the_database_fences_itself_and_answers_503").await
+    else {
+        return;
+    };
+    let Split {
+        proxy,
+        survivor,
+        isolated,
+        id,
+        hung,
+        mut acked,
+    } = split(schema.url()).await;
 
     proxy.cut.send_replace(true);
     let cut_at = tokio::time::Instant::now();
@@ -423,25 +476,7 @@ async fn a_node_that_loses_the_database_fences_itself_and_answers_503() {
         .await;
     assert_eq!(status, 503);
     // It stops its turn by itself (self-fencing), database or not.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let (_, metrics) = isolated
-            .client
-            .send(isolated.client.req(reqwest::Method::GET, "/metrics"))
-            .await;
-        let text = metrics.as_str().unwrap_or_default().to_owned();
-        if text
-            .lines()
-            .any(|l| l.starts_with("baton_session_actors ") && l.ends_with(" 0"))
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the isolated node kept its turn: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_no_actors(&isolated).await;
     // The survivor takes over: the turn ends `lost`, the queue runs there.
     survivor.client.wait_idle(&id).await;
     assert!(cut_at.elapsed() < Duration::from_secs(20));
@@ -574,63 +609,16 @@ async fn a_node_whose_database_goes_silent_stops_within_its_lease() {
     else {
         return;
     };
-    let url = schema.url().to_owned();
-    let parsed = reqwest::Url::parse(&url).unwrap();
-    let target: std::net::SocketAddr = format!(
-        "{}:{}",
-        parsed.host_str().unwrap(),
-        parsed.port().unwrap_or(5432)
-    )
-    .to_socket_addrs_first();
-    let proxy = proxy_to(target).await;
-    let mut via_proxy = parsed.clone();
-    via_proxy.set_host(Some("127.0.0.1")).unwrap();
-    via_proxy.set_port(Some(proxy.port)).unwrap();
-
-    let survivor = node(&url).await;
-    let isolated = node(via_proxy.as_str()).await;
-    let s = isolated
-        .client
-        .create_session(json!({"message": "/hang"}))
-        .await;
-    let id = s["id"].as_str().unwrap().to_owned();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while survivor.client.turns(&id).await[0]["status"] != "running" {
-        assert!(tokio::time::Instant::now() < deadline, "the turn never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for i in 0..2 {
-        let (status, v) = survivor
-            .client
-            .post(&id, &format!("queued {i}"), None, None)
-            .await;
-        assert_eq!(status, 201, "{v}");
-    }
+    let Split {
+        proxy,
+        survivor,
+        isolated,
+        id,
+        ..
+    } = split(schema.url()).await;
     proxy.freeze.send_replace(true);
     // The isolated node's actor stops by itself although nothing refused it.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let text = isolated
-            .client
-            .req(reqwest::Method::GET, "/metrics")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if text
-            .lines()
-            .any(|l| l.starts_with("baton_session_actors ") && l.ends_with(" 0"))
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the isolated node kept its turn: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_no_actors(&isolated).await;
     survivor.client.wait_idle(&id).await;
     let turns = survivor.client.turns(&id).await;
     assert_eq!(turns[0]["status"], "lost", "{turns:#?}");

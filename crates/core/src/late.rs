@@ -4,8 +4,8 @@
 //! Output travels three hops, and each hop asks this module, in these words:
 //! - **the agent session** ([`PromptGate`]): an update is attributed to a
 //!   turn only while that turn's prompt is in flight on the agent session —
-//!   opened right before the prompt is sent, closed when its response
-//!   arrives, cancelled when `session/cancel` goes out, abandoned when the
+//!   its gate opened right before the prompt is sent, cancelled when
+//!   `session/cancel` goes out, and gone when the response arrives or the
 //!   turn is forced off the session. ACP updates carry no request id, but
 //!   JSON-RPC on one pipe is ordered: every update sent before a prompt's
 //!   response arrives before it, so anything that arrives once the gate is
@@ -60,26 +60,22 @@ impl LateReason {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Gate {
-    Closed,
     Open(u64),
     Cancelled(u64),
-    Abandoned,
 }
 
-/// Whether updates on one agent session belong to a prompt in flight.
+/// The prompt in flight on one agent session, while its updates are still
+/// admitted. A session with no gate has no prompt in flight: the driver
+/// drops the gate when the prompt's response arrives or the turn is forced
+/// off, and answers [`LateReason::NoPrompt`] or [`LateReason::Abandoned`]
+/// for what comes after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PromptGate(Gate);
 
-impl Default for PromptGate {
-    fn default() -> Self {
-        Self(Gate::Closed)
-    }
-}
-
 impl PromptGate {
     /// Prompt `prompt` is about to be sent: its updates are admitted.
-    pub fn open(&mut self, prompt: u64) {
-        self.0 = Gate::Open(prompt);
+    pub fn open(prompt: u64) -> Self {
+        Self(Gate::Open(prompt))
     }
 
     /// A cancel went out for `prompt`; returns whether this was the first.
@@ -92,37 +88,11 @@ impl PromptGate {
         }
     }
 
-    /// The response of `prompt` arrived; returns whether it was in flight.
-    pub fn close(&mut self, prompt: u64) -> bool {
-        match self.0 {
-            Gate::Open(p) | Gate::Cancelled(p) if p == prompt => {
-                self.0 = Gate::Closed;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// The session was given up: nothing on it is admitted any more.
-    pub fn abandon(&mut self) {
-        self.0 = Gate::Abandoned;
-    }
-
     /// The prompt an update arriving now belongs to, or why it is late.
     pub fn admit(&self) -> Result<u64, LateReason> {
         match self.0 {
             Gate::Open(p) => Ok(p),
             Gate::Cancelled(_) => Err(LateReason::AfterCancel),
-            Gate::Closed => Err(LateReason::NoPrompt),
-            Gate::Abandoned => Err(LateReason::Abandoned),
-        }
-    }
-
-    /// The prompt in flight, cancelled or not.
-    pub fn in_flight(&self) -> Option<u64> {
-        match self.0 {
-            Gate::Open(p) | Gate::Cancelled(p) => Some(p),
-            _ => None,
         }
     }
 }
@@ -175,24 +145,14 @@ mod tests {
     use crate::{NewEntry, SessionId, Timestamp, TurnStatus};
 
     #[test]
-    fn a_gate_admits_only_its_prompt_in_flight() {
-        let mut g = PromptGate::default();
-        assert_eq!(g.admit(), Err(LateReason::NoPrompt));
-        g.open(1);
+    fn a_gate_admits_its_prompt_until_the_cancel() {
+        let mut g = PromptGate::open(1);
         assert_eq!(g.admit(), Ok(1));
-        assert!(!g.close(2), "another prompt's response closes nothing");
+        assert!(!g.cancel(2), "another prompt's cancel changes nothing");
+        assert_eq!(g.admit(), Ok(1));
         assert!(g.cancel(1));
         assert!(!g.cancel(1), "a cancel is sent once");
         assert_eq!(g.admit(), Err(LateReason::AfterCancel));
-        assert!(g.close(1));
-        assert_eq!(g.admit(), Err(LateReason::NoPrompt));
-        g.open(2);
-        g.abandon();
-        assert_eq!(g.admit(), Err(LateReason::Abandoned));
-        assert!(
-            !g.close(2),
-            "an abandoned prompt's late response closes nothing"
-        );
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub(crate) async fn run(inner: Arc<Inner>, lease: Lease, mut bus: broadcast::Rec
     let mut failures = 0u32;
     // Between turns the lease was just extended (by `take_turn` or the
     // claim that spawned this actor).
-    let clock = LeaseClock::new(inner.lease_ttl(), inner.cfg.heartbeat);
+    let clock = LeaseClock::new(inner.lease_ttl(), inner.cfg.heartbeat, lease.epoch);
     loop {
         if *inner.stopping.borrow() {
             // Leave the queue for the next start-up or another node, and
@@ -115,16 +115,19 @@ struct LeaseClock {
     last: Arc<Mutex<Instant>>,
     fenced: Arc<AtomicBool>,
     due: Duration,
+    /// The lease's epoch: a call cut at the fence answers as stale.
+    epoch: baton_core::Epoch,
 }
 
 impl LeaseClock {
-    fn new(ttl: Duration, heartbeat: Duration) -> Self {
+    fn new(ttl: Duration, heartbeat: Duration, epoch: baton_core::Epoch) -> Self {
         Self {
             last: Arc::new(Mutex::new(Instant::now())),
             fenced: Arc::new(AtomicBool::new(false)),
             // Where a renewal failure fences, but never less than half the
             // lease (a heartbeat close to the lease leaves no margin there).
             due: fence_due(ttl, heartbeat).max(ttl / 2),
+            epoch,
         }
     }
 
@@ -174,7 +177,7 @@ impl LeaseClock {
             Err(_) => {
                 self.fence();
                 tracing::warn!("a store call outlived the lease's fence; stopping this worker");
-                Err(StoreError::StaleEpoch { epoch: 0 })
+                Err(StoreError::StaleEpoch { epoch: self.epoch })
             }
         }
     }

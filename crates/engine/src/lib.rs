@@ -396,11 +396,6 @@ impl Engine {
         self.inner.closed.subscribe()
     }
 
-    /// Whether shutdown has begun.
-    pub fn is_stopping(&self) -> bool {
-        *self.inner.stopping.borrow()
-    }
-
     /// Number of actors running on this node.
     pub fn active_actors(&self) -> usize {
         let actors = self.inner.actors.lock().unwrap_or_else(|p| p.into_inner());
