@@ -66,7 +66,7 @@ use agent_client_protocol::{Agent, ByteStreams};
 use async_trait::async_trait;
 use baton_core::late::{LateReason, PromptGate};
 use baton_core::turn::{AgentOutput, StopReason};
-use baton_core::{SessionId, ToolInfo};
+use baton_core::{PermissionInfo, PermissionOptionInfo, SessionId, ToolInfo};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
@@ -1035,35 +1035,38 @@ async fn permission(
                 .find_map(|k| req.options.iter().find(|o| o.kind == *k))
         })
         .flatten();
-    let call = req.tool_call.tool_call_id.0.to_string();
-    let title = req.tool_call.fields.title.clone().unwrap_or_default();
-    let (note, outcome) = match choice {
-        Some(option) => (
-            format!(
-                "permission {} for tool call {call} {title:?} (policy: {})",
-                if policy == PermissionPolicy::Allow {
-                    "granted"
-                } else {
-                    "refused"
-                },
-                if policy == PermissionPolicy::Allow {
-                    "allow"
-                } else {
-                    "deny"
-                }
-            ),
-            RequestPermissionOutcome::Selected(SelectedPermissionOutcome::new(
-                option.option_id.clone(),
-            )),
-        ),
-        None => (
-            format!("permission request for tool call {call} {title:?} answered cancelled"),
-            RequestPermissionOutcome::Cancelled,
-        ),
+    let request = PermissionInfo::request(
+        Some(req.tool_call.tool_call_id.0.to_string()),
+        req.tool_call.fields.title.clone(),
+        req.options
+            .iter()
+            .map(|o| PermissionOptionInfo {
+                option_id: o.option_id.0.to_string(),
+                name: o.name.clone(),
+                kind: serde_json::to_value(o.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            })
+            .collect(),
+    );
+    let decision = request.decision(choice.map(|o| o.option_id.0.to_string()), "policy");
+    let outcome = match choice {
+        Some(option) => RequestPermissionOutcome::Selected(SelectedPermissionOutcome::new(
+            option.option_id.clone(),
+        )),
+        None => RequestPermissionOutcome::Cancelled,
     };
     match target {
         Ok(tx) => {
-            let _ = tx.send(AgentEvent::Output(AgentOutput::System(note))).await;
+            // The request and its decision, in that order, before the
+            // agent hears the answer (and before any output that follows it).
+            for out in [
+                AgentOutput::PermissionRequest(request),
+                AgentOutput::PermissionDecision(decision),
+            ] {
+                let _ = tx.send(AgentEvent::Output(out)).await;
+            }
         }
         Err(why) => shared.late(&session, why, "session/request_permission"),
     }

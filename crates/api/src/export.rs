@@ -83,6 +83,10 @@ pub fn openai_messages(entries: &[Entry]) -> Vec<Value> {
             // Turn boundaries are not messages: assistant messages of
             // consecutive turns with no user message between them merge too.
             (EntryType::TurnStarted | EntryType::TurnEnded, _) => {}
+            (
+                EntryType::Thought | EntryType::PermissionRequest | EntryType::PermissionDecision,
+                _,
+            ) => {}
             (EntryType::Message, None) => {}
         }
     }

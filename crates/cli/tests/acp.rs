@@ -458,17 +458,36 @@ async fn permission_policy_is_applied_and_recorded(kind: &str) {
         assert_eq!(ended_turn(c, &id, 0).await["status"], "completed");
         let entries = c.entries(&id).await;
         assert_eq!(replies(&entries), vec![reply]);
-        let note = entries
-            .iter()
-            .find(|e| e["role"] == "system")
-            .expect("the decision is in the transcript");
+        let kinds: Vec<&str> = entries.iter().filter_map(|e| e["type"].as_str()).collect();
+        let at = |k: &str| kinds.iter().position(|x| *x == k).unwrap_or(usize::MAX);
         assert!(
-            note["content"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("policy: {policy}")),
-            "{note}"
+            at("tool_call") < at("permission_request")
+                && at("permission_request") + 1 == at("permission_decision"),
+            "the call, then its request and decision: {kinds:?}"
         );
+        assert!(
+            !entries.iter().any(|e| e["role"] == "system"),
+            "no system note: {entries:?}"
+        );
+        let request = &entries[at("permission_request")]["permission"];
+        let decision = &entries[at("permission_decision")]["permission"];
+        assert_eq!(request["tool_call_id"], "call-2", "{request}");
+        assert_eq!(request["options"].as_array().map(Vec::len), Some(2));
+        assert_eq!(decision["request_id"], request["request_id"]);
+        assert_eq!(decision["decided_by"], "policy");
+        assert_eq!(decision["outcome"], "selected");
+        let chosen = if policy == "allow" {
+            "allow_once"
+        } else {
+            "reject_once"
+        };
+        let kind_of = request["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["option_id"] == decision["option_id"])
+            .map(|o| o["kind"].clone());
+        assert_eq!(kind_of, Some(json!(chosen)), "{decision}");
         app.stop().await;
     }
 }

@@ -11,10 +11,19 @@ use crate::{Seq, SessionId, Timestamp, TurnId, TurnStatus};
 pub enum EntryType {
     /// A message from the user, the assistant or the system.
     Message,
+    /// A run of the agent's reasoning (`agent_thought_chunk`s), stored in
+    /// order with its other output; left out of exports unless asked for.
+    Thought,
     /// The agent called a tool.
     ToolCall,
     /// A tool call's result (synthetic `cancelled` ones included).
     ToolResult,
+    /// The agent asked permission to run a tool call; carries
+    /// [`PermissionInfo`] with the options it offered.
+    PermissionRequest,
+    /// The answer to a permission request; carries [`PermissionInfo`] with
+    /// the chosen option (or the `cancelled` outcome) and who decided.
+    PermissionDecision,
     /// A turn began; carries the input range it consumes.
     TurnStarted,
     /// A turn's single terminal entry (I7), with its status and reason.
@@ -26,8 +35,11 @@ impl EntryType {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Message => "message",
+            Self::Thought => "thought",
             Self::ToolCall => "tool_call",
             Self::ToolResult => "tool_result",
+            Self::PermissionRequest => "permission_request",
+            Self::PermissionDecision => "permission_decision",
             Self::TurnStarted => "turn_started",
             Self::TurnEnded => "turn_ended",
         }
@@ -37,8 +49,11 @@ impl EntryType {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "message" => Self::Message,
+            "thought" => Self::Thought,
             "tool_call" => Self::ToolCall,
             "tool_result" => Self::ToolResult,
+            "permission_request" => Self::PermissionRequest,
+            "permission_decision" => Self::PermissionDecision,
             "turn_started" => Self::TurnStarted,
             "turn_ended" => Self::TurnEnded,
             _ => return None,
@@ -94,6 +109,85 @@ pub struct ToolInfo {
     pub arguments: Option<serde_json::Value>,
 }
 
+/// One option a permission request offers the user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PermissionOptionInfo {
+    pub option_id: String,
+    pub name: String,
+    /// `allow_once`, `allow_always`, `reject_once` or `reject_always`.
+    pub kind: String,
+}
+
+/// A permission request or decision: which request, for which tool call,
+/// what was offered and what was chosen, by whom.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PermissionInfo {
+    /// The runtime's id for the request; its decision names the same id.
+    pub request_id: String,
+    /// The tool call the permission is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// On requests: the options offered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<PermissionOptionInfo>,
+    /// On decisions: the chosen option; none when the outcome is `cancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option_id: Option<String>,
+    /// On decisions: `selected` or `cancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// On decisions: `policy`, `user:<owner>`, `timeout`, `turn_end` or
+    /// `shutdown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+}
+
+impl PermissionInfo {
+    /// A new request, with a fresh `request_id`.
+    pub fn request(
+        tool_call_id: Option<String>,
+        title: Option<String>,
+        options: Vec<PermissionOptionInfo>,
+    ) -> Self {
+        Self {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            tool_call_id,
+            title,
+            options,
+            ..Self::default()
+        }
+    }
+
+    /// The decision answering this request: `option_id` chosen (`selected`),
+    /// or none (`cancelled`), by `decided_by`.
+    pub fn decision(&self, option_id: Option<String>, decided_by: impl Into<String>) -> Self {
+        Self {
+            request_id: self.request_id.clone(),
+            tool_call_id: self.tool_call_id.clone(),
+            title: self.title.clone(),
+            options: Vec::new(),
+            outcome: Some(
+                if option_id.is_some() {
+                    "selected"
+                } else {
+                    "cancelled"
+                }
+                .to_owned(),
+            ),
+            option_id,
+            decided_by: Some(decided_by.into()),
+        }
+    }
+
+    /// The option a decision chose, looked up among a request's options.
+    pub fn chosen<'a>(&self, request: &'a PermissionInfo) -> Option<&'a PermissionOptionInfo> {
+        let id = self.option_id.as_deref()?;
+        request.options.iter().find(|o| o.option_id == id)
+    }
+}
+
 /// A committed entry of a session's log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Entry {
@@ -115,6 +209,8 @@ pub struct Entry {
     pub input: Option<InputRange>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<ToolInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permission: Option<PermissionInfo>,
     pub created_at: Timestamp,
 }
 
@@ -129,6 +225,7 @@ pub struct NewEntry {
     pub reason: Option<String>,
     pub input: Option<InputRange>,
     pub tool: Option<ToolInfo>,
+    pub permission: Option<PermissionInfo>,
 }
 
 impl NewEntry {
@@ -142,6 +239,7 @@ impl NewEntry {
             reason: None,
             input: None,
             tool: None,
+            permission: None,
         }
     }
 
@@ -164,7 +262,34 @@ impl NewEntry {
         }
     }
 
-    /// A note the runtime records in `turn` (a permission decision, a plan).
+    /// A run of the agent's reasoning in `turn`.
+    pub fn thought(turn: TurnId, content: impl Into<String>) -> Self {
+        Self {
+            turn_id: Some(turn),
+            content: Some(content.into()),
+            ..Self::bare(EntryType::Thought)
+        }
+    }
+
+    /// The agent asked permission in `turn`.
+    pub fn permission_request(turn: TurnId, permission: PermissionInfo) -> Self {
+        Self {
+            turn_id: Some(turn),
+            permission: Some(permission),
+            ..Self::bare(EntryType::PermissionRequest)
+        }
+    }
+
+    /// A permission request of `turn` was answered.
+    pub fn permission_decision(turn: TurnId, permission: PermissionInfo) -> Self {
+        Self {
+            turn_id: Some(turn),
+            permission: Some(permission),
+            ..Self::bare(EntryType::PermissionDecision)
+        }
+    }
+
+    /// A note the runtime records in `turn` (a plan).
     pub fn system_message(turn: TurnId, content: impl Into<String>) -> Self {
         Self {
             role: Some(Role::System),
@@ -229,6 +354,7 @@ impl NewEntry {
             reason: self.reason,
             input: self.input,
             tool: self.tool,
+            permission: self.permission,
             created_at,
         }
     }

@@ -17,7 +17,9 @@ pub mod session;
 pub mod time;
 pub mod turn;
 
-pub use entry::{Entry, EntryType, InputRange, NewEntry, Role, ToolInfo};
+pub use entry::{
+    Entry, EntryType, InputRange, NewEntry, PermissionInfo, PermissionOptionInfo, Role, ToolInfo,
+};
 pub use id::{IdError, SessionId, TurnId};
 pub use policy::{Decision, Disposition, DispositionType, NextTurn, Policy, QueueSummary, Waiting};
 pub use session::{Session, SessionStatus, Turn, TurnStatus};

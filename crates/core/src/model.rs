@@ -144,7 +144,7 @@ impl SessionModel {
         for action in active.machine.handle(event) {
             match action {
                 Action::Append(e) => {
-                    self.append(e);
+                    self.append(*e);
                 }
                 Action::End { entries, .. } => self.finish(entries),
                 Action::Abandon
@@ -252,7 +252,12 @@ pub fn check_log(log: &[NewEntry], accepted: &[Seq], complete: bool) -> Result<(
                 ended.extend(e.turn_id);
                 running = None;
             }
-            EntryType::Message | EntryType::ToolCall | EntryType::ToolResult => {
+            EntryType::Message
+            | EntryType::Thought
+            | EntryType::ToolCall
+            | EntryType::ToolResult
+            | EntryType::PermissionRequest
+            | EntryType::PermissionDecision => {
                 if e.turn_id.is_some() && e.turn_id != running {
                     return Err(format!("I8: output at {seq} outside its turn"));
                 }

@@ -24,20 +24,24 @@
 //!
 //! Events after the end are dropped here ([`crate::late::LateReason::TurnEnded`]).
 
-use crate::{NewEntry, ToolInfo, TurnId, TurnStatus};
+use crate::{NewEntry, PermissionInfo, ToolInfo, TurnId, TurnStatus};
 
 /// What the agent produced that is stored (deltas are not).
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentOutput {
     Message(String),
-    /// A note for the transcript (a permission decision, a plan), stored as
-    /// a `system` message of the turn.
+    /// A note for the transcript (a plan), stored as a `system` message of
+    /// the turn.
     System(String),
     ToolCall(ToolInfo),
     ToolResult {
         id: String,
         content: String,
     },
+    /// The agent asked permission (stored as `permission_request`).
+    PermissionRequest(PermissionInfo),
+    /// A permission request was answered (stored as `permission_decision`).
+    PermissionDecision(PermissionInfo),
 }
 
 /// Why the agent says it stopped.
@@ -86,8 +90,9 @@ pub enum Action {
     ArmDrainDeadline,
     /// Stream a delta to subscribers (never stored, I9).
     PublishDelta(String),
-    /// Store an entry of this turn.
-    Append(NewEntry),
+    /// Store an entry of this turn (boxed: entries are large, other
+    /// actions small).
+    Append(Box<NewEntry>),
     /// Kill the agent's work on this turn without waiting.
     ForceStop,
     /// Store `entries` (synthetic tool results, then the single `turn_ended`)
@@ -211,7 +216,7 @@ impl TurnMachine {
                     return self.overflow();
                 }
                 let mut actions = self.flush();
-                actions.push(Action::Append(self.record(out)));
+                actions.push(Action::Append(Box::new(self.record(out))));
                 actions
             }
             (State::Running, Event::AgentStopped(stop)) => match stop {
@@ -275,7 +280,9 @@ impl TurnMachine {
             return Vec::new();
         }
         let text = std::mem::take(&mut self.run);
-        vec![Action::Append(NewEntry::assistant_message(self.turn, text))]
+        vec![Action::Append(Box::new(NewEntry::assistant_message(
+            self.turn, text,
+        )))]
     }
 
     fn record(&mut self, out: AgentOutput) -> NewEntry {
@@ -290,6 +297,8 @@ impl TurnMachine {
                 self.open_tools.retain(|open| *open != id);
                 NewEntry::tool_result(self.turn, id, content)
             }
+            AgentOutput::PermissionRequest(p) => NewEntry::permission_request(self.turn, p),
+            AgentOutput::PermissionDecision(p) => NewEntry::permission_decision(self.turn, p),
         }
     }
 
@@ -320,6 +329,9 @@ fn output_len(out: &AgentOutput) -> usize {
     match out {
         AgentOutput::Message(t) | AgentOutput::System(t) => t.len(),
         AgentOutput::ToolResult { content, .. } => content.len(),
+        AgentOutput::PermissionRequest(p) | AgentOutput::PermissionDecision(p) => {
+            serde_json::to_string(p).map_or(0, |s| s.len())
+        }
         AgentOutput::ToolCall(tool) => {
             tool.id.len()
                 + tool.name.as_ref().map_or(0, String::len)
@@ -431,7 +443,7 @@ mod tests {
         actions
             .iter()
             .flat_map(|a| match a {
-                Action::Append(e) => vec![e.clone()],
+                Action::Append(e) => vec![(**e).clone()],
                 Action::End { entries, .. } => entries.clone(),
                 _ => Vec::new(),
             })

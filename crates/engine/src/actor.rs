@@ -363,7 +363,7 @@ async fn run_turn(
                             },
                         );
                     }
-                    Action::Append(entry) => unsaved.push(entry),
+                    Action::Append(entry) => unsaved.push(*entry),
                     Action::ForceStop => {
                         agent.starting = None;
                         if let Some(c) = agent.control.take() {

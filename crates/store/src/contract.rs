@@ -35,8 +35,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use baton_core::{
-    DispositionType, Entry, EntryType, InputRange, NewEntry, Policy, Role, Seq, Session, SessionId,
-    SessionStatus, ToolInfo, Turn, TurnId, TurnStatus,
+    DispositionType, Entry, EntryType, InputRange, NewEntry, PermissionInfo, PermissionOptionInfo,
+    Policy, Role, Seq, Session, SessionId, SessionStatus, ToolInfo, Turn, TurnId, TurnStatus,
 };
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -1322,6 +1322,16 @@ pub async fn turns_run_under_a_lease<Fut: Future<Output = SharedStore>>(
         name: Some("grep".to_owned()),
         arguments: Some(serde_json::json!({"pattern": "x"})),
     };
+    let request = PermissionInfo::request(
+        Some("call-1".to_owned()),
+        Some("grep".to_owned()),
+        vec![PermissionOptionInfo {
+            option_id: "ok".to_owned(),
+            name: "Allow once".to_owned(),
+            kind: "allow_once".to_owned(),
+        }],
+    );
+    let decision = request.decision(Some("ok".to_owned()), "policy");
     let out = f
         .store
         .append_output(
@@ -1330,6 +1340,9 @@ pub async fn turns_run_under_a_lease<Fut: Future<Output = SharedStore>>(
             vec![
                 NewEntry::assistant_message(t1, "a1"),
                 NewEntry::tool_call(t1, tool.clone()),
+                NewEntry::permission_request(t1, request.clone()),
+                NewEntry::permission_decision(t1, decision.clone()),
+                NewEntry::thought(t1, "it should be there"),
                 NewEntry::tool_result(t1, "call-1".to_owned(), "found"),
             ],
         )
@@ -1337,12 +1350,24 @@ pub async fn turns_run_under_a_lease<Fut: Future<Output = SharedStore>>(
         .expect("append_output of the running turn");
     assert_eq!(
         out.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        [5, 6, 7],
+        [5, 6, 7, 8, 9, 10],
         "output is appended in order after the messages"
     );
     assert!(out.iter().all(|e| e.turn_id == Some(t1)));
     assert_eq!(out[0].role, Some(Role::Assistant));
     assert_eq!(out[1].tool.as_ref(), Some(&tool), "tool calls round-trip");
+    assert_eq!(
+        out[2].permission.as_ref(),
+        Some(&request),
+        "permission requests round-trip"
+    );
+    assert_eq!(out[3].permission.as_ref(), Some(&decision));
+    assert_eq!(
+        (out[4].kind, out[4].content.as_deref()),
+        (EntryType::Thought, Some("it should be there"))
+    );
+    let read = f.log(id).await;
+    assert_eq!(&read[4..10], &out[..], "read back as written");
 
     let ended = f.end(&lease, t1, TurnStatus::Completed, None).await;
     assert_eq!(
@@ -1351,7 +1376,7 @@ pub async fn turns_run_under_a_lease<Fut: Future<Output = SharedStore>>(
         "turn_ended and the next turn_started"
     );
     assert!(ended_entry(&ended.committed[0], t1, TurnStatus::Completed));
-    assert_eq!(ended.committed[0].seq, 8);
+    assert_eq!(ended.committed[0].seq, 11);
     let t2 = ended
         .next
         .expect("waiting messages start the next turn at once");

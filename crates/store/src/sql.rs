@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use baton_core::policy::{decide, ActiveTurn, Decision, NextTurn, QueueSummary};
 use baton_core::{
-    Disposition, Entry, EntryType, InputRange, NewEntry, Policy, Role, Seq, Session, SessionId,
-    SessionStatus, Timestamp, ToolInfo, Turn, TurnId, TurnStatus,
+    Disposition, Entry, EntryType, InputRange, NewEntry, PermissionInfo, Policy, Role, Seq,
+    Session, SessionId, SessionStatus, Timestamp, ToolInfo, Turn, TurnId, TurnStatus,
 };
 use futures_util::future::BoxFuture;
 use sqlx::any::AnyPoolOptions;
@@ -523,7 +523,7 @@ const SESSION_COLS: &str = "id, owner, agent, policy, metadata, created_at, last
      waiting_count, last_gather_seq, after_gather_count";
 
 const ENTRY_COLS: &str =
-    "session_id, seq, kind, role, turn_id, content, status, reason, input_from, input_to, tool, created_at";
+    "session_id, seq, kind, role, turn_id, content, status, reason, input_from, input_to, tool, permission, created_at";
 
 const TURN_COLS: &str =
     "id, session_id, status, input_from, input_to, started_at, ended_at, reason";
@@ -593,6 +593,7 @@ fn entry_row(r: &Row) -> R<Entry> {
     let from: Option<i64> = r.get("input_from")?;
     let to: Option<i64> = r.get("input_to")?;
     let tool: Option<String> = r.get("tool")?;
+    let permission: Option<String> = r.get("permission")?;
     Ok(Entry {
         seq: r.get::<i64>("seq")? as Seq,
         session_id: SessionId::parse(&sid).map_err(|_| corrupt("session id", &sid))?,
@@ -612,6 +613,11 @@ fn entry_row(r: &Row) -> R<Entry> {
         }),
         tool: tool
             .map(|s| serde_json::from_str::<ToolInfo>(&s).map_err(|_| corrupt("tool", &s)))
+            .transpose()?,
+        permission: permission
+            .map(|s| {
+                serde_json::from_str::<PermissionInfo>(&s).map_err(|_| corrupt("permission", &s))
+            })
             .transpose()?,
         created_at: Timestamp(r.get("created_at")?),
     })
@@ -774,27 +780,38 @@ async fn append(
         .map(serde_json::to_string)
         .transpose()
         .map_err(|err| StoreError::Internal(format!("encoding a tool call: {err}")))?;
+    let permission = e
+        .permission
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|err| StoreError::Internal(format!("encoding a permission: {err}")))?;
     let disposition = user
         .as_ref()
         .map(|u| serde_json::to_string(u.disposition))
         .transpose()
         .map_err(|err| StoreError::Internal(format!("encoding a disposition: {err}")))?;
     c.execute("INSERT INTO entries (session_id, seq, kind, role, turn_id, content, status, reason, input_from, \
-         input_to, tool, policy, requested_policy, disposition, idempotency_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)", &args![s.id.to_string(), s.last_seq, e.kind.as_str(), e.role.map(Role::as_str), e.turn_id.map(|t| t.to_string()), e.content.clone(), e.status.map(TurnStatus::as_str), e.reason.clone(), e.input.map(|i| i.from as i64), e.input.map(|i| i.to as i64), tool, user.as_ref().map(|u| u.policy.as_str()), user.as_ref().and_then(|u| u.requested.map(Policy::as_str)), disposition, user.as_ref().and_then(|u| u.key.map(str::to_owned)), now])
+         input_to, tool, permission, policy, requested_policy, disposition, idempotency_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)", &args![s.id.to_string(), s.last_seq, e.kind.as_str(), e.role.map(Role::as_str), e.turn_id.map(|t| t.to_string()), e.content.clone(), e.status.map(TurnStatus::as_str), e.reason.clone(), e.input.map(|i| i.from as i64), e.input.map(|i| i.to as i64), tool, permission, user.as_ref().map(|u| u.policy.as_str()), user.as_ref().and_then(|u| u.requested.map(Policy::as_str)), disposition, user.as_ref().and_then(|u| u.key.map(str::to_owned)), now])
     .await?;
     Ok(e.committed(s.id, s.last_seq as Seq, Timestamp(now)))
 }
 
 /// Refuses, before anything is written, entries a running turn may not
-/// store as output: anything but the agent's messages, tool calls and tool
-/// results, or an entry of another turn. A `turn_ended` in the output would
+/// store as output: anything but the agent's messages, thoughts, tool calls
+/// and results and permission requests and decisions, or an entry of another
+/// turn. A `turn_ended` in the output would
 /// be a second terminal entry (I7).
 fn check_output(turn: TurnId, entries: &[NewEntry]) -> Result<()> {
     for e in entries {
         let output = match e.kind {
             EntryType::Message => e.role.is_some_and(|r| r != Role::User),
-            EntryType::ToolCall | EntryType::ToolResult => true,
+            EntryType::Thought
+            | EntryType::ToolCall
+            | EntryType::ToolResult
+            | EntryType::PermissionRequest
+            | EntryType::PermissionDecision => true,
             EntryType::TurnStarted | EntryType::TurnEnded => false,
         };
         if !output || e.turn_id != Some(turn) {
