@@ -42,6 +42,11 @@ impl Auth {
         }
     }
 
+    /// Whether requests need a bearer token (tokens are configured).
+    pub fn requires_token(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
     fn owner(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         if self.tokens.is_empty() {
             return Ok("local".to_owned());

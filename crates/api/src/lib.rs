@@ -9,6 +9,7 @@
 pub mod error;
 pub mod export;
 pub mod extract;
+pub mod inspector;
 pub mod metrics;
 pub mod sessions;
 pub mod stream;
@@ -66,7 +67,7 @@ pub struct AppState {
         sessions::entries, sessions::turns, sessions::cancel, stream::stream, export::export, agents, healthz,
         metrics::render, openapi
     ),
-    components(schemas(baton_core::Entry, baton_core::Session, baton_core::Turn, baton_core::Disposition, baton_core::Policy)),
+    components(schemas(baton_core::Entry, baton_core::Session, sessions::ListedSession, baton_core::Turn, baton_core::Disposition, baton_core::Policy)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -160,6 +161,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi))
+        .merge(inspector::routes())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -6,8 +6,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use baton_core::{Disposition, Entry, Policy, Seq, Session, Turn, TurnId};
-use baton_store::{CreateSession, PostMessage};
+use baton_core::{
+    Disposition, Entry, Policy, Seq, Session, SessionId, SessionStatus, Timestamp, Turn, TurnId,
+};
+use baton_store::{CreateSession, ListCursor, PostMessage, SessionQuery};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -51,10 +53,38 @@ pub struct Posted {
     pub disposition: Disposition,
 }
 
-/// `GET /v1/sessions`.
+/// `GET /v1/sessions`: one page, newest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SessionList {
-    pub sessions: Vec<Session>,
+    pub sessions: Vec<ListedSession>,
+    /// Pass as `?cursor=` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A session in a list: the session, and when its log last moved.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListedSession {
+    #[serde(flatten)]
+    pub session: Session,
+    /// The time of the session's latest entry (its creation if none).
+    pub last_activity_at: Timestamp,
+}
+
+/// The opaque `next_cursor` of a page ending with this session.
+fn encode_cursor(c: ListCursor) -> String {
+    format!("{}.{}", c.created_at.micros(), c.id)
+}
+
+fn decode_cursor(raw: &str) -> ApiResult<ListCursor> {
+    let bad = || ApiError::invalid(format!("cursor {raw:?} is not a next_cursor this API gave"));
+    let (micros, id) = raw.split_once('.').ok_or_else(bad)?;
+    if micros.is_empty() || !micros.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    Ok(ListCursor {
+        created_at: Timestamp(micros.parse().map_err(|_| bad())?),
+        id: SessionId::parse(id).map_err(|_| bad())?,
+    })
 }
 
 /// `GET /v1/sessions/{id}/entries`.
@@ -156,14 +186,63 @@ pub async fn create(
     Ok((status, Json(created.session)).into_response())
 }
 
-/// List the caller's sessions.
-#[utoipa::path(get, path = "/v1/sessions", responses((status = 200, body = SessionList)))]
+/// List the caller's sessions, newest first, one page at a time.
+#[utoipa::path(get, path = "/v1/sessions",
+    params(("limit" = Option<u32>, Query, description = "1 to 1000, default 100"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
+        ("status" = Option<String>, Query, description = "`idle` or `running`: only sessions in that status"),
+        ("agent" = Option<String>, Query, description = "Only sessions of this agent")),
+    responses((status = 200, body = SessionList), (status = 400, body = ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
     Owner(owner): Owner,
+    Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<SessionList>> {
-    let sessions = state.engine.store().sessions(&owner).await?;
-    Ok(Json(SessionList { sessions }))
+    if let Some(unknown) = q
+        .keys()
+        .find(|k| !matches!(k.as_str(), "limit" | "cursor" | "status" | "agent"))
+    {
+        return Err(ApiError::invalid(format!(
+            "unknown query parameter {unknown:?}; expected limit, cursor, status or agent"
+        )));
+    }
+    let limit = query_u64(&q, "limit")?.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit must be between 1 and 1000"));
+    }
+    let status = match q.get("status").map(String::as_str) {
+        None => None,
+        Some("idle") => Some(SessionStatus::Idle),
+        Some("running") => Some(SessionStatus::Running),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "status must be idle or running, not {other:?}"
+            )))
+        }
+    };
+    let query = SessionQuery {
+        after: q.get("cursor").map(|c| decode_cursor(c)).transpose()?,
+        limit: limit as u32,
+        status,
+        agent: q.get("agent").cloned(),
+    };
+    let page = state.engine.store().list_sessions(&owner, &query).await?;
+    let next_cursor = match page.sessions.last() {
+        Some(last) if page.more => Some(encode_cursor(last.cursor())),
+        _ => None,
+    };
+    let sessions = page
+        .sessions
+        .into_iter()
+        .map(|l| ListedSession {
+            session: l.session,
+            last_activity_at: l.last_activity_at,
+        })
+        .collect();
+    Ok(Json(SessionList {
+        sessions,
+        next_cursor,
+    }))
 }
 
 /// Get a session.

@@ -1617,3 +1617,120 @@ async fn graceful_shutdown_keeps_acknowledged_entries() {
     assert_eq!(end["reason"], "shutdown", "{end}");
     app.stop().await;
 }
+
+/// `GET /v1/sessions` pages newest first with an opaque cursor, filters by
+/// status and agent, and refuses a bad limit, cursor, status or parameter
+/// with a `400` naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_list_pages_by_cursor_and_refuses_bad_parameters() {
+    let app = common::spawn_app(|_| {}).await;
+    let c = app.client.clone();
+    let mut created = Vec::new();
+    for _ in 0..5 {
+        created.push(c.create_session_id(json!({})).await);
+    }
+    let busy = c.create_session_id(json!({"message": "/hang"})).await;
+    created.push(busy.clone());
+    let mut seen = Vec::new();
+    let mut path = "/v1/sessions?limit=2".to_owned();
+    let mut pages = 0;
+    loop {
+        let (status, page) = c.send(c.req(Method::GET, &path)).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        pages += 1;
+        let items = page["sessions"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        for s in items {
+            assert!(s["last_activity_at"].is_string(), "{s}");
+            seen.push(s["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/sessions?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    created.reverse();
+    assert_eq!(seen, created, "newest first, each once");
+
+    let (_, running) = c
+        .send(c.req(Method::GET, "/v1/sessions?status=running"))
+        .await;
+    assert_eq!(running["sessions"].as_array().unwrap().len(), 1);
+    assert_eq!(running["sessions"][0]["id"], busy.as_str());
+    assert_eq!(running["next_cursor"], Value::Null);
+    let (_, idle) = c
+        .send(c.req(Method::GET, "/v1/sessions?status=idle&agent=demo"))
+        .await;
+    assert_eq!(idle["sessions"].as_array().unwrap().len(), 5);
+    let (_, none) = c
+        .send(c.req(Method::GET, "/v1/sessions?agent=nobody"))
+        .await;
+    assert_eq!(none["sessions"], json!([]));
+
+    for (query, names) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=two", "limit"),
+        ("cursor=garbage", "cursor"),
+        ("cursor=12.not-a-uuid", "cursor"),
+        ("cursor=.9b2f0c1e-0000-4000-8000-000000000000", "cursor"),
+        ("status=busy", "status"),
+        ("page=2", "page"),
+    ] {
+        let (status, body) = c
+            .send(c.req(Method::GET, &format!("/v1/sessions?{query}")))
+            .await;
+        assert_error(query, status, &body, 400, "invalid_request");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(names),
+            "{query}: the message names {names}: {body}"
+        );
+    }
+    c.cancel(&busy).await;
+}
+
+/// The inspector's page and files are served without a token, from the
+/// binary, with a Content-Security-Policy that forbids inline code; a file
+/// it does not have is a JSON 404; the page says whether a token is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inspector_is_served_with_a_strict_content_security_policy() {
+    let app = common::spawn_app(|cfg| cfg.tokens = vec![("alice".into(), "s1".into())]).await;
+    let c = Client::new(app.client.base.clone());
+    for (path, ctype) in [
+        ("/", "text/html; charset=utf-8"),
+        (
+            "/sessions/9b2f0c1e-0000-4000-8000-000000000000",
+            "text/html; charset=utf-8",
+        ),
+        ("/assets/app.js", "text/javascript; charset=utf-8"),
+        ("/assets/style.css", "text/css; charset=utf-8"),
+    ] {
+        let resp = c.req(Method::GET, path).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let h = resp.headers();
+        assert_eq!(h["content-type"], ctype, "{path}");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        for part in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "connect-src 'self'",
+        ] {
+            assert!(csp.contains(part), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: {csp}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        let body = resp.text().await.unwrap();
+        if path == "/" {
+            assert!(body.contains(r#"<meta name="baton-auth" content="token">"#));
+            assert!(!body.contains("s1"), "no secret in the page");
+        }
+    }
+    let (status, body) = c.send(c.req(Method::GET, "/assets/nope.js")).await;
+    assert_error("a missing file", status, &body, 404, "not_found");
+    // The API itself still wants the token.
+    let (status, body) = c.send(c.req(Method::GET, "/v1/sessions")).await;
+    assert_error("no token", status, &body, 401, "unauthorized");
+}

@@ -19,7 +19,8 @@ use baton_core::{
 use baton_engine::{Bus, BusEvent, Engine, EngineConfig};
 use baton_store::{
     Begin, CreateSession, Created, Ended, Lease, Page, PostMessage, Posted, Recovered, Renewal,
-    Result as StoreResult, SqlStore, Store, StoreConfig, StoreError, Take, TurnToRun,
+    Result as StoreResult, SessionPage, SessionQuery, SqlStore, Store, StoreConfig, StoreError,
+    Take, TurnToRun,
 };
 use tokio::sync::{broadcast, mpsc};
 
@@ -389,8 +390,8 @@ impl Store for FaultyStore {
     async fn session(&self, owner: &str, id: SessionId) -> StoreResult<Session> {
         self.store.session(owner, id).await
     }
-    async fn sessions(&self, owner: &str) -> StoreResult<Vec<Session>> {
-        self.store.sessions(owner).await
+    async fn list_sessions(&self, owner: &str, query: &SessionQuery) -> StoreResult<SessionPage> {
+        self.store.list_sessions(owner, query).await
     }
     async fn delete_session(&self, owner: &str, id: SessionId) -> StoreResult<()> {
         self.store.delete_session(owner, id).await

@@ -2599,3 +2599,173 @@ pub async fn output_and_ends_are_checked<Fut: Future<Output = SharedStore>>(
     assert_eq!(log.len(), 4);
     f.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------
+// Listing sessions
+
+/// Pages through the owner's sessions with `query`; returns them in order
+/// and the number of pages.
+async fn list_all(f: &Fixture, mut query: crate::SessionQuery) -> (Vec<crate::Listed>, usize) {
+    let mut out: Vec<crate::Listed> = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = f
+            .store
+            .list_sessions(&f.owner, &query)
+            .await
+            .expect("list_sessions");
+        pages += 1;
+        assert!(
+            page.sessions.len() <= query.limit as usize,
+            "a page holds at most its limit"
+        );
+        let last = page.sessions.last().map(crate::Listed::cursor);
+        out.extend(page.sessions);
+        match last {
+            Some(cursor) if page.more => query.after = Some(cursor),
+            _ => return (out, pages),
+        }
+    }
+}
+
+fn everything(limit: u32) -> crate::SessionQuery {
+    crate::SessionQuery {
+        after: None,
+        limit,
+        status: None,
+        agent: None,
+    }
+}
+
+/// `list_sessions` pages an owner's sessions newest first by a keyset
+/// cursor: past 1,000 sessions nothing is cut off, no session is skipped or
+/// repeated (also when sessions are created between pages), the filters
+/// hold, and the last activity is the latest entry's time.
+pub async fn sessions_list_newest_first_in_pages<Fut: Future<Output = SharedStore>>(
+    open: impl Fn(StoreConfig) -> Fut,
+) {
+    use futures_util::StreamExt;
+    let _g = shared().await;
+    let f = Fixture::open(open, base_config()).await;
+    let other = Fixture::on(f.store.clone());
+    let bystander = other.session(Policy::Queue).await;
+    let created: Vec<SessionId> = futures_util::stream::iter(0..1003)
+        .map(|_| f.session(Policy::Queue))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let odd = f
+        .store
+        .create_session(CreateSession {
+            agent: "other-agent".to_owned(),
+            ..f.create_req(Policy::Merge)
+        })
+        .await
+        .expect("create with another agent")
+        .session
+        .id;
+    let busy = created[0];
+    f.start(busy, "keep me busy").await;
+
+    let (listed, pages) = list_all(&f, everything(1000)).await;
+    assert_eq!(pages, 2, "1,004 sessions are two pages of 1,000");
+    let mut ids: Vec<SessionId> = listed.iter().map(|l| l.session.id).collect();
+    assert!(
+        listed
+            .windows(2)
+            .all(|w| (w[0].session.created_at, w[0].session.id)
+                > (w[1].session.created_at, w[1].session.id)),
+        "newest first, ties by id, nothing twice"
+    );
+    ids.sort();
+    let mut want = created.clone();
+    want.push(odd);
+    want.sort();
+    assert_eq!(ids, want, "every session of the owner, and only those");
+    assert!(
+        !ids.contains(&bystander),
+        "another owner's session is not listed"
+    );
+
+    // Small pages, with a session created between two of them: it is newer
+    // than the cursor, so the pages that follow neither skip nor repeat.
+    let first = f
+        .store
+        .list_sessions(&f.owner, &everything(7))
+        .await
+        .expect("first page");
+    assert!(first.more);
+    let late = f.session(Policy::Queue).await;
+    let mut rest = everything(7);
+    rest.after = first.sessions.last().map(crate::Listed::cursor);
+    let (tail, _) = list_all(&f, rest).await;
+    let paged: Vec<SessionId> = first
+        .sessions
+        .iter()
+        .chain(&tail)
+        .map(|l| l.session.id)
+        .collect();
+    assert_eq!(
+        paged,
+        listed.iter().map(|l| l.session.id).collect::<Vec<_>>(),
+        "pages of 7 see the same order as pages of 1,000"
+    );
+    assert!(!paged.contains(&late));
+    let newest = f
+        .store
+        .list_sessions(&f.owner, &everything(1))
+        .await
+        .expect("newest");
+    assert_eq!(
+        newest.sessions[0].session.id, late,
+        "the newest comes first"
+    );
+
+    // Filters.
+    let running = crate::SessionQuery {
+        status: Some(SessionStatus::Running),
+        ..everything(1000)
+    };
+    let (only_busy, _) = list_all(&f, running).await;
+    assert_eq!(
+        only_busy.iter().map(|l| l.session.id).collect::<Vec<_>>(),
+        vec![busy]
+    );
+    let idle = crate::SessionQuery {
+        status: Some(SessionStatus::Idle),
+        ..everything(300)
+    };
+    let (idle, _) = list_all(&f, idle).await;
+    assert_eq!(idle.len(), 1004, "every session but the busy one");
+    assert!(idle.iter().all(|l| l.session.id != busy));
+    let by_agent = crate::SessionQuery {
+        agent: Some("other-agent".to_owned()),
+        ..everything(1000)
+    };
+    let (only_odd, _) = list_all(&f, by_agent).await;
+    assert_eq!(
+        only_odd.iter().map(|l| l.session.id).collect::<Vec<_>>(),
+        vec![odd]
+    );
+
+    // Last activity: the latest entry's time, or the creation.
+    let log = f.log(busy).await;
+    let busy_listed = listed
+        .iter()
+        .find(|l| l.session.id == busy)
+        .expect("listed");
+    assert_eq!(
+        busy_listed.last_activity_at,
+        log.last().expect("the busy session has entries").created_at
+    );
+    let quiet = listed.iter().find(|l| l.session.id == odd).expect("listed");
+    assert_eq!(quiet.last_activity_at, quiet.session.created_at);
+
+    // The unpaged read goes past 1,000 too, oldest first.
+    let all = f.store.sessions(&f.owner).await.expect("sessions()");
+    assert_eq!(all.len(), 1005);
+    assert_eq!(all.last().map(|s| s.id), Some(late));
+
+    f.cleanup().await;
+    other.cleanup().await;
+}

@@ -27,7 +27,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use baton_core::{
-    Disposition, Entry, Epoch, NewEntry, Policy, Seq, Session, SessionId, Turn, TurnId, TurnStatus,
+    Disposition, Entry, Epoch, NewEntry, Policy, Seq, Session, SessionId, SessionStatus, Timestamp,
+    Turn, TurnId, TurnStatus,
 };
 
 pub use sql::{pg_timeouts, PgTimeouts, SqlStore, StoreConfig};
@@ -134,6 +135,54 @@ pub struct Page {
     pub last_seq: Seq,
 }
 
+/// Where a page of an owner's sessions starts: just past this session in
+/// newest-first order (`created_at`, then `id`, both descending).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListCursor {
+    pub created_at: Timestamp,
+    pub id: SessionId,
+}
+
+/// `GET /v1/sessions`: which of the owner's sessions, newest first.
+#[derive(Clone, Debug)]
+pub struct SessionQuery {
+    /// Start after this session (the previous page's last one).
+    pub after: Option<ListCursor>,
+    /// At most this many sessions.
+    pub limit: u32,
+    /// Only sessions in this status.
+    pub status: Option<SessionStatus>,
+    /// Only sessions of this agent.
+    pub agent: Option<String>,
+}
+
+/// A session as listed, with the time of its latest entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listed {
+    pub session: Session,
+    /// The latest entry's time, or the session's creation when it has none.
+    pub last_activity_at: Timestamp,
+}
+
+impl Listed {
+    /// The cursor of the page that follows this session.
+    pub fn cursor(&self) -> ListCursor {
+        ListCursor {
+            created_at: self.session.created_at,
+            id: self.session.id,
+        }
+    }
+}
+
+/// One page of an owner's sessions.
+#[derive(Clone, Debug)]
+pub struct SessionPage {
+    /// Newest first.
+    pub sessions: Vec<Listed>,
+    /// Whether more sessions follow the last one.
+    pub more: bool,
+}
+
 /// A turn handed to a worker.
 #[derive(Clone, Debug)]
 pub struct TurnToRun {
@@ -208,8 +257,29 @@ pub trait Store: Send + Sync + 'static {
     async fn create_session(&self, req: CreateSession) -> Result<Created>;
     /// The owner's session, or `NotFound` (I10).
     async fn session(&self, owner: &str, id: SessionId) -> Result<Session>;
-    /// The owner's sessions, oldest first.
-    async fn sessions(&self, owner: &str) -> Result<Vec<Session>>;
+    /// A page of the owner's sessions, newest first.
+    async fn list_sessions(&self, owner: &str, query: &SessionQuery) -> Result<SessionPage>;
+    /// All the owner's sessions, oldest first (paging through
+    /// [`Store::list_sessions`]).
+    async fn sessions(&self, owner: &str) -> Result<Vec<Session>> {
+        let mut out = Vec::new();
+        let mut query = SessionQuery {
+            after: None,
+            limit: 1000,
+            status: None,
+            agent: None,
+        };
+        loop {
+            let page = self.list_sessions(owner, &query).await?;
+            query.after = page.sessions.last().map(Listed::cursor);
+            out.extend(page.sessions.into_iter().map(|l| l.session));
+            if !page.more || query.after.is_none() {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
     /// Deletes a session and all it holds; `NotFound` if not the owner's.
     async fn delete_session(&self, owner: &str, id: SessionId) -> Result<()>;
     /// Stores a user message and applies the busy policy atomically.

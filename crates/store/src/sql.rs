@@ -24,11 +24,11 @@ use sqlx::AnyConnection;
 use sqlx::{AnyPool, Connection};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{args, Conn, Fail, Row, R};
+use crate::db::{args, Conn, Fail, Row, Val, R};
 use crate::writer::{self, Clock, Job};
 use crate::{
-    Begin, CreateSession, Created, Ended, Lease, Page, PostMessage, Posted, Recovered, Renewal,
-    Result, Store, StoreError, Take, TurnToRun,
+    Begin, CreateSession, Created, Ended, Lease, Listed, Page, PostMessage, Posted, Recovered,
+    Renewal, Result, SessionPage, SessionQuery, Store, StoreError, Take, TurnToRun,
 };
 
 /// Tunables that the store applies inside its transactions.
@@ -1364,19 +1364,52 @@ impl Store for SqlStore {
         get.await.map_err(unfail)
     }
 
-    async fn sessions(&self, owner: &str) -> Result<Vec<Session>> {
+    async fn list_sessions(&self, owner: &str, query: &SessionQuery) -> Result<SessionPage> {
         let mut c = self.reader().await?;
         let list = async {
-            let sql = format!(
-                "SELECT {SESSION_COLS} FROM sessions WHERE owner = $1 ORDER BY created_at, id LIMIT 1000"
+            // Keyset paging on (created_at, id), newest first: a page never
+            // skips or repeats a session, however many are created meanwhile.
+            let mut sql = format!(
+                "SELECT {SESSION_COLS}, COALESCE((SELECT e.created_at FROM entries e \
+                 WHERE e.session_id = sessions.id AND e.seq = sessions.last_seq), created_at) \
+                 AS last_activity_at FROM sessions WHERE owner = $1"
             );
-            let rows = c.fetch_all(&sql, &args![owner]).await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in &rows {
-                let s = session_row(r)?;
-                out.push(session_view(&s)?);
+            let mut args = vec![Val::from(owner)];
+            if let Some(after) = query.after {
+                args.push(Val::from(after.created_at.micros()));
+                args.push(Val::from(after.id.to_string()));
+                let (t, i) = (args.len() - 1, args.len());
+                sql.push_str(&format!(
+                    " AND (created_at < ${t} OR (created_at = ${t} AND id < ${i}))"
+                ));
             }
-            Ok(out)
+            match query.status {
+                Some(SessionStatus::Running) => sql.push_str(" AND active_turn IS NOT NULL"),
+                Some(SessionStatus::Idle) => sql.push_str(" AND active_turn IS NULL"),
+                None => {}
+            }
+            if let Some(agent) = &query.agent {
+                args.push(Val::from(agent));
+                sql.push_str(&format!(" AND agent = ${}", args.len()));
+            }
+            // One more than asked: whether another page follows.
+            let limit = i64::from(query.limit.max(1));
+            args.push(Val::from(limit + 1));
+            sql.push_str(&format!(
+                " ORDER BY created_at DESC, id DESC LIMIT ${}",
+                args.len()
+            ));
+            let rows = c.fetch_all(&sql, &args).await?;
+            let more = rows.len() as i64 > limit;
+            let mut sessions = Vec::with_capacity(rows.len());
+            for r in rows.iter().take(limit as usize) {
+                let s = session_row(r)?;
+                sessions.push(Listed {
+                    session: session_view(&s)?,
+                    last_activity_at: Timestamp(r.get("last_activity_at")?),
+                });
+            }
+            Ok(SessionPage { sessions, more })
         };
         list.await.map_err(unfail)
     }

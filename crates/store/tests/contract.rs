@@ -97,6 +97,7 @@ contract_tests!(
     reads_page_and_agree,
     delete_removes_everything,
     output_and_ends_are_checked,
+    sessions_list_newest_first_in_pages,
 );
 
 // ---------------------------------------------------------------------------

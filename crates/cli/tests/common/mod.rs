@@ -324,10 +324,15 @@ pub struct ChildServer {
 /// Runs `baton serve --listen 127.0.0.1:0 --db DB ARGS…` and waits for its
 /// `listening on` line. `DATABASE_URL` is removed so the file is used.
 pub async fn spawn_binary(db: &Path, args: &[&str]) -> ChildServer {
+    spawn_binary_at(db, "127.0.0.1:0", args).await
+}
+
+/// [`spawn_binary`] listening on `listen` (a restart on the same port).
+pub async fn spawn_binary_at(db: &Path, listen: &str, args: &[&str]) -> ChildServer {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"));
     cmd.arg("serve")
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--db")
         .arg(db)
         .arg("--demo-word-delay-ms")
