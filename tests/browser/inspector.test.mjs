@@ -405,7 +405,7 @@ scenario('a message with markup stays inert text', async ({ page }) => {
   assert.equal(await page.locator('img').count(), 0);
 });
 
-scenario('entry types this page does not know render generically', async ({ page }) => {
+scenario('thoughts, permissions and entry types this page does not know', async ({ page }) => {
   const id = await createSession(OPEN);
   await page.goto(`${OPEN}/sessions/${id}`);
   await page.locator('.stream-state', { hasText: 'live' }).waitFor();
@@ -415,17 +415,23 @@ scenario('entry types this page does not know render generically', async ({ page
     document.body.append(list);
     const view = new LogView(list);
     const at = '2026-01-01T00:00:00.000000Z';
-    view.add({ seq: 1, type: 'thought', turn_id: 't1', content: 'thinking <b>hard</b>', created_at: at });
-    view.add({ seq: 2, type: 'permission_request', turn_id: 't1', request_id: 'r1', options: [{ id: 'allow' }], created_at: at });
-    view.add({ seq: 3, type: 'permission_decision', turn_id: 't1', decision: { outcome: 'denied' }, created_at: at });
-    view.add({ seq: 4, type: 'message', role: 'user', content: 'x', disposition: { type: 'pending' }, created_at: at });
+    const options = [{ option_id: 'ok', name: 'Allow once', kind: 'allow_once' }, { option_id: 'no', name: 'Reject', kind: 'reject_once' }];
+    view.add({ seq: 1, type: 'tool_call', turn_id: 't1', tool: { id: 'c1', name: 'write_file' }, created_at: at });
+    view.add({ seq: 2, type: 'thought', turn_id: 't1', content: 'thinking <b>hard</b>', created_at: at });
+    view.add({ seq: 3, type: 'permission_request', turn_id: 't1', permission: { request_id: 'r1', tool_call_id: 'c1', title: 'Write <i>x</i>', options }, created_at: at });
+    view.add({ seq: 4, type: 'permission_decision', turn_id: 't1', permission: { request_id: 'r1', tool_call_id: 'c1', option_id: 'no', outcome: 'selected', decided_by: 'policy' }, created_at: at });
+    view.add({ seq: 5, type: 'steer_note', turn_id: 't1', content: '<script>x</script>', extra: { pending: true }, created_at: at });
+    view.add({ seq: 6, type: 'message', role: 'user', content: 'x', disposition: { type: 'pending' }, created_at: at });
     return Array.from(list.querySelectorAll('[data-seq]'), (e) => [e.dataset.type, e.textContent]);
   });
-  assert.deepEqual(shownTypes.map((t) => t[0]), ['thought', 'permission_request', 'permission_decision', 'message']);
-  assert.match(shownTypes[0][1], /thinking <b>hard<\/b>/);
-  assert.match(shownTypes[1][1], /request_id/);
-  assert.match(shownTypes[2][1], /denied/);
-  assert.equal(await page.locator('b').count(), 0);
+  assert.deepEqual(shownTypes.map((t) => t[0]), ['tool_call', 'thought', 'permission_request', 'permission_decision', 'steer_note', 'message']);
+  assert.match(shownTypes[1][1], /thinking <b>hard<\/b>/);
+  assert.match(shownTypes[2][1], /for #1 write_file/);
+  assert.match(shownTypes[2][1], /Allow once \(allow_once\)/);
+  assert.match(shownTypes[3][1], /chose Reject · decided by policy/);
+  assert.match(shownTypes[4][1], /<script>x<\/script>/);
+  assert.match(shownTypes[4][1], /"pending": true/);
+  assert.equal(await page.locator('b, i, li script').count(), 0, 'no markup from content');
 });
 
 // ---------------------------------------------------------------------------

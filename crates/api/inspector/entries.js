@@ -101,6 +101,13 @@ export class LogView {
         return this.toolCall(e);
       case 'tool_result':
         return this.toolResult(e);
+      case 'thought':
+        return h('li', { class: 'entry thought' }, this.meta(e, 'thought'),
+          h('div', { class: 'content' }, typeof e.content === 'string' ? e.content : pretty(e.content)));
+      case 'permission_request':
+      case 'permission_decision':
+        if (e.permission && typeof e.permission === 'object') return this.permission(e);
+        return this.generic(e);
       default:
         return this.generic(e);
     }
@@ -193,6 +200,31 @@ export class LogView {
     return h('li', { class: 'entry tool-result' },
       this.meta(e, 'tool result', callLabel),
       h('pre', { class: 'content' }, typeof e.content === 'string' ? e.content : pretty(e.content)));
+  }
+
+  /** A permission request (what was asked, the options) or its decision. */
+  permission(e) {
+    const p = e.permission;
+    const isRequest = e.type === 'permission_request';
+    const call = p.tool_call_id ? this.calls.get(String(p.tool_call_id)) : null;
+    const about = call ? h('a', { class: 'pair', href: `#entry-${call.seq}` }, `for #${call.seq} ${call.name || ''}`.trim())
+      : p.tool_call_id ? h('span', { class: 'pair' }, `for call ${p.tool_call_id}`) : null;
+    let body;
+    if (isRequest) {
+      this.permissions = this.permissions || new Map();
+      this.permissions.set(String(p.request_id), p);
+      const options = Array.isArray(p.options) ? p.options : [];
+      body = h('ul', { class: 'options' }, options.map((o) => h('li', {}, `${o.name || o.option_id} (${o.kind || 'option'})`)));
+    } else {
+      const request = this.permissions ? this.permissions.get(String(p.request_id)) : null;
+      const chosen = request && Array.isArray(request.options) ? request.options.find((o) => o.option_id === p.option_id) : null;
+      const what = p.outcome === 'selected' ? `chose ${chosen ? chosen.name : p.option_id}` : (p.outcome || 'answered');
+      body = h('div', { class: 'content' }, p.decided_by ? `${what} · decided by ${p.decided_by}` : what);
+    }
+    return h('li', { class: `entry permission ${isRequest ? 'request' : 'decision'}` },
+      this.meta(e, isRequest ? 'permission request' : 'permission decision', about),
+      p.title ? h('div', { class: 'title' }, p.title) : null,
+      body);
   }
 
   /** Any other type: its fields, as text. */

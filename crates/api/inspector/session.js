@@ -184,6 +184,8 @@ function describeDisposition(posted) {
       return `${seq}merged · position ${d.position}`;
     case 'interrupting':
       return `${seq}interrupting turn ${d.turn_id}`;
+    case 'steered':
+      return `${seq}steered into turn ${d.turn_id}`;
     default: {
       const extra = Object.entries(d).filter(([k]) => k !== 'type').map(([k, v]) => `${k} ${v}`).join(', ');
       return `${seq}${d.type || 'accepted'}${extra ? ` · ${extra}` : ''}`;
