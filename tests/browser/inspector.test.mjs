@@ -13,6 +13,7 @@
 import { chromium } from 'playwright-core';
 import { createInterface } from 'node:readline';
 import { readFile } from 'node:fs/promises';
+import net from 'node:net';
 import assert from 'node:assert/strict';
 
 const OPEN = mustEnv('BATON_URL');
@@ -119,6 +120,67 @@ async function restartServer() {
   process.stdout.write('@@restart\n');
   const { value, done } = await stdinLines.next();
   assert.ok(!done && value.trim() === 'restarted', `the harness restarted the server (got ${value})`);
+}
+
+// ---------------------------------------------------------------------------
+// A TCP proxy in front of a server, whose connections the test can cut (a
+// network loss: the server keeps running).
+
+async function proxy(target) {
+  const { hostname, port } = new URL(target);
+  const sockets = new Set();
+  let up = true;
+  const server = net.createServer((client) => {
+    if (!up) {
+      client.destroy();
+      return;
+    }
+    const upstream = net.connect(Number(port), hostname);
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('error', () => {});
+      s.on('close', () => {
+        sockets.delete(s);
+        client.destroy();
+        upstream.destroy();
+      });
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise((res) => server.listen(0, '127.0.0.1', res));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    cut() {
+      up = false;
+      for (const s of sockets) s.destroy();
+    },
+    restore() {
+      up = true;
+    },
+    close() {
+      this.cut();
+      server.close();
+    },
+  };
+}
+
+/** The Last-Event-ID of every stream request the page makes, in order. */
+function streamCursors(page) {
+  const cursors = [];
+  page.on('request', (r) => {
+    if (r.url().endsWith('/stream')) cursors.push(r.headers()['last-event-id']);
+  });
+  return cursors;
+}
+
+/** Records every stream state the page shows, in window.streamStates. */
+async function recordStreamStates(page) {
+  await page.evaluate(() => {
+    window.streamStates = [];
+    const el = document.querySelector('.stream-state');
+    new MutationObserver(() => window.streamStates.push(el.textContent)).observe(el, { childList: true, characterData: true, subtree: true });
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -268,14 +330,10 @@ scenario('a reload shows the same log once', async ({ page }) => {
 
 scenario('a server restarted mid-stream: the page resumes with no gap and no duplicate', async ({ page }) => {
   const id = await createSession(RESTART);
+  const cursors = streamCursors(page);
   await page.goto(`${RESTART}/sessions/${id}`);
   await page.locator('.stream-state', { hasText: 'live' }).waitFor();
-  // Record every stream state the page shows.
-  await page.evaluate(() => {
-    window.streamStates = [];
-    const el = document.querySelector('.stream-state');
-    new MutationObserver(() => window.streamStates.push(el.textContent)).observe(el, { childList: true, characterData: true, subtree: true });
-  });
+  await recordStreamStates(page);
   await say(page, '/sleep 20000 a slow answer that the restart cuts short');
   await say(page, 'after the restart');
   await page.locator('[data-seq="3"]').waitFor();
@@ -292,12 +350,48 @@ scenario('a server restarted mid-stream: the page resumes with no gap and no dup
   assert.ok(states.some((s) => s.startsWith('reconnecting')), `the page said it was reconnecting: ${states}`);
   const resumedAt = Number((await page.locator('.stream-state').textContent()).match(/resumed at seq (\d+)/)[1]);
   assert.ok(resumedAt >= seenBefore, `resumed after what it had (${resumedAt} >= ${seenBefore})`);
+  assert.equal(cursors[0], '0');
+  assert.equal(cursors[cursors.length - 1], String(resumedAt), 'the resume sent Last-Event-ID');
   // The killed turn ends lost; the waiting message runs after the restart.
   await turnEnded(page, 0, 'lost');
   await page.locator('[data-type="message"].role-assistant', { hasText: 'echo: after the restart' }).waitFor({ timeout: PATIENCE });
   await idle(RESTART, id);
   await showsTheLog(page, RESTART, id);
   assert.equal(await page.locator('.entry.live').count(), 0);
+}, { allow: [/net::ERR_/] });
+
+scenario('a network loss mid-turn: the page resumes with what it missed, once', async ({ page }) => {
+  const link = await proxy(OPEN);
+  try {
+    const id = await createSession(OPEN);
+    const cursors = streamCursors(page);
+    await page.goto(`${link.url}/sessions/${id}`);
+    await page.locator('.stream-state', { hasText: 'live' }).waitFor();
+    await recordStreamStates(page);
+    await say(page, '/sleep 1500 cut off in the middle of it');
+    await page.waitForFunction(() => {
+      const live = document.querySelector('.entry.live .content');
+      return live && live.textContent.includes('echo:');
+    }, null, { timeout: PATIENCE });
+    link.cut();
+    await page.locator('.stream-state', { hasText: 'reconnecting' }).waitFor();
+    // While the page is cut off, the session moves on.
+    const posted = await call(OPEN, 'POST', `/v1/sessions/${id}/messages`, { body: { content: 'sent while the page was offline' } });
+    assert.equal(posted.status, 201);
+    await idle(OPEN, id);
+    const missed = (await entries(OPEN, id)).length;
+    link.restore();
+    await page.locator('.stream-state', { hasText: /resumed at seq \d+/ }).waitFor({ timeout: PATIENCE });
+    const resumedAt = Number((await page.locator('.stream-state').textContent()).match(/resumed at seq (\d+)/)[1]);
+    assert.ok(resumedAt < missed, `resumed before what it missed (${resumedAt} < ${missed})`);
+    assert.ok(resumedAt > 0);
+    assert.equal(cursors[cursors.length - 1], String(resumedAt), 'the resume sent Last-Event-ID');
+    await page.locator('[data-type="message"].role-assistant', { hasText: 'echo: sent while the page was offline' }).waitFor();
+    await showsTheLog(page, OPEN, id);
+    assert.equal(await page.locator('.entry.live').count(), 0);
+  } finally {
+    link.close();
+  }
 }, { allow: [/net::ERR_/] });
 
 scenario('two owners: sign in with a token; another owner\'s session is not found', async ({ browser, watch }) => {
