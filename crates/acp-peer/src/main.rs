@@ -246,6 +246,7 @@ struct Directives {
     die: bool,
     tool: bool,
     permission: bool,
+    ask_permission: bool,
     after_done: bool,
     chatty: bool,
     chatty_hang: bool,
@@ -605,6 +606,67 @@ impl Peer {
             };
         }
 
+        if directives.ask_permission {
+            turn.update(SessionUpdate::ToolCall(
+                ToolCall::new("call-3", "run command")
+                    .kind(ToolKind::Execute)
+                    .status(ToolCallStatus::Pending),
+            ))?;
+            let option = |id: &str, name: &str, kind| {
+                PermissionOption::new(id.to_owned(), name.to_owned(), kind)
+            };
+            let request = RequestPermissionRequest::new(
+                turn.session_id.clone(),
+                ToolCallUpdate::new(
+                    "call-3",
+                    ToolCallUpdateFields::new()
+                        .title("run command")
+                        .kind(ToolKind::Execute)
+                        .status(ToolCallStatus::Pending),
+                ),
+                vec![
+                    option("allow-once", "Allow once", PermissionOptionKind::AllowOnce),
+                    option(
+                        "allow-always",
+                        "Allow always",
+                        PermissionOptionKind::AllowAlways,
+                    ),
+                    option(
+                        "reject-once",
+                        "Reject once",
+                        PermissionOptionKind::RejectOnce,
+                    ),
+                    option(
+                        "reject-always",
+                        "Reject always",
+                        PermissionOptionKind::RejectAlways,
+                    ),
+                ],
+            );
+            let response = turn.cx.send_request(request).block_task().await?;
+            let chosen = match response.outcome {
+                RequestPermissionOutcome::Selected(selected) => selected.option_id.0.to_string(),
+                _ => "cancelled".to_owned(),
+            };
+            // `/ask-permission` appends the outcome it received here, one
+            // line each.
+            if let Ok(path) = std::env::var("ACP_PEER_PERMISSION_LOG") {
+                use std::io::Write;
+                let logged = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| writeln!(f, "{chosen}"));
+                if let Err(e) = logged {
+                    eprintln!("cannot append to {path}: {e}");
+                }
+            }
+            if turn.is_cancelled() {
+                return Ok(Ending::Stop(StopReason::Cancelled));
+            }
+            reply = format!("permission: {chosen}");
+        }
+
         if directives.chatty_hang {
             if turn.play(chatty_steps(true), delay).await? {
                 // The tool call stays open.
@@ -712,6 +774,7 @@ fn parse_directives(text: &str) -> (Directives, String) {
             "/die" => directives.die = true,
             "/tool" => directives.tool = true,
             "/permission" => directives.permission = true,
+            "/ask-permission" => directives.ask_permission = true,
             "/after-done" => directives.after_done = true,
             "/chatty" => directives.chatty = true,
             "/chatty-hang" => directives.chatty_hang = true,

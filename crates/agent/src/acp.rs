@@ -56,10 +56,9 @@ use std::time::{Duration, Instant};
 use agent_client_protocol::schema::ProtocolVersion;
 use agent_client_protocol::v1::schema::{
     CancelNotification, CloseSessionRequest, ContentBlock, InitializeRequest, LoadSessionRequest,
-    NewSessionRequest, PermissionOptionKind, PromptRequest, RequestPermissionOutcome,
-    RequestPermissionRequest, RequestPermissionResponse, ResumeSessionRequest,
-    SelectedPermissionOutcome, SessionNotification, SessionUpdate, StopReason as AcpStop,
-    TextContent, ToolCallStatus,
+    NewSessionRequest, PromptRequest, RequestPermissionOutcome, RequestPermissionRequest,
+    RequestPermissionResponse, ResumeSessionRequest, SelectedPermissionOutcome,
+    SessionNotification, SessionUpdate, StopReason as AcpStop, TextContent, ToolCallStatus,
 };
 use agent_client_protocol::v1::ConnectionTo;
 use agent_client_protocol::{Agent, ByteStreams};
@@ -76,28 +75,7 @@ use crate::{
     AgentDriver, AgentError, AgentEvent, TurnControl, TurnHandle, TurnInput, EVENT_CAPACITY,
 };
 
-/// What an agent's permission requests get.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PermissionPolicy {
-    /// Approve (once) every tool call the agent asks about.
-    Allow,
-    /// Refuse every one (the default: an unattended server grants nothing).
-    #[default]
-    Deny,
-}
-
-impl std::str::FromStr for PermissionPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "allow" => Ok(Self::Allow),
-            "deny" => Ok(Self::Deny),
-            _ => Err(format!(
-                "permission policy must be allow or deny, not {s:?}"
-            )),
-        }
-    }
-}
+pub use baton_core::PermissionPolicy;
 
 /// Environment variables an agent gets unless told otherwise. Nothing else
 /// of the server's environment reaches it.
@@ -171,6 +149,38 @@ struct Sink {
     generation: u64,
     /// Tells the prompt's task that the turn was forced off the session.
     abandon: Option<oneshot::Sender<()>>,
+    /// What this turn's permission requests get.
+    policy: PermissionPolicy,
+    /// Requests waiting for the user's answer (policy `ask`), by request id.
+    /// Dropping one answers it `cancelled`, so a turn that ends, is forced
+    /// off or loses its process leaves no request unanswered.
+    asks: HashMap<String, Reply>,
+}
+
+/// The answer owed to one `session/request_permission`. Sending it goes into
+/// the connection's outgoing queue at once, so an answer sent before
+/// `session/cancel` reaches the agent before it; dropped unsent, it answers
+/// `cancelled` (the spec's answer for a request nobody will answer).
+struct Reply(Option<Box<dyn FnOnce(RequestPermissionOutcome) + Send>>);
+
+impl Reply {
+    fn new(send: impl FnOnce(RequestPermissionOutcome) + Send + 'static) -> Self {
+        Self(Some(Box::new(send)))
+    }
+
+    fn send(mut self, outcome: RequestPermissionOutcome) {
+        if let Some(send) = self.0.take() {
+            send(outcome);
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(send) = self.0.take() {
+            send(RequestPermissionOutcome::Cancelled);
+        }
+    }
 }
 
 /// State shared with the connection's handlers (which run inside its
@@ -539,7 +549,6 @@ impl AcpDriver {
         let (close_tx, close_rx) = oneshot::channel::<()>();
         let on_update = self.shared.clone();
         let on_permission = self.shared.clone();
-        let policy = self.cfg.permission;
         let transport = ByteStreams::new(stdin.compat_write(), stdout.compat());
         let on_close = life.clone();
         tokio::spawn(async move {
@@ -554,7 +563,15 @@ impl AcpDriver {
                 )
                 .on_receive_request(
                     async move |req: RequestPermissionRequest, responder, _cx| {
-                        responder.respond(permission(&on_permission, policy, req).await)
+                        let reply = Reply::new(move |outcome| {
+                            if let Err(e) =
+                                responder.respond(RequestPermissionResponse::new(outcome))
+                            {
+                                tracing::debug!(error = %e, "answering session/request_permission");
+                            }
+                        });
+                        permission(&on_permission, req, reply).await;
+                        Ok(())
                     },
                     agent_client_protocol::on_receive_request!(),
                 )
@@ -842,6 +859,8 @@ impl AcpDriver {
                     tx,
                     generation: process.generation,
                     abandon: Some(abandon_tx),
+                    policy: input.permission.unwrap_or(self.cfg.permission),
+                    asks: HashMap::new(),
                 },
             );
         drop(setting_up);
@@ -1007,34 +1026,19 @@ fn text_of(v: &Value) -> String {
     }
 }
 
-/// Answers a permission request by policy, and records it in the turn.
-async fn permission(
-    shared: &Shared,
-    policy: PermissionPolicy,
-    req: RequestPermissionRequest,
-) -> RequestPermissionResponse {
+/// Answers a permission request by the turn's policy and records it in the
+/// turn, or (policy `ask`) hands it to the engine and keeps the answer owed
+/// until the user's choice arrives through [`Control`]: the dispatch loop is
+/// never held waiting for a person.
+async fn permission(shared: &Shared, req: RequestPermissionRequest, reply: Reply) {
     let session = req.session_id.0.to_string();
     let target = shared.target(&session);
-    let wanted: &[PermissionOptionKind] = match policy {
-        PermissionPolicy::Allow => &[
-            PermissionOptionKind::AllowOnce,
-            PermissionOptionKind::AllowAlways,
-        ],
-        PermissionPolicy::Deny => &[
-            PermissionOptionKind::RejectOnce,
-            PermissionOptionKind::RejectAlways,
-        ],
-    };
-    // The spec: a request of a cancelled (or no longer running) prompt is
-    // answered `cancelled`.
-    let choice = target
-        .is_ok()
-        .then(|| {
-            wanted
-                .iter()
-                .find_map(|k| req.options.iter().find(|o| o.kind == *k))
-        })
-        .flatten();
+    let policy = shared
+        .sinks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&session)
+        .map_or(PermissionPolicy::Deny, |s| s.policy);
     let request = PermissionInfo::request(
         Some(req.tool_call.tool_call_id.0.to_string()),
         req.tool_call.fields.title.clone(),
@@ -1050,27 +1054,45 @@ async fn permission(
             })
             .collect(),
     );
-    let decision = request.decision(choice.map(|o| o.option_id.0.to_string()), "policy");
-    let outcome = match choice {
-        Some(option) => RequestPermissionOutcome::Selected(SelectedPermissionOutcome::new(
-            option.option_id.clone(),
-        )),
-        None => RequestPermissionOutcome::Cancelled,
+    let tx = match target {
+        Ok(tx) => tx,
+        Err(why) => {
+            // The spec: a request of a cancelled (or no longer running)
+            // prompt is answered `cancelled` (dropping the reply does).
+            shared.late(&session, why, "session/request_permission");
+            return;
+        }
     };
-    match target {
-        Ok(tx) => {
-            // The request and its decision, in that order, before the
-            // agent hears the answer (and before any output that follows it).
-            for out in [
-                AgentOutput::PermissionRequest(request),
-                AgentOutput::PermissionDecision(decision),
-            ] {
-                let _ = tx.send(AgentEvent::Output(out)).await;
+    if policy == PermissionPolicy::Ask {
+        let id = request.request_id.clone();
+        {
+            let mut sinks = shared.sinks.lock().unwrap_or_else(|p| p.into_inner());
+            match sinks.get_mut(&session) {
+                Some(sink) => {
+                    sink.asks.insert(id, reply);
+                }
+                // The turn ended meanwhile: the reply drops, `cancelled`.
+                None => return,
             }
         }
-        Err(why) => shared.late(&session, why, "session/request_permission"),
+        let _ = tx.send(AgentEvent::AskPermission(request)).await;
+        return;
     }
-    RequestPermissionResponse::new(outcome)
+    let choice = baton_core::permission::policy_choice(policy, &request.options)
+        .map(|o| o.option_id.clone());
+    let decision = request.decision(choice.clone(), "policy");
+    // The request and its decision, in that order, before the agent hears
+    // the answer (and before any output that follows it).
+    for out in [
+        AgentOutput::PermissionRequest(request),
+        AgentOutput::PermissionDecision(decision),
+    ] {
+        let _ = tx.send(AgentEvent::Output(out)).await;
+    }
+    reply.send(match choice {
+        Some(option) => RequestPermissionOutcome::Selected(SelectedPermissionOutcome::new(option)),
+        None => RequestPermissionOutcome::Cancelled,
+    });
 }
 
 struct Control {
@@ -1095,15 +1117,35 @@ impl Control {
 
 impl TurnControl for Control {
     fn cancel(&self) {
-        let first = {
+        let (first, asks) = {
+            let mut sinks = self.shared.sinks.lock().unwrap_or_else(|p| p.into_inner());
+            match sinks.get_mut(&self.session).filter(|s| s.turn == self.turn) {
+                Some(s) => (s.gate.cancel(self.turn), std::mem::take(&mut s.asks)),
+                None => (false, HashMap::new()),
+            }
+        };
+        // The spec: every pending permission request is answered
+        // `cancelled` before the cancel (the engine answers them first; this
+        // catches any it did not know of yet).
+        drop(asks);
+        if first {
+            self.send_cancel();
+        }
+    }
+
+    fn answer_permission(&self, request_id: &str, option_id: Option<String>) {
+        let reply = {
             let mut sinks = self.shared.sinks.lock().unwrap_or_else(|p| p.into_inner());
             sinks
                 .get_mut(&self.session)
                 .filter(|s| s.turn == self.turn)
-                .is_some_and(|s| s.gate.cancel(self.turn))
+                .and_then(|s| s.asks.remove(request_id))
         };
-        if first {
-            self.send_cancel();
+        if let Some(reply) = reply {
+            reply.send(match option_id {
+                Some(id) => RequestPermissionOutcome::Selected(SelectedPermissionOutcome::new(id)),
+                None => RequestPermissionOutcome::Cancelled,
+            });
         }
     }
 
@@ -1111,8 +1153,10 @@ impl TurnControl for Control {
         let Some(mut sink) = self.shared.take_sink(&self.session, self.turn) else {
             return;
         };
-        // A forced stop without a cancel first (a lost lease, a deleted
-        // session) still tells the agent.
+        // Waiting requests are answered `cancelled` first; a forced stop
+        // without a cancel first (a lost lease, a deleted session) still
+        // tells the agent.
+        sink.asks.clear();
         if sink.gate.cancel(self.turn) {
             self.send_cancel();
         }
@@ -1173,7 +1217,7 @@ impl AgentDriver for AcpDriver {
             "kind": "acp",
             "command": self.cfg.command,
             "cwd": self.cfg.cwd,
-            "permission": if self.cfg.permission == PermissionPolicy::Allow { "allow" } else { "deny" },
+            "permission": self.cfg.permission.as_str(),
             "process": {
                 "status": st.state,
                 "pid": st.pid,

@@ -8,12 +8,20 @@
 //! - `/fail` — streams one delta, then the turn fails and nothing is stored;
 //! - `/hang` — never finishes until cancelled (honours cancel);
 //! - `/stubborn` — never finishes and ignores cancel: only a forced stop ends it;
-//! - `/big N` — streams a word of N bytes (to meet the output cap).
+//! - `/big N` — streams a word of N bytes (to meet the output cap);
+//! - `/ask [N]` — calls a pretend tool after asking permission (options
+//!   `allow`, `allow-always`, `reject`, `reject-always`, or with N, `option-1`
+//!   … `option-N`), answered by the session's permission policy (the demo
+//!   agent's own is `ask`: the user answers), and reports the chosen option
+//!   at the end of its reply (`(permission: <option>)` or
+//!   `(permission: cancelled)`).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use baton_core::turn::StopReason;
+use baton_core::permission::policy_choice;
+use baton_core::turn::{AgentOutput, StopReason};
+use baton_core::{PermissionInfo, PermissionOptionInfo, PermissionPolicy, ToolInfo};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, Instant};
 
@@ -24,12 +32,16 @@ use crate::{AgentDriver, AgentError, AgentEvent, TurnControl, TurnHandle, TurnIn
 pub struct DemoAgent {
     /// Pause between two deltas (the pace of a plain echo).
     pub word_delay: Duration,
+    /// What its permission requests (`/ask`) get when the session sets no
+    /// policy: `ask`, so a demo shows the user's round trip.
+    pub permission: PermissionPolicy,
 }
 
 impl Default for DemoAgent {
     fn default() -> Self {
         Self {
             word_delay: Duration::from_millis(20),
+            permission: PermissionPolicy::Ask,
         }
     }
 }
@@ -46,6 +58,9 @@ enum Directive {
     Stubborn,
     /// Streams one word of this many bytes (for output caps).
     Big(usize),
+    /// Asks permission for a pretend tool call, offering this many options
+    /// (zero: the four standard ones).
+    Ask(usize),
 }
 
 /// Splits a leading directive off `text`.
@@ -58,6 +73,14 @@ fn parse(text: &str) -> (Directive, &str) {
         "/fail" => (Directive::Fail, rest.trim_start()),
         "/hang" => (Directive::Hang, rest.trim_start()),
         "/stubborn" => (Directive::Stubborn, rest.trim_start()),
+        "/ask" => {
+            let rest = rest.trim_start();
+            let (n, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            match n.parse::<usize>() {
+                Ok(n) if n > 0 => (Directive::Ask(n), after.trim_start()),
+                _ => (Directive::Ask(0), rest),
+            }
+        }
         "/big" => {
             let rest = rest.trim_start();
             let (n, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
@@ -88,11 +111,19 @@ enum Signal {
     Kill,
 }
 
-struct Control(watch::Sender<Signal>);
+struct Control {
+    signal: watch::Sender<Signal>,
+    /// Answers to permission requests: (request id, chosen option).
+    answers: mpsc::UnboundedSender<(String, Option<String>)>,
+}
 
 impl TurnControl for Control {
+    fn answer_permission(&self, request_id: &str, option_id: Option<String>) {
+        let _ = self.answers.send((request_id.to_owned(), option_id));
+    }
+
     fn cancel(&self) {
-        self.0.send_if_modified(|s| {
+        self.signal.send_if_modified(|s| {
             let was_running = *s == Signal::Run;
             if was_running {
                 *s = Signal::Cancel;
@@ -102,7 +133,7 @@ impl TurnControl for Control {
     }
 
     fn force_stop(&self) {
-        self.0.send_replace(Signal::Kill);
+        self.signal.send_replace(Signal::Kill);
     }
 }
 
@@ -111,10 +142,21 @@ impl AgentDriver for DemoAgent {
     async fn start(&self, input: TurnInput) -> Result<TurnHandle, AgentError> {
         let (tx, rx) = mpsc::channel(crate::EVENT_CAPACITY);
         let (signal_tx, signal_rx) = watch::channel(Signal::Run);
-        tokio::spawn(run(self.word_delay, input, tx, signal_rx));
+        let (answers_tx, answers_rx) = mpsc::unbounded_channel();
+        let policy = input.permission.unwrap_or(self.permission);
+        let turn = Turn {
+            tx,
+            signal: signal_rx,
+            answers: answers_rx,
+            policy,
+        };
+        tokio::spawn(run(self.word_delay, input, turn));
         Ok(TurnHandle {
             events: rx,
-            control: Box::new(Control(signal_tx)),
+            control: Box::new(Control {
+                signal: signal_tx,
+                answers: answers_tx,
+            }),
         })
     }
 
@@ -154,13 +196,110 @@ async fn pause(
     }
 }
 
-async fn run(
-    word_delay: Duration,
-    input: TurnInput,
+/// A running turn's channels.
+struct Turn {
     tx: mpsc::Sender<AgentEvent>,
-    mut signal: watch::Receiver<Signal>,
-) {
-    let last = match script(word_delay, &input, &tx, &mut signal).await {
+    signal: watch::Receiver<Signal>,
+    answers: mpsc::UnboundedReceiver<(String, Option<String>)>,
+    policy: PermissionPolicy,
+}
+
+/// The options `/ask N` offers.
+fn ask_options(n: usize) -> Vec<PermissionOptionInfo> {
+    let option = |id: String, kind: &str| PermissionOptionInfo {
+        name: id.replace('-', " "),
+        option_id: id,
+        kind: kind.to_owned(),
+    };
+    if n == 0 {
+        return vec![
+            option("allow".into(), "allow_once"),
+            option("allow-always".into(), "allow_always"),
+            option("reject".into(), "reject_once"),
+            option("reject-always".into(), "reject_always"),
+        ];
+    }
+    (1..=n)
+        .map(|i| {
+            let kind = if i % 2 == 1 {
+                "allow_once"
+            } else {
+                "reject_once"
+            };
+            option(format!("option-{i}"), kind)
+        })
+        .collect()
+}
+
+/// Asks permission for pretend tool call `call` and returns the chosen
+/// option (`None`: cancelled). The call and its result are stored around
+/// the request and decision, like a real agent's.
+async fn ask(turn: &mut Turn, call: String, options: usize) -> Result<Option<String>, Stop> {
+    let send = |e| turn.tx.send(e);
+    let tool = ToolInfo {
+        id: call.clone(),
+        name: Some("pretend tool".into()),
+        arguments: None,
+    };
+    send(AgentEvent::Output(AgentOutput::ToolCall(tool)))
+        .await
+        .map_err(|_| Stop::Killed)?;
+    let request = PermissionInfo::request(
+        Some(call.clone()),
+        Some("pretend tool".into()),
+        ask_options(options),
+    );
+    let chosen = if turn.policy == PermissionPolicy::Ask {
+        let id = request.request_id.clone();
+        send(AgentEvent::AskPermission(request))
+            .await
+            .map_err(|_| Stop::Killed)?;
+        loop {
+            match *turn.signal.borrow_and_update() {
+                Signal::Kill => return Err(Stop::Killed),
+                Signal::Cancel => return Err(Stop::Cancelled),
+                Signal::Run => {}
+            }
+            tokio::select! {
+                answer = turn.answers.recv() => match answer {
+                    Some((answered, option)) if answered == id => break option,
+                    Some(_) => {}
+                    None => return Err(Stop::Killed),
+                },
+                changed = turn.signal.changed() => if changed.is_err() {
+                    return Err(Stop::Killed);
+                },
+            }
+        }
+    } else {
+        let choice = policy_choice(turn.policy, &request.options).map(|o| o.option_id.clone());
+        let decision = request.decision(choice.clone(), "policy");
+        for out in [
+            AgentOutput::PermissionRequest(request),
+            AgentOutput::PermissionDecision(decision),
+        ] {
+            send(AgentEvent::Output(out))
+                .await
+                .map_err(|_| Stop::Killed)?;
+        }
+        choice
+    };
+    let result = match &chosen {
+        Some(option) => format!("ran with permission: {option}"),
+        None => "not run: permission cancelled".to_owned(),
+    };
+    send(AgentEvent::Output(AgentOutput::ToolResult {
+        id: call,
+        content: result,
+    }))
+    .await
+    .map_err(|_| Stop::Killed)?;
+    Ok(chosen)
+}
+
+async fn run(word_delay: Duration, input: TurnInput, mut turn: Turn) {
+    let tx = turn.tx.clone();
+    let last = match script(word_delay, &input, &mut turn).await {
         Ok(true) => AgentEvent::Stopped(StopReason::Completed),
         Ok(false) => AgentEvent::Stopped(StopReason::Failed(
             "the demo agent failed on purpose (/fail)".into(),
@@ -174,18 +313,19 @@ async fn run(
 /// Streams the echo, one delta per word and a line per message (the engine
 /// stores the text it streamed as the reply); `Ok(false)` is a deliberate
 /// failure.
-async fn script(
-    word_delay: Duration,
-    input: &TurnInput,
-    tx: &mpsc::Sender<AgentEvent>,
-    signal: &mut watch::Receiver<Signal>,
-) -> Result<bool, Stop> {
+async fn script(word_delay: Duration, input: &TurnInput, turn: &mut Turn) -> Result<bool, Stop> {
     for (n, message) in input.messages.iter().enumerate() {
         let (directive, text) = parse(message);
         let line = match directive {
             Directive::Big(bytes) => format!("echo: {}", "x".repeat(bytes)),
+            Directive::Ask(options) => {
+                let chosen = ask(turn, format!("demo-call-{}", n + 1), options).await?;
+                let chosen = chosen.as_deref().unwrap_or("cancelled");
+                format!("echo: {text} (permission: {chosen})")
+            }
             _ => format!("echo: {text}"),
         };
+        let (tx, signal) = (&turn.tx, &mut turn.signal);
         let words: Vec<&str> = line.split_whitespace().collect();
         let started = Instant::now();
         let (delay, min_total) = match directive {
@@ -217,6 +357,7 @@ async fn script(
     }
     // Let a cancel that raced the last word win: nothing is stored then.
     sleep(Duration::ZERO).await;
+    let signal = &turn.signal;
     if *signal.borrow() != Signal::Run {
         return Err(if *signal.borrow() == Signal::Kill {
             Stop::Killed
@@ -239,6 +380,7 @@ mod tests {
             messages: messages.iter().map(|m| (*m).to_owned()).collect(),
             agent_session: None,
             fence: crate::Fence::open(),
+            permission: None,
         }
     }
 

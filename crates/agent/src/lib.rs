@@ -18,10 +18,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use baton_core::turn::{AgentOutput, StopReason};
-use baton_core::{SessionId, TurnId};
+pub use baton_core::PermissionPolicy;
+use baton_core::{PermissionInfo, SessionId, TurnId};
 use tokio::sync::mpsc;
 
-pub use acp::{AcpConfig, AcpDriver, PermissionPolicy};
+pub use acp::{AcpConfig, AcpDriver};
 pub use demo::DemoAgent;
 
 /// How many events of one turn may wait for the engine.
@@ -77,6 +78,8 @@ pub struct TurnInput {
     pub agent_session: Option<String>,
     /// Checked right before the prompt is sent.
     pub fence: Fence,
+    /// The session's permission policy, if it set one (else the agent's).
+    pub permission: Option<PermissionPolicy>,
 }
 
 /// Something the agent did during a turn.
@@ -92,6 +95,11 @@ pub enum AgentEvent {
     /// The agent's own id for this conversation, to keep with the session so
     /// a restarted agent can resume it.
     AgentSession(String),
+    /// The agent asks permission and waits (policy `ask`): the engine stores
+    /// the request, and sends the answer with
+    /// [`TurnControl::answer_permission`]. A request never answered is
+    /// answered `cancelled` when the turn ends.
+    AskPermission(PermissionInfo),
 }
 
 /// Stops a running turn.
@@ -100,6 +108,12 @@ pub trait TurnControl: Send + Sync {
     fn cancel(&self);
     /// Stops the turn's work now, without waiting for the agent.
     fn force_stop(&self);
+    /// Answers the permission request `request_id` of this turn: the chosen
+    /// option, or `None` for `cancelled`. Unknown or already answered
+    /// requests are ignored.
+    fn answer_permission(&self, request_id: &str, option_id: Option<String>) {
+        let _ = (request_id, option_id);
+    }
 }
 
 /// A started turn.

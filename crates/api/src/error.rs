@@ -5,7 +5,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use baton_core::TurnId;
+use baton_core::{PermissionStatus, TurnId};
 use baton_store::StoreError;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -17,6 +17,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub turn_id: Option<TurnId>,
+    /// With `permission_closed`: the request's state.
+    pub permission: Option<Box<PermissionStatus>>,
 }
 
 /// The error body.
@@ -29,13 +31,17 @@ pub struct ErrorBody {
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// `invalid_request`, `unauthorized`, `not_found`, `session_busy`,
-    /// `idempotency_conflict`, `payload_too_large`, `queue_full`,
-    /// `unavailable` or `internal`.
+    /// `idempotency_conflict`, `permission_closed`, `payload_too_large`,
+    /// `queue_full`, `unavailable` or `internal`.
     pub code: &'static str,
     pub message: String,
     /// With `session_busy`: the running turn.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub turn_id: Option<TurnId>,
+    /// With `permission_closed`: the request's state and the decision that
+    /// holds (which option, who decided, its entry's seq).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permission: Option<Box<PermissionStatus>>,
 }
 
 impl ApiError {
@@ -45,6 +51,7 @@ impl ApiError {
             code,
             message: message.into(),
             turn_id: None,
+            permission: None,
         }
     }
 
@@ -103,6 +110,37 @@ impl From<StoreError> for ApiError {
                     "the store is unavailable; retry later",
                 )
             }
+            StoreError::PermissionNotFound { request_id } => Self::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no permission request {request_id:?} in this session"),
+            ),
+            StoreError::UnknownOption {
+                request_id,
+                option_id,
+            } => Self::invalid(format!(
+                "permission request {request_id:?} offers no option {option_id:?}"
+            )),
+            StoreError::PermissionClosed(status) => {
+                let message = match (&status.option_id, &status.decided_by) {
+                    (Some(option), Some(by)) => format!(
+                        "permission request {:?} was already answered: {option:?} by {by}",
+                        status.request_id
+                    ),
+                    (None, Some(by)) => format!(
+                        "permission request {:?} was already closed as cancelled by {by}",
+                        status.request_id
+                    ),
+                    _ => format!(
+                        "permission request {:?} can no longer be answered",
+                        status.request_id
+                    ),
+                };
+                Self {
+                    permission: Some(status),
+                    ..Self::new(StatusCode::CONFLICT, "permission_closed", message)
+                }
+            }
             e @ (StoreError::StaleEpoch { .. }
             | StoreError::TurnNotActive { .. }
             | StoreError::Internal(_)) => {
@@ -124,6 +162,7 @@ impl IntoResponse for ApiError {
                 code: self.code,
                 message: self.message,
                 turn_id: self.turn_id,
+                permission: self.permission,
             },
         };
         (self.status, Json(body)).into_response()

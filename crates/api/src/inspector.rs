@@ -128,6 +128,7 @@ async fn asset(Path(file): Path<String>) -> Response {
             code: "not_found",
             message: format!("no inspector file {file:?}"),
             turn_id: None,
+            permission: None,
         }
         .into_response(),
     }

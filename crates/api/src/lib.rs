@@ -64,10 +64,12 @@ pub struct AppState {
     info(title = "Baton", description = "A session runtime for AI agents: ordered logs, one turn at a time, busy policies, resumable streams."),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::post_message,
-        sessions::entries, sessions::turns, sessions::cancel, stream::stream, export::export, agents, healthz,
+        sessions::entries, sessions::turns, sessions::cancel, sessions::permissions,
+        sessions::answer_permission, stream::stream, export::export, agents, healthz,
         metrics::render, openapi
     ),
-    components(schemas(baton_core::Entry, baton_core::Session, sessions::ListedSession, baton_core::Turn, baton_core::Disposition, baton_core::Policy)),
+    components(schemas(baton_core::Entry, baton_core::Session, sessions::ListedSession, baton_core::PermissionInfo,
+        baton_core::PermissionOptionInfo, baton_core::PermissionPolicy, baton_core::PermissionStatus, baton_core::Turn, baton_core::Disposition, baton_core::Policy)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -130,6 +132,7 @@ async fn fallback() -> error::ApiError {
         code: "not_found",
         message: "no such route".into(),
         turn_id: None,
+        permission: None,
     }
 }
 
@@ -139,6 +142,7 @@ async fn method_not_allowed() -> error::ApiError {
         code: "invalid_request",
         message: "method not allowed on this route".into(),
         turn_id: None,
+        permission: None,
     }
 }
 
@@ -156,6 +160,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}/stream", get(stream::stream))
         .route("/v1/sessions/{id}/cancel", post(sessions::cancel))
         .route("/v1/sessions/{id}/turns", get(sessions::turns))
+        .route("/v1/sessions/{id}/permissions", get(sessions::permissions))
+        .route(
+            "/v1/sessions/{id}/permissions/{request_id}",
+            post(sessions::answer_permission),
+        )
         .route("/v1/sessions/{id}/export", get(export::export))
         .route("/v1/agents", get(agents))
         .route("/healthz", get(healthz))

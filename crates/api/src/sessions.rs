@@ -9,7 +9,7 @@ use axum::Json;
 use baton_core::{
     Disposition, Entry, Policy, Seq, Session, SessionId, SessionStatus, Timestamp, Turn, TurnId,
 };
-use baton_store::{CreateSession, ListCursor, PostMessage, SessionQuery};
+use baton_store::{AnswerPermission, CreateSession, ListCursor, PostMessage, SessionQuery};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -33,6 +33,10 @@ pub struct CreateSessionBody {
     /// A first message: stored as entry 1, and the first turn starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What the agent's permission requests get in this session: `allow`,
+    /// `deny` or `ask` (default: the agent's own policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permission: Option<baton_core::PermissionPolicy>,
 }
 
 /// `POST /v1/sessions/{id}/messages` body.
@@ -51,6 +55,28 @@ pub struct PostMessageBody {
 pub struct Posted {
     pub entry: Entry,
     pub disposition: Disposition,
+}
+
+/// `POST /v1/sessions/{id}/permissions/{request_id}` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerBody {
+    /// One of the request's options.
+    pub option_id: String,
+}
+
+/// `201` (or `200` on an identical retry) for an answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PermissionAnswered {
+    /// The `permission_decision` entry.
+    pub decision: Entry,
+}
+
+/// `GET /v1/sessions/{id}/permissions`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PermissionList {
+    /// The pending requests' `permission_request` entries, oldest first.
+    pub permissions: Vec<Entry>,
 }
 
 /// `GET /v1/sessions`: one page, newest first.
@@ -175,6 +201,7 @@ pub async fn create(
             idempotency_key: key,
             fingerprint,
             message: body.message,
+            permission: body.permission,
             node: state.engine.node().to_owned(),
         })
         .await?;
@@ -245,7 +272,7 @@ pub async fn list(
     }))
 }
 
-/// Get a session.
+/// Get a session, with its running turn's pending permission requests.
 #[utoipa::path(get, path = "/v1/sessions/{id}", params(("id" = String, Path)),
     responses((status = 200, body = Session), (status = 404, body = ErrorBody)))]
 pub async fn get(
@@ -254,7 +281,71 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Session>> {
     let id = session_id(&id)?;
-    Ok(Json(state.engine.session(&owner, id).await?))
+    Ok(Json(
+        state.engine.session_with_permissions(&owner, id).await?,
+    ))
+}
+
+/// The permission requests waiting for an answer.
+#[utoipa::path(get, path = "/v1/sessions/{id}/permissions", params(("id" = String, Path)),
+    responses((status = 200, body = PermissionList), (status = 404, body = ErrorBody)))]
+pub async fn permissions(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PermissionList>> {
+    let id = session_id(&id)?;
+    let permissions = state.engine.permissions(&owner, id).await?;
+    Ok(Json(PermissionList { permissions }))
+}
+
+/// Answer a permission request, exactly once: the decision is stored, then
+/// sent to the agent. An identical retry returns the original decision; any
+/// other answer after the first, or one after the request was closed (timed
+/// out, its turn cancelled or ended), is `409 permission_closed` with the
+/// request's state.
+#[utoipa::path(post, path = "/v1/sessions/{id}/permissions/{request_id}", request_body = AnswerBody,
+    params(("id" = String, Path), ("request_id" = String, Path)),
+    responses((status = 201, body = PermissionAnswered), (status = 200, description = "An identical retry: the original decision", body = PermissionAnswered),
+        (status = 400, description = "Malformed body or an option the request does not offer", body = ErrorBody),
+        (status = 404, description = "No such session, or no such request in it", body = ErrorBody),
+        (status = 409, description = "Already answered otherwise, or closed: `permission` gives its state", body = ErrorBody)))]
+pub async fn answer_permission(
+    State(state): State<AppState>,
+    Owner(owner): Owner,
+    Path((id, request_id)): Path<(String, String)>,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> ApiResult<Response> {
+    let id = session_id(&id)?;
+    // An object only: serde would also read `["allow"]` as the struct.
+    if !body.is_object() {
+        return Err(ApiError::invalid(
+            "the body must be a JSON object: {\"option_id\": …}",
+        ));
+    }
+    let body: AnswerBody = serde_json::from_value(body)
+        .map_err(|e| ApiError::invalid(format!("invalid body: {e}")))?;
+    if body.option_id.is_empty() {
+        return Err(ApiError::invalid("option_id must be a non-empty string"));
+    }
+    let answered = state
+        .engine
+        .answer_permission(AnswerPermission {
+            owner,
+            session_id: id,
+            request_id,
+            option_id: body.option_id,
+        })
+        .await?;
+    let status = if answered.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let body = PermissionAnswered {
+        decision: answered.decision,
+    };
+    Ok((status, Json(body)).into_response())
 }
 
 /// Cancel the session's turn, then delete it and all its entries.

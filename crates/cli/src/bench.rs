@@ -545,6 +545,7 @@ async fn create_sessions(
                         idempotency_key: None,
                         fingerprint: String::new(),
                         message: None,
+                        permission: None,
                         node: NODE.into(),
                     })
                     .await

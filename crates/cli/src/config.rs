@@ -61,8 +61,9 @@ pub struct ServeConfig {
     /// these pass through; nothing else of the server's environment does.
     #[arg(long = "acp-env", env = "BATON_ACP_ENV", value_delimiter = ';', value_parser = parse_pair)]
     pub acp_env: Vec<(String, String)>,
-    /// What an ACP agent's permission requests get, as NAME=allow|deny
-    /// (default deny).
+    /// What an ACP agent's permission requests get, as NAME=allow|deny|ask
+    /// (default deny; `ask`: the user answers through the API). A session
+    /// may set its own at creation.
     #[arg(long = "acp-permission", env = "BATON_ACP_PERMISSION", value_delimiter = ';', value_parser = parse_pair)]
     pub acp_permission: Vec<(String, String)>,
     /// How long an ACP agent that died at start is left alone (turns fail at
@@ -86,6 +87,10 @@ pub struct ServeConfig {
     /// cancelled (0: cancel at once). A second signal forces.
     #[arg(long, env = "BATON_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
     pub shutdown_grace_ms: u64,
+    /// How long a permission request waits for the user's answer (policy
+    /// `ask`) before it is answered `cancelled`.
+    #[arg(long, env = "BATON_PERMISSION_TIMEOUT_MS", default_value_t = 600_000)]
+    pub permission_timeout_ms: u64,
     /// The largest stored assistant message, tool result or run of text, in
     /// bytes; past it the turn ends `failed` and nothing partial is stored.
     #[arg(long, env = "BATON_MAX_OUTPUT_BYTES", default_value_t = 1 << 20)]
@@ -140,6 +145,7 @@ impl ServeConfig {
             acp_quiet_after_answer_ms: 250,
             acp_start_timeout_ms: 60_000,
             shutdown_grace_ms: 30_000,
+            permission_timeout_ms: 600_000,
             max_output_bytes: 1 << 20,
         }
     }

@@ -49,6 +49,7 @@ impl App {
         let store: SharedStore = Arc::new(sql);
         let mut agents = Agents::with_demo(DemoAgent {
             word_delay: std::time::Duration::from_millis(cfg.demo_word_delay_ms),
+            ..DemoAgent::default()
         });
         for acp in cfg.acp_agents().map_err(|e| anyhow::anyhow!(e))? {
             let name = acp.name.clone();
@@ -69,6 +70,7 @@ impl App {
             sole_owner,
             max_output_bytes: cfg.max_output_bytes,
             shutdown_grace: cfg.shutdown_grace(),
+            permission_timeout: std::time::Duration::from_millis(cfg.permission_timeout_ms),
             ..EngineConfig::default()
         };
         let bus = match &cfg.database_url {

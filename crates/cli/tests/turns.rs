@@ -766,6 +766,7 @@ async fn stale_epoch_cannot_append() {
             idempotency_key: None,
             fingerprint: String::new(),
             message: Some("hello".into()),
+            permission: None,
             node: "node-a".into(),
         })
         .await

@@ -12,6 +12,7 @@ pub mod entry;
 pub mod id;
 pub mod late;
 pub mod model;
+pub mod permission;
 pub mod policy;
 pub mod session;
 pub mod time;
@@ -21,6 +22,7 @@ pub use entry::{
     Entry, EntryType, InputRange, NewEntry, PermissionInfo, PermissionOptionInfo, Role, ToolInfo,
 };
 pub use id::{IdError, SessionId, TurnId};
+pub use permission::{PermissionPolicy, PermissionState, PermissionStatus};
 pub use policy::{Decision, Disposition, DispositionType, NextTurn, Policy, QueueSummary, Waiting};
 pub use session::{Session, SessionStatus, Turn, TurnStatus};
 pub use time::Timestamp;

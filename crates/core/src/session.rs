@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{InputRange, Policy, Seq, SessionId, Timestamp, TurnId};
+use crate::{Entry, InputRange, PermissionPolicy, Policy, Seq, SessionId, Timestamp, TurnId};
 
 /// Whether a session has a turn starting or running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -29,6 +29,14 @@ pub struct Session {
     pub queued: u64,
     pub created_at: Timestamp,
     pub metadata: serde_json::Value,
+    /// What the agent's permission requests get in this session, when set
+    /// at creation (else the agent's own policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permission: Option<PermissionPolicy>,
+    /// The running turn's permission requests waiting for an answer
+    /// (`permission_request` entries; shown by `GET /v1/sessions/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_permissions: Vec<Entry>,
 }
 
 /// A turn's lifecycle. `starting → running → ended`; every ended status is

@@ -22,6 +22,7 @@
 //! only while it holds (and carry the epoch, for streams to drop a
 //! superseded worker's).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,8 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_agent::{AgentError, AgentEvent, Fence, TurnControl, TurnHandle, TurnInput};
-use baton_core::turn::{Action, Event, StopReason, TurnMachine};
-use baton_core::{EntryType, NewEntry, TurnStatus};
+use baton_core::turn::{Action, AgentOutput, Event, StopReason, TurnMachine};
+use baton_core::{Entry, EntryType, NewEntry, TurnStatus};
 use baton_store::{Begin, Lease, StoreError, Take, TurnToRun};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{sleep, sleep_until, Instant};
@@ -214,6 +215,171 @@ impl Drop for Agent {
     }
 }
 
+/// The turn's permission requests waiting for an answer (policy `ask`):
+/// request id → when it times out. An answer reaches the actor on the bus
+/// (a `permission_decision` entry, from whichever node took it), or from the
+/// store at the next heartbeat if the bus missed it; each is sent to the
+/// agent once, and the request forgotten.
+#[derive(Default)]
+struct Asks {
+    waiting: HashMap<String, Instant>,
+}
+
+impl Asks {
+    /// The earliest timeout.
+    fn deadline(&self) -> Option<Instant> {
+        self.waiting.values().min().copied()
+    }
+
+    /// Sends `decision` to the agent if its request is still waited for.
+    fn deliver(&mut self, agent: Option<&dyn TurnControl>, decision: &Entry) {
+        let Some(p) = &decision.permission else {
+            return;
+        };
+        if self.waiting.remove(&p.request_id).is_some() {
+            if let Some(c) = agent {
+                c.answer_permission(&p.request_id, p.option_id.clone());
+            }
+        }
+    }
+
+    /// Answers every waiting request `cancelled` in the store (their
+    /// decisions published), then to the agent: before a cancel reaches it,
+    /// as the protocol requires. A store failure leaves the requests to the
+    /// turn's end, which closes whatever is still pending.
+    async fn close_all(
+        &mut self,
+        inner: &Inner,
+        lease: &Lease,
+        clock: &LeaseClock,
+        turn_id: baton_core::TurnId,
+        agent: Option<&dyn TurnControl>,
+        reason: &str,
+    ) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let by = if reason == "shutdown" {
+            "shutdown"
+        } else {
+            "turn_end"
+        };
+        let why = format!("the turn is ending: {reason}");
+        match clock
+            .bounded(
+                inner
+                    .store
+                    .close_permissions(lease, turn_id, None, by, &why),
+            )
+            .await
+        {
+            Ok(closed) => inner.bus.publish_entries(&closed),
+            Err(e) => tracing::warn!(error = %e, "could not close the turn's permission requests"),
+        }
+        for (id, _) in self.waiting.drain() {
+            if let Some(c) = agent {
+                c.answer_permission(&id, None);
+            }
+        }
+    }
+
+    /// Times out the waiting requests whose deadline passed: each is closed
+    /// `cancelled` by `timeout` unless an answer was stored first, and the
+    /// agent gets whichever decision holds.
+    async fn time_out(
+        &mut self,
+        inner: &Inner,
+        lease: &Lease,
+        clock: &LeaseClock,
+        turn_id: baton_core::TurnId,
+        agent: Option<&dyn TurnControl>,
+    ) -> Option<Event> {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .waiting
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let limit = inner.cfg.permission_timeout.as_millis();
+        for id in due {
+            let why = format!("no answer within the permission timeout ({limit} ms)");
+            let closed = clock
+                .bounded(inner.store.close_permissions(
+                    lease,
+                    turn_id,
+                    Some(id.clone()),
+                    "timeout",
+                    &why,
+                ))
+                .await;
+            match closed {
+                Ok(closed) if !closed.is_empty() => {
+                    inner.bus.publish_entries(&closed);
+                    for d in &closed {
+                        self.deliver(agent, d);
+                    }
+                }
+                // Answered meanwhile: that answer holds.
+                Ok(_) => match inner
+                    .store
+                    .permission_decisions(lease.session_id, turn_id)
+                    .await
+                {
+                    Ok(decisions) => {
+                        for d in decisions
+                            .iter()
+                            .filter(|d| d.permission.as_ref().is_some_and(|p| p.request_id == id))
+                        {
+                            self.deliver(agent, d);
+                        }
+                        // Never stored (its output was refused): nobody
+                        // can answer it, so the agent hears `cancelled`.
+                        if self.waiting.remove(&id).is_some() {
+                            if let Some(c) = agent {
+                                c.answer_permission(&id, None);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading permission decisions");
+                        self.waiting.insert(id, now + Duration::from_secs(1));
+                    }
+                },
+                Err(StoreError::StaleEpoch { .. } | StoreError::TurnNotActive { .. }) => {
+                    return Some(Event::LeaseLost)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not time out a permission request; retrying");
+                    self.waiting.insert(id, now + Duration::from_secs(1));
+                }
+            }
+        }
+        None
+    }
+
+    /// Delivers answers the bus may have missed.
+    async fn catch_up(
+        &mut self,
+        inner: &Inner,
+        session: baton_core::SessionId,
+        turn_id: baton_core::TurnId,
+        agent: Option<&dyn TurnControl>,
+    ) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        match inner.store.permission_decisions(session, turn_id).await {
+            Ok(decisions) => {
+                for d in &decisions {
+                    self.deliver(agent, d);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading permission decisions"),
+        }
+    }
+}
+
 async fn next_agent_event(events: &mut Option<mpsc::Receiver<AgentEvent>>) -> Option<AgentEvent> {
     match events {
         Some(rx) => rx.recv().await,
@@ -274,6 +440,10 @@ async fn run_turn(
     // Each fires once; afterwards the select must not poll it again.
     let mut shutdown_seen = false;
     let mut bus_open = true;
+    let mut asks = Asks::default();
+    // Why the turn is being cancelled, for the permission requests it
+    // closes first.
+    let mut ending = String::new();
 
     let first = match begun {
         Begin::Run => vec![Event::Started],
@@ -298,6 +468,13 @@ async fn run_turn(
     loop {
         // Feed everything pending, performing the actions in order.
         while let Some(event) = pending.pop_front() {
+            match &event {
+                Event::CancelRequested { reason } | Event::Failure { reason } => {
+                    ending.clone_from(reason)
+                }
+                Event::TurnDeadline => ending = "turn timed out".into(),
+                _ => {}
+            }
             for action in machine.handle(event) {
                 match action {
                     Action::SendPrompt => match inner.agents.get(&todo.agent) {
@@ -312,6 +489,7 @@ async fn run_turn(
                                     .collect(),
                                 agent_session: todo.agent_session.clone(),
                                 fence: clock.agent_fence(),
+                                permission: todo.permission,
                             };
                             // Polled in the loop below, beside heartbeats and
                             // cancels: a slow start renews the lease.
@@ -326,6 +504,24 @@ async fn run_turn(
                         turn_deadline = Some(Instant::now() + inner.cfg.turn_timeout)
                     }
                     Action::SendCancel => {
+                        if !asks.waiting.is_empty() && !unsaved.is_empty() {
+                            // The requests are closed in the store, after
+                            // the output that holds them.
+                            if let Some(ev) =
+                                save(inner, lease, clock, turn_id, &mut unsaved, &mut lost).await
+                            {
+                                pending.push_back(ev);
+                            }
+                        }
+                        asks.close_all(
+                            inner,
+                            lease,
+                            clock,
+                            turn_id,
+                            agent.control.as_deref(),
+                            &ending,
+                        )
+                        .await;
                         if let Some(c) = &agent.control {
                             c.cancel();
                         } else if agent.starting.take().is_some() {
@@ -412,7 +608,7 @@ async fn run_turn(
             if let Some(rx) = &mut agent.events {
                 for _ in 0..DRAIN_MAX {
                     let Ok(ev) = rx.try_recv() else { break };
-                    if let Some(ev) = agent_event(inner, lease, clock, ev).await {
+                    if let Some(ev) = agent_event(inner, lease, clock, &mut asks, ev).await {
                         pending.push_back(ev);
                     }
                 }
@@ -442,7 +638,7 @@ async fn run_turn(
                 }
             }
             ev = next_agent_event(&mut agent.events) => match ev {
-                Some(ev) => match agent_event(inner, lease, clock, ev).await {
+                Some(ev) => match agent_event(inner, lease, clock, &mut asks, ev).await {
                     Some(ev) => ev,
                     None => continue,
                 },
@@ -453,6 +649,12 @@ async fn run_turn(
             },
             msg = bus.recv(), if bus_open => match msg {
                 Ok(BusEvent::Cancel { turn_id: t, reason }) if t == turn_id => Event::CancelRequested { reason },
+                Ok(BusEvent::Entry(e))
+                    if e.kind == EntryType::PermissionDecision && e.turn_id == Some(turn_id) =>
+                {
+                    asks.deliver(agent.control.as_deref(), &e);
+                    continue;
+                }
                 Ok(_) => continue,
                 // Missed announcements are caught by the next heartbeat,
                 // which reads the durable cancel request.
@@ -478,6 +680,7 @@ async fn run_turn(
                 {
                     Ok(renewal) => {
                         clock.renewed(asked);
+                        asks.catch_up(inner, lease.session_id, turn_id, agent.control.as_deref()).await;
                         match renewal.cancel {
                             Some((t, reason)) if t == turn_id => Event::CancelRequested { reason },
                             _ => continue,
@@ -505,6 +708,12 @@ async fn run_turn(
                 drain_deadline = None;
                 Event::DrainDeadline
             }
+            _ = at(asks.deadline()) => {
+                match asks.time_out(inner, lease, clock, turn_id, agent.control.as_deref()).await {
+                    Some(ev) => ev,
+                    None => continue,
+                }
+            }
             _ = crate::stopped(&mut shutdown), if !shutdown_seen => {
                 shutdown_seen = true;
                 Event::CancelRequested { reason: "shutdown".into() }
@@ -519,9 +728,19 @@ async fn agent_event(
     inner: &Inner,
     lease: &Lease,
     clock: &LeaseClock,
+    asks: &mut Asks,
     ev: AgentEvent,
 ) -> Option<Event> {
     match ev {
+        AgentEvent::AskPermission(p) => {
+            // Stored (and streamed) before the loop waits again, so it can be
+            // answered; the answer comes back through `Asks`.
+            asks.waiting.insert(
+                p.request_id.clone(),
+                Instant::now() + inner.cfg.permission_timeout,
+            );
+            Some(Event::AgentOutput(AgentOutput::PermissionRequest(p)))
+        }
         AgentEvent::Delta(text) => Some(Event::AgentDelta(text)),
         AgentEvent::Output(out) => Some(Event::AgentOutput(out)),
         AgentEvent::Stopped(stop) => Some(Event::AgentStopped(stop)),

@@ -24,9 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_agent::Agents;
+use baton_core::Entry;
 use baton_core::TurnId;
 use baton_core::{Session, SessionId};
-use baton_store::{CreateSession, Created, Lease, PostMessage, Posted, Result, SharedStore};
+use baton_store::{
+    AnswerPermission, Answered, CreateSession, Created, Lease, PostMessage, Posted, Result,
+    SharedStore,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -57,6 +61,9 @@ pub struct EngineConfig {
     /// How long running turns may go on after shutdown begins before they
     /// are cancelled (zero: cancel at once).
     pub shutdown_grace: Duration,
+    /// How long a permission request waits for the user's answer before it
+    /// is answered `cancelled`.
+    pub permission_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +78,7 @@ impl Default for EngineConfig {
             sole_owner: true,
             max_output_bytes: baton_core::turn::DEFAULT_MAX_OUTPUT,
             shutdown_grace: Duration::from_secs(30),
+            permission_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -291,6 +299,34 @@ impl Engine {
     /// The owner's session.
     pub async fn session(&self, owner: &str, id: SessionId) -> Result<Session> {
         self.inner.store.session(owner, id).await
+    }
+
+    /// The owner's session with its pending permission requests.
+    pub async fn session_with_permissions(&self, owner: &str, id: SessionId) -> Result<Session> {
+        let mut session = self.inner.store.session(owner, id).await?;
+        if session.turn_id.is_some() {
+            session.pending_permissions = self.inner.store.pending_permissions(id).await?;
+        }
+        Ok(session)
+    }
+
+    /// The pending permission requests of the owner's session.
+    pub async fn permissions(&self, owner: &str, id: SessionId) -> Result<Vec<Entry>> {
+        self.inner.store.session(owner, id).await?;
+        self.inner.store.pending_permissions(id).await
+    }
+
+    /// Answers a permission request, exactly once. The decision is
+    /// published: the node running the turn (this one or another, through
+    /// the bus's relay) hears it at once and sends it to the agent.
+    pub async fn answer_permission(&self, req: AnswerPermission) -> Result<Answered> {
+        let answered = self.inner.store.answer_permission(req).await?;
+        if !answered.replayed {
+            self.inner
+                .bus
+                .publish_entries(std::slice::from_ref(&answered.decision));
+        }
+        Ok(answered)
     }
 
     /// Tells whichever node runs `turn_id` (this one included) to cancel it.

@@ -146,6 +146,7 @@ async fn session(f: &Fixture, agent: &str) -> SessionId {
             idempotency_key: None,
             fingerprint: "{}".into(),
             message: None,
+            permission: None,
             node: f.engine.node().to_owned(),
         })
         .await
@@ -472,6 +473,30 @@ impl Store for FaultyStore {
     }
     async fn set_agent_session(&self, lease: &Lease, agent_session: &str) -> StoreResult<()> {
         self.store.set_agent_session(lease, agent_session).await
+    }
+    async fn answer_permission(
+        &self,
+        req: baton_store::AnswerPermission,
+    ) -> StoreResult<baton_store::Answered> {
+        self.store.answer_permission(req).await
+    }
+    async fn close_permissions(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        only: Option<String>,
+        decided_by: &str,
+        reason: &str,
+    ) -> StoreResult<Vec<Entry>> {
+        self.store
+            .close_permissions(lease, turn, only, decided_by, reason)
+            .await
+    }
+    async fn pending_permissions(&self, id: SessionId) -> StoreResult<Vec<Entry>> {
+        self.store.pending_permissions(id).await
+    }
+    async fn permission_decisions(&self, id: SessionId, turn: TurnId) -> StoreResult<Vec<Entry>> {
+        self.store.permission_decisions(id, turn).await
     }
     async fn recover(&self, node: &str, all_foreign: bool) -> StoreResult<Vec<Recovered>> {
         if self.no_sweeps.load(Ordering::SeqCst) {

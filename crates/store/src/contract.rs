@@ -148,6 +148,7 @@ impl Fixture {
             idempotency_key: None,
             fingerprint: "{}".to_owned(),
             message: None,
+            permission: None,
             node: self.node.clone(),
         }
     }

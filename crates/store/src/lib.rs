@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use baton_core::{
-    Disposition, Entry, Epoch, NewEntry, Policy, Seq, Session, SessionId, SessionStatus, Timestamp,
-    Turn, TurnId, TurnStatus,
+    Disposition, Entry, Epoch, NewEntry, PermissionPolicy, PermissionStatus, Policy, Seq, Session,
+    SessionId, SessionStatus, Timestamp, Turn, TurnId, TurnStatus,
 };
 
 pub use sql::{pg_timeouts, PgTimeouts, SqlStore, StoreConfig};
@@ -57,6 +57,18 @@ pub enum StoreError {
     /// The database cannot be reached right now.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// No permission request with this id in the session.
+    #[error("no permission request {request_id:?} in this session")]
+    PermissionNotFound { request_id: String },
+    /// The answer names an option the request did not offer.
+    #[error("permission request {request_id:?} offers no option {option_id:?}")]
+    UnknownOption {
+        request_id: String,
+        option_id: String,
+    },
+    /// The request was already answered otherwise, or closed.
+    #[error("permission request {:?} is already {}", .0.request_id, .0.state.as_str())]
+    PermissionClosed(Box<PermissionStatus>),
     /// Anything else, with context.
     #[error("store error: {0}")]
     Internal(String),
@@ -84,6 +96,9 @@ pub struct CreateSession {
     /// The request body in canonical form, compared on a retry (I3).
     pub fingerprint: String,
     pub message: Option<String>,
+    /// What the agent's permission requests get in this session (`None`:
+    /// the agent's own policy).
+    pub permission: Option<PermissionPolicy>,
     /// The node creating it, which takes the lease if a turn starts.
     pub node: String,
 }
@@ -192,6 +207,26 @@ pub struct TurnToRun {
     pub inputs: Vec<Entry>,
     /// The agent's own id for this conversation, if it has one.
     pub agent_session: Option<String>,
+    /// The session's permission policy, if it set one.
+    pub permission: Option<PermissionPolicy>,
+}
+
+/// `POST /v1/sessions/{id}/permissions/{request_id}`.
+#[derive(Clone, Debug)]
+pub struct AnswerPermission {
+    pub owner: String,
+    pub session_id: SessionId,
+    pub request_id: String,
+    pub option_id: String,
+}
+
+/// The result of answering a permission request.
+#[derive(Clone, Debug)]
+pub struct Answered {
+    /// The `permission_decision` entry.
+    pub decision: Entry,
+    /// True when an identical retry returned the original decision.
+    pub replayed: bool,
 }
 
 /// What `begin_turn` found.
@@ -332,6 +367,28 @@ pub trait Store: Send + Sync + 'static {
     /// Gives the lease up. Without `force` it refuses (returns false) while a
     /// turn is active, so a turn created concurrently is never orphaned.
     async fn release_lease(&self, lease: &Lease, force: bool) -> Result<bool>;
+    /// Records a user's answer to a pending permission request of the
+    /// session's running turn: the `permission_decision` entry and the
+    /// request's new state in one transaction, exactly once. An identical
+    /// retry returns the original decision; another answer, or one after
+    /// the request was closed, is [`StoreError::PermissionClosed`].
+    async fn answer_permission(&self, req: AnswerPermission) -> Result<Answered>;
+    /// Closes `turn`'s pending permission requests (with `only`, just that
+    /// one) as `cancelled` by `decided_by`, with `reason` (fenced). Returns
+    /// the decisions written: none for a request answered meanwhile.
+    async fn close_permissions(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        only: Option<String>,
+        decided_by: &str,
+        reason: &str,
+    ) -> Result<Vec<Entry>>;
+    /// The session's pending permission requests (their `permission_request`
+    /// entries), oldest first. No owner check: callers check first.
+    async fn pending_permissions(&self, id: SessionId) -> Result<Vec<Entry>>;
+    /// The `permission_decision` entries of `turn`'s requests, oldest first.
+    async fn permission_decisions(&self, id: SessionId, turn: TurnId) -> Result<Vec<Entry>>;
     /// Records the agent's own id for the session (fenced).
     async fn set_agent_session(&self, lease: &Lease, agent_session: &str) -> Result<()>;
     /// Takes over sessions with an active turn whose lease is free or expired

@@ -13,10 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use baton_core::permission::{judge, Judgement};
 use baton_core::policy::{decide, ActiveTurn, Decision, NextTurn, QueueSummary};
 use baton_core::{
-    Disposition, Entry, EntryType, InputRange, NewEntry, PermissionInfo, Policy, Role, Seq,
-    Session, SessionId, SessionStatus, Timestamp, ToolInfo, Turn, TurnId, TurnStatus,
+    Disposition, Entry, EntryType, InputRange, NewEntry, PermissionInfo, PermissionPolicy,
+    PermissionState, PermissionStatus, Policy, Role, Seq, Session, SessionId, SessionStatus,
+    Timestamp, ToolInfo, Turn, TurnId, TurnStatus,
 };
 use futures_util::future::BoxFuture;
 use sqlx::any::AnyPoolOptions;
@@ -27,8 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::db::{args, Conn, Fail, Row, Val, R};
 use crate::writer::{self, Clock, Job};
 use crate::{
-    Begin, CreateSession, Created, Ended, Lease, Listed, Page, PostMessage, Posted, Recovered,
-    Renewal, Result, SessionPage, SessionQuery, Store, StoreError, Take, TurnToRun,
+    AnswerPermission, Answered, Begin, CreateSession, Created, Ended, Lease, Listed, Page,
+    PostMessage, Posted, Recovered, Renewal, Result, SessionPage, SessionQuery, Store, StoreError,
+    Take, TurnToRun,
 };
 
 /// Tunables that the store applies inside its transactions.
@@ -520,7 +523,7 @@ async fn pg_now_locked(c: &mut Conn, id: SessionId) -> R<i64> {
 
 const SESSION_COLS: &str = "id, owner, agent, policy, metadata, created_at, last_seq, consumed_seq, \
      active_turn, lease_owner, lease_epoch, lease_expires_at, idempotency_key, request_fingerprint, agent_session, \
-     waiting_count, last_gather_seq, after_gather_count";
+     waiting_count, last_gather_seq, after_gather_count, permission";
 
 const ENTRY_COLS: &str =
     "session_id, seq, kind, role, turn_id, content, status, reason, input_from, input_to, tool, permission, created_at";
@@ -546,6 +549,8 @@ pub(crate) struct SessionRow {
     agent_session: Option<String>,
     /// The waiting messages, summarized (kept in step with `consumed_seq`).
     queue: QueueSummary,
+    /// Set at creation only.
+    permission: Option<PermissionPolicy>,
 }
 
 fn corrupt(what: &str, value: &str) -> Fail {
@@ -562,6 +567,7 @@ fn parse_turn_id(s: Option<String>) -> R<Option<TurnId>> {
 fn session_row(r: &Row) -> R<SessionRow> {
     let id: String = r.get("id")?;
     let policy: String = r.get("policy")?;
+    let permission: Option<String> = r.get("permission")?;
     Ok(SessionRow {
         id: SessionId::parse(&id).map_err(|_| corrupt("session id", &id))?,
         owner: r.get("owner")?,
@@ -582,6 +588,9 @@ fn session_row(r: &Row) -> R<SessionRow> {
             last_gather: r.get::<Option<i64>>("last_gather_seq")?.map(|s| s as Seq),
             after_gather: r.get::<i64>("after_gather_count")?.max(0) as u64,
         },
+        permission: permission
+            .map(|p| p.parse().map_err(|_| corrupt("permission policy", &p)))
+            .transpose()?,
     })
 }
 
@@ -658,6 +667,8 @@ fn session_view(s: &SessionRow) -> R<Session> {
         created_at: Timestamp(s.created_at),
         metadata: serde_json::from_str(&s.metadata)
             .map_err(|_| corrupt("metadata", &s.metadata))?,
+        permission: s.permission,
+        pending_permissions: Vec::new(),
     })
 }
 
@@ -795,7 +806,180 @@ async fn append(
          input_to, tool, permission, policy, requested_policy, disposition, idempotency_key, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)", &args![s.id.to_string(), s.last_seq, e.kind.as_str(), e.role.map(Role::as_str), e.turn_id.map(|t| t.to_string()), e.content.clone(), e.status.map(TurnStatus::as_str), e.reason.clone(), e.input.map(|i| i.from as i64), e.input.map(|i| i.to as i64), tool, permission, user.as_ref().map(|u| u.policy.as_str()), user.as_ref().and_then(|u| u.requested.map(Policy::as_str)), disposition, user.as_ref().and_then(|u| u.key.map(str::to_owned)), now])
     .await?;
-    Ok(e.committed(s.id, s.last_seq as Seq, Timestamp(now)))
+    let entry = e.committed(s.id, s.last_seq as Seq, Timestamp(now));
+    track_permission(c, &entry).await?;
+    Ok(entry)
+}
+
+/// Keeps `permission_requests` in step with the log: a request entry opens
+/// a pending row; a decision entry closes its request's row, which must be
+/// pending (exactly once: a second decision for one request is refused).
+async fn track_permission(c: &mut Conn, e: &Entry) -> R<()> {
+    let (Some(p), Some(turn)) = (&e.permission, e.turn_id) else {
+        return Ok(());
+    };
+    match e.kind {
+        EntryType::PermissionRequest => {
+            let request = serde_json::to_string(p)
+                .map_err(|err| StoreError::Internal(format!("encoding a permission: {err}")))?;
+            c.execute(
+                "INSERT INTO permission_requests (session_id, request_id, turn_id, request_seq, request, state) \
+                 VALUES ($1, $2, $3, $4, $5, 'pending')",
+                &args![
+                    e.session_id.to_string(),
+                    p.request_id.clone(),
+                    turn.to_string(),
+                    e.seq as i64,
+                    request
+                ],
+            )
+            .await?;
+        }
+        EntryType::PermissionDecision => {
+            let n = c
+                .execute(
+                    "UPDATE permission_requests SET state = $3, decision_seq = $4 \
+                     WHERE session_id = $1 AND request_id = $2 AND state = 'pending'",
+                    &args![
+                        e.session_id.to_string(),
+                        p.request_id.clone(),
+                        PermissionState::of_decision(p).as_str(),
+                        e.seq as i64
+                    ],
+                )
+                .await?;
+            if n != 1 {
+                return Err(StoreError::Internal(format!(
+                    "a decision for permission request {:?}, which is not pending",
+                    p.request_id
+                ))
+                .into());
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Closes `turn`'s pending permission requests (with `only`, that one) as
+/// `cancelled` by `decided_by`: one decision entry each, in request order.
+#[allow(clippy::too_many_arguments)]
+async fn close_pending(
+    c: &mut Conn,
+    s: &mut SessionRow,
+    now: i64,
+    turn: TurnId,
+    only: Option<&str>,
+    decided_by: &str,
+    reason: &str,
+) -> R<Vec<Entry>> {
+    let rows = c
+        .fetch_all(
+            "SELECT request_id, request FROM permission_requests \
+             WHERE session_id = $1 AND turn_id = $2 AND state = 'pending' ORDER BY request_seq",
+            &args![s.id.to_string(), turn.to_string()],
+        )
+        .await?;
+    let mut closed = Vec::new();
+    for row in &rows {
+        let id: String = row.get("request_id")?;
+        if only.is_some_and(|o| o != id) {
+            continue;
+        }
+        let raw: String = row.get("request")?;
+        let request: PermissionInfo =
+            serde_json::from_str(&raw).map_err(|_| corrupt("permission request", &raw))?;
+        let mut e = NewEntry::permission_decision(turn, request.decision(None, decided_by));
+        e.reason = Some(reason.to_owned());
+        closed.push(append(c, s, now, e, None).await?);
+    }
+    Ok(closed)
+}
+
+/// A permission request of the session: its turn, what it asked, and its
+/// decision if it has one.
+async fn permission_request(
+    c: &mut Conn,
+    s: &SessionRow,
+    request_id: &str,
+) -> R<(TurnId, PermissionInfo, PermissionState, Option<Entry>)> {
+    let row = c
+        .fetch_optional(
+            "SELECT turn_id, request, state, decision_seq FROM permission_requests \
+             WHERE session_id = $1 AND request_id = $2",
+            &args![s.id.to_string(), request_id],
+        )
+        .await?
+        .ok_or_else(|| StoreError::PermissionNotFound {
+            request_id: request_id.to_owned(),
+        })?;
+    let turn = parse_turn_id(row.get("turn_id")?)?
+        .ok_or_else(|| corrupt("permission request", request_id))?;
+    let raw: String = row.get("request")?;
+    let request: PermissionInfo =
+        serde_json::from_str(&raw).map_err(|_| corrupt("permission request", &raw))?;
+    let state: String = row.get("state")?;
+    let state =
+        PermissionState::parse(&state).ok_or_else(|| corrupt("permission state", &state))?;
+    let decision = match row.get::<Option<i64>>("decision_seq")? {
+        Some(seq) => {
+            let sql =
+                format!("SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND seq = $2");
+            let row = c.fetch_one(&sql, &args![s.id.to_string(), seq]).await?;
+            Some(entry_row(&row)?)
+        }
+        None => None,
+    };
+    Ok((turn, request, state, decision))
+}
+
+async fn op_answer(c: &mut Conn, d: Dialect, now: i64, req: &AnswerPermission) -> R<Answered> {
+    let mut s = lock_owned(c, d, &req.owner, req.session_id).await?;
+    let (turn, request, state, decision) = permission_request(c, &s, &req.request_id).await?;
+    let decided_by = format!("user:{}", req.owner);
+    let recorded = decision.as_ref().and_then(|e| e.permission.as_ref());
+    let closed = |state: PermissionState| {
+        StoreError::PermissionClosed(Box::new(PermissionStatus {
+            request_id: req.request_id.clone(),
+            state,
+            option_id: recorded.and_then(|p| p.option_id.clone()),
+            decided_by: recorded.and_then(|p| p.decided_by.clone()),
+            decision_seq: decision.as_ref().map(|e| e.seq),
+        }))
+    };
+    match judge(&request, recorded, &req.option_id, &decided_by) {
+        Judgement::UnknownOption => Err(StoreError::UnknownOption {
+            request_id: req.request_id.clone(),
+            option_id: req.option_id.clone(),
+        }
+        .into()),
+        Judgement::Closed => Err(closed(state).into()),
+        Judgement::Replay => match decision {
+            Some(decision) => Ok(Answered {
+                decision,
+                replayed: true,
+            }),
+            None => Err(corrupt("permission decision", &req.request_id)),
+        },
+        // Pending rows belong to the active turn (a turn's end closes its
+        // requests in the same transaction); checked all the same, so an
+        // answer never lands outside its turn (I8).
+        Judgement::Record if state != PermissionState::Pending || s.active_turn != Some(turn) => {
+            Err(closed(state).into())
+        }
+        Judgement::Record => {
+            let e = NewEntry::permission_decision(
+                turn,
+                request.decision(Some(req.option_id.clone()), decided_by),
+            );
+            let decision = append(c, &mut s, now, e, None).await?;
+            save_session(c, &s).await?;
+            Ok(Answered {
+                decision,
+                replayed: false,
+            })
+        }
+    }
 }
 
 /// Refuses, before anything is written, entries a running turn may not
@@ -942,16 +1126,31 @@ async fn finish_turn(
         .execute(
             "UPDATE turns SET status = $2, ended_at = $3, reason = $4 \
          WHERE id = $1 AND status IN ('starting', 'running')",
-            &args![turn.to_string(), status.as_str(), now, reason],
+            &args![turn.to_string(), status.as_str(), now, reason.clone()],
         )
         .await?;
     if done != 1 || s.active_turn != Some(turn) {
         return Err(StoreError::TurnNotActive { turn_id: turn }.into());
     }
     let mut committed = Vec::with_capacity(entries.len() + 1);
+    let mut entries = entries;
+    let last = entries.pop();
     for e in entries {
         committed.push(append(c, s, now, e, None).await?);
     }
+    // A request still waiting is answered `cancelled` before the terminal
+    // entry: never left open, and nothing of the turn follows its end (I8).
+    let by = if reason.as_deref() == Some("shutdown") {
+        "shutdown"
+    } else {
+        "turn_end"
+    };
+    let why = format!("the turn ended {}", status.as_str());
+    committed.extend(close_pending(c, s, now, turn, None, by, &why).await?);
+    committed.extend(match last {
+        Some(e) => Some(append(c, s, now, e, None).await?),
+        None => None,
+    });
     s.active_turn = None;
     let next = start_next(c, s, now).await?;
     let next_id = next.as_ref().and_then(|e| e.turn_id);
@@ -994,6 +1193,7 @@ async fn starting_turn(c: &mut Conn, s: &SessionRow) -> R<Option<(TurnToRun, Opt
         agent: s.agent.clone(),
         inputs,
         agent_session: s.agent_session.clone(),
+        permission: s.permission,
     };
     Ok(Some((todo, cancel)))
 }
@@ -1074,9 +1274,10 @@ async fn op_create(
             .map(|_| req.fingerprint.clone()),
         agent_session: None,
         queue: QueueSummary::default(),
+        permission: req.permission,
     };
-    c.execute("INSERT INTO sessions (id, owner, agent, policy, metadata, created_at, idempotency_key, request_fingerprint) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", &args![s.id.to_string(), &s.owner, &s.agent, s.policy.as_str(), &s.metadata, now, req.idempotency_key.clone(), s.fingerprint.clone()])
+    c.execute("INSERT INTO sessions (id, owner, agent, policy, metadata, created_at, idempotency_key, request_fingerprint, permission) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)", &args![s.id.to_string(), &s.owner, &s.agent, s.policy.as_str(), &s.metadata, now, req.idempotency_key.clone(), s.fingerprint.clone(), s.permission.map(PermissionPolicy::as_str)])
     .await?;
     let mut committed = Vec::new();
     let mut lease = None;
@@ -1418,7 +1619,7 @@ impl Store for SqlStore {
         let (d, owner) = (self.dialect, owner.to_owned());
         op!(self, Some(id), [owner], |c, _now| {
             lock_owned(c, d, &owner, id).await?;
-            for table in ["entries", "turns"] {
+            for table in ["entries", "turns", "permission_requests"] {
                 c.execute(
                     &format!("DELETE FROM {table} WHERE session_id = $1"),
                     &args![id.to_string()],
@@ -1651,6 +1852,73 @@ impl Store for SqlStore {
             save_session(c, &s).await?;
             Ok(true)
         })
+    }
+
+    async fn answer_permission(&self, req: AnswerPermission) -> Result<Answered> {
+        let (d, req) = (self.dialect, Arc::new(req));
+        op!(self, Some(req.session_id), [req], |c, now| op_answer(
+            c, d, now, &req
+        )
+        .await)
+    }
+
+    async fn close_permissions(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        only: Option<String>,
+        decided_by: &str,
+        reason: &str,
+    ) -> Result<Vec<Entry>> {
+        let (d, lease) = (self.dialect, lease.clone());
+        let (by, reason) = (decided_by.to_owned(), reason.to_owned());
+        op!(
+            self,
+            Some(lease.session_id),
+            [lease, only, by, reason],
+            |c, now| {
+                let mut s = lock_fenced(c, d, &lease).await?;
+                if s.active_turn != Some(turn) {
+                    return Err(StoreError::TurnNotActive { turn_id: turn }.into());
+                }
+                let closed =
+                    close_pending(c, &mut s, now, turn, only.as_deref(), &by, &reason).await?;
+                if !closed.is_empty() {
+                    save_session(c, &s).await?;
+                }
+                Ok(closed)
+            }
+        )
+    }
+
+    async fn pending_permissions(&self, id: SessionId) -> Result<Vec<Entry>> {
+        let sql = format!(
+            "SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND seq IN \
+             (SELECT request_seq FROM permission_requests WHERE session_id = $1 AND state = 'pending') \
+             ORDER BY seq"
+        );
+        let mut c = self.reader().await?;
+        let list = async {
+            let rows = c.fetch_all(&sql, &args![id.to_string()]).await?;
+            rows.iter().map(entry_row).collect::<R<Vec<_>>>()
+        };
+        list.await.map_err(unfail)
+    }
+
+    async fn permission_decisions(&self, id: SessionId, turn: TurnId) -> Result<Vec<Entry>> {
+        let sql = format!(
+            "SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND seq IN \
+             (SELECT decision_seq FROM permission_requests WHERE session_id = $1 AND turn_id = $2 \
+              AND decision_seq IS NOT NULL) ORDER BY seq"
+        );
+        let mut c = self.reader().await?;
+        let list = async {
+            let rows = c
+                .fetch_all(&sql, &args![id.to_string(), turn.to_string()])
+                .await?;
+            rows.iter().map(entry_row).collect::<R<Vec<_>>>()
+        };
+        list.await.map_err(unfail)
     }
 
     async fn set_agent_session(&self, lease: &Lease, agent_session: &str) -> Result<()> {

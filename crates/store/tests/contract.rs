@@ -152,6 +152,7 @@ async fn sqlite_reopen_keeps_every_entry_in_order() {
             idempotency_key: Some("create-1".to_owned()),
             fingerprint: "fp".to_owned(),
             message: Some("hello".to_owned()),
+            permission: None,
             node: "node-1".to_owned(),
         })
         .await
@@ -309,6 +310,7 @@ fn new_session(owner: &str, policy: Policy) -> CreateSession {
         idempotency_key: None,
         fingerprint: "{}".to_owned(),
         message: None,
+        permission: None,
         node: "node-1".to_owned(),
     }
 }

@@ -62,6 +62,8 @@ from acp.schema import (  # noqa: E402
 
 LOAD_SESSION = os.environ.get("ACP_PEER_LOAD_SESSION") == "1"
 STATE_DIR = os.environ.get("ACP_PEER_STATE_DIR") or None
+# `/ask-permission` appends the outcome it received here, one line each.
+PERMISSION_LOG = os.environ.get("ACP_PEER_PERMISSION_LOG") or None
 
 
 def env_ms(name: str, default: float) -> float:
@@ -88,6 +90,7 @@ SIMPLE_DIRECTIVES = {
     "/die",
     "/tool",
     "/permission",
+    "/ask-permission",
     "/after-done",
     "/chatty",
     "/chatty-hang",
@@ -357,6 +360,27 @@ class EchoPeer(Agent):
                 reply = "permission granted"
             else:
                 reply = "permission denied"
+
+        if "/ask-permission" in directives:
+            await conn.session_update(sid, start_tool_call("call-3", "run command", kind="execute", status="pending"))
+            response = await conn.request_permission(
+                session_id=sid,
+                tool_call=ToolCallUpdate(tool_call_id="call-3", title="run command", kind="execute", status="pending"),
+                options=[
+                    PermissionOption(option_id="allow-once", name="Allow once", kind="allow_once"),
+                    PermissionOption(option_id="allow-always", name="Allow always", kind="allow_always"),
+                    PermissionOption(option_id="reject-once", name="Reject once", kind="reject_once"),
+                    PermissionOption(option_id="reject-always", name="Reject always", kind="reject_always"),
+                ],
+            )
+            outcome = response.outcome
+            chosen = outcome.option_id if isinstance(outcome, AllowedOutcome) else "cancelled"
+            if PERMISSION_LOG:
+                with open(PERMISSION_LOG, "a", encoding="utf-8") as f:
+                    f.write(f"{chosen}\n")
+            if turn.cancel.is_set():
+                return "cancelled"
+            reply = f"permission: {chosen}"
 
         if "/chatty-hang" in directives:
             if await turn.play(chatty_steps(hang=True), delay):

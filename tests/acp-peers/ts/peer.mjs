@@ -12,7 +12,7 @@
 // console.log). Diagnostics go to stderr.
 
 import { randomUUID } from "node:crypto";
-import { mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
+import { appendFileSync, mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Readable, Writable } from "node:stream";
 
@@ -53,6 +53,7 @@ const SIMPLE_DIRECTIVES = new Set([
   "/die",
   "/tool",
   "/permission",
+  "/ask-permission",
   "/after-done",
   "/chatty",
   "/chatty-hang",
@@ -271,6 +272,32 @@ async function runTurn(turn, directives, rest) {
     const outcome = response.outcome;
     if (outcome.outcome === "cancelled" || turn.cancelled) return "cancelled";
     reply = outcome.outcome === "selected" && outcome.optionId === "allow-once" ? "permission granted" : "permission denied";
+  }
+
+  if (directives.has("/ask-permission")) {
+    await turn.update({
+      sessionUpdate: "tool_call",
+      toolCallId: "call-3",
+      title: "run command",
+      kind: "execute",
+      status: "pending",
+    });
+    const response = await turn.client.request(methods.client.session.requestPermission, {
+      sessionId: turn.session.id,
+      toolCall: { toolCallId: "call-3", title: "run command", kind: "execute", status: "pending" },
+      options: [
+        { optionId: "allow-once", name: "Allow once", kind: "allow_once" },
+        { optionId: "allow-always", name: "Allow always", kind: "allow_always" },
+        { optionId: "reject-once", name: "Reject once", kind: "reject_once" },
+        { optionId: "reject-always", name: "Reject always", kind: "reject_always" },
+      ],
+    });
+    const outcome = response.outcome;
+    const chosen = outcome.outcome === "selected" ? outcome.optionId : "cancelled";
+    // `/ask-permission` appends the outcome it received here, one line each.
+    if (process.env.ACP_PEER_PERMISSION_LOG) appendFileSync(process.env.ACP_PEER_PERMISSION_LOG, `${chosen}\n`);
+    if (turn.cancelled) return "cancelled";
+    reply = `permission: ${chosen}`;
   }
 
   if (directives.has("/chatty-hang")) {
