@@ -695,6 +695,213 @@ async fn output_past_the_cap_fails_only_that_turn(kind: &str) {
     app.stop().await;
 }
 
+/// The pending permission request of a session, once there is one.
+async fn asked(c: &Client, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    loop {
+        let (_, v) = c
+            .send(c.req(
+                reqwest::Method::GET,
+                &format!("/v1/sessions/{id}/permissions"),
+            ))
+            .await;
+        if let Some(r) = v["permissions"].as_array().and_then(|a| a.first()) {
+            return r.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never asked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn answer(
+    c: &Client,
+    id: &str,
+    request: &Value,
+    option: &str,
+) -> (reqwest::StatusCode, Value) {
+    let rid = request["permission"]["request_id"].as_str().unwrap();
+    c.send(
+        c.req(
+            reqwest::Method::POST,
+            &format!("/v1/sessions/{id}/permissions/{rid}"),
+        )
+        .json(&json!({ "option_id": option })),
+    )
+    .await
+}
+
+/// The outcomes the peer received (`/ask-permission` logs each to a file).
+async fn outcomes_logged(log: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the peer logged {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The peer's command, logging the permission outcomes it gets to `log`.
+fn logging(cmd: &str, log: &std::path::Path) -> String {
+    format!("env ACP_PEER_PERMISSION_LOG={} {cmd}", log.display())
+}
+
+/// A session that asks (its own policy over the agent's `allow`): the
+/// request is streamed, the user's choice reaches the agent, which reports
+/// it; allow and reject alike.
+async fn the_user_answers_the_agents_permission_request(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("outcomes");
+    let app = server(logging(&cmd, &log), |_| {}).await;
+    let c = &app.client;
+    for (n, option) in ["allow-always", "reject-once"].into_iter().enumerate() {
+        let id = c.create_session_id(json!({"permission": "ask"})).await;
+        let mut stream = c.open_stream(&id, None).await;
+        c.post(&id, "/ask-permission go", None, None).await;
+        let read = stream
+            .until_entry(|e| e["type"] == "permission_request")
+            .await;
+        let request = read.last().unwrap().data.clone();
+        assert_eq!(request["permission"]["tool_call_id"], "call-3");
+        assert_eq!(request["permission"]["title"], "run command");
+        assert_eq!(
+            request["permission"]["options"].as_array().map(Vec::len),
+            Some(4)
+        );
+        assert_eq!(asked(c, &id).await, request);
+        let (status, v) = answer(c, &id, &request, option).await;
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{v}");
+        stream.until_entry(|e| e["type"] == "turn_ended").await;
+        assert_eq!(ended_turn(c, &id, 0).await["status"], "completed");
+        let entries = c.entries(&id).await;
+        check_log(&entries);
+        assert_eq!(replies(&entries), vec![format!("permission: {option}")]);
+        assert_eq!(outcomes_logged(&log, n + 1).await[n], option);
+    }
+    app.stop().await;
+}
+
+/// Nobody answers: the peer gets `cancelled` at the permission timeout, the
+/// decision says `timeout`, and the turn goes on.
+async fn an_unanswered_agent_request_times_out(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("outcomes");
+    let app = server(logging(&cmd, &log), |cfg| {
+        cfg.acp_permission = vec![("peer".into(), "ask".into())];
+        cfg.permission_timeout_ms = 300;
+    })
+    .await;
+    let c = &app.client;
+    let id = c
+        .create_session_id(json!({"message": "/ask-permission go"}))
+        .await;
+    let request = asked(c, &id).await;
+    assert_eq!(ended_turn(c, &id, 0).await["status"], "completed");
+    let entries = c.entries(&id).await;
+    check_log(&entries);
+    assert_eq!(replies(&entries), vec!["permission: cancelled"]);
+    let decision = entries
+        .iter()
+        .find(|e| e["type"] == "permission_decision")
+        .unwrap();
+    assert_eq!(decision["permission"]["decided_by"], "timeout");
+    assert_eq!(decision["permission"]["outcome"], "cancelled");
+    assert_eq!(outcomes_logged(&log, 1).await, vec!["cancelled"]);
+    let (status, _) = answer(c, &id, &request, "allow-once").await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT);
+    app.stop().await;
+}
+
+/// A cancel while the agent waits: the request is answered `cancelled`
+/// (stored, and sent to the agent) before the cancel; the turn ends
+/// `cancelled`; nothing of it follows; the next turn is clean.
+async fn a_cancel_answers_the_agents_request_first(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("outcomes");
+    let app = server(logging(&cmd, &log), |cfg| {
+        cfg.acp_permission = vec![("peer".into(), "ask".into())]
+    })
+    .await;
+    let c = &app.client;
+    let id = c
+        .create_session_id(json!({"message": "/ask-permission go"}))
+        .await;
+    let request = asked(c, &id).await;
+    let (status, _) = c.cancel(&id).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED);
+    assert_eq!(ended_turn(c, &id, 0).await["status"], "cancelled");
+    assert_eq!(outcomes_logged(&log, 1).await, vec!["cancelled"]);
+    let entries = c.entries(&id).await;
+    let kinds: Vec<&str> = entries.iter().filter_map(|e| e["type"].as_str()).collect();
+    let decision = kinds
+        .iter()
+        .position(|k| *k == "permission_decision")
+        .unwrap();
+    let end = kinds.iter().position(|k| *k == "turn_ended").unwrap();
+    assert!(decision < end, "{kinds:?}");
+    assert_eq!(entries[decision]["permission"]["decided_by"], "turn_end");
+    assert!(replies(&entries).is_empty(), "{entries:?}");
+    let (status, v) = answer(c, &id, &request, "allow-once").await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{v}");
+    c.post(&id, "after", None, None).await;
+    assert_eq!(ended_turn(c, &id, 1).await["status"], "completed");
+    let entries = c.entries(&id).await;
+    check_log(&entries);
+    assert_eq!(replies(&entries), vec!["echo: after"]);
+    app.stop().await;
+}
+
+/// The server dies while the agent waits: after the restart the turn is
+/// `lost` and its request closed in the same recovery.
+async fn a_restart_while_the_agent_waits_closes_the_request(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("baton.db");
+    let agent = format!("peer={cmd}");
+    let args = [
+        "--acp",
+        agent.as_str(),
+        "--acp-permission",
+        "peer=ask",
+        "--default-agent",
+        "peer",
+    ];
+    let first = common::spawn_binary(&db, &args).await;
+    let c = first.client.clone();
+    let id = c
+        .create_session_id(json!({"message": "/ask-permission go"}))
+        .await;
+    let request = asked(&c, &id).await;
+    first.kill9().await;
+    let second = common::spawn_binary(&db, &args).await;
+    let c = second.client.clone();
+    assert_eq!(ended_turn(&c, &id, 0).await["status"], "lost");
+    let entries = c.entries(&id).await;
+    check_log(&entries);
+    let n = entries.len();
+    assert_eq!(entries[n - 2]["type"], "permission_decision", "{entries:?}");
+    assert_eq!(entries[n - 2]["permission"]["outcome"], "cancelled");
+    assert_eq!(
+        entries[n - 2]["permission"]["request_id"],
+        request["permission"]["request_id"]
+    );
+    let (status, _) = answer(&c, &id, &request, "allow-once").await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT);
+    assert!(second.terminate().await);
+}
+
 macro_rules! for_each_peer {
     ($($scenario:ident),* $(,)?) => {
         $(
@@ -728,4 +935,8 @@ for_each_peer!(
     a_chunk_after_the_answer_is_not_the_next_turns,
     a_forced_stop_leaves_other_sessions_alone,
     output_past_the_cap_fails_only_that_turn,
+    the_user_answers_the_agents_permission_request,
+    an_unanswered_agent_request_times_out,
+    a_cancel_answers_the_agents_request_first,
+    a_restart_while_the_agent_waits_closes_the_request,
 );
