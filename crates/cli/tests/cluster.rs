@@ -630,3 +630,126 @@ async fn a_node_whose_database_goes_silent_stops_within_its_lease() {
     proxy.cut.send_replace(true);
     survivor.shutdown().await;
 }
+
+/// Twenty clients answer one permission request at once, each with another
+/// option, half of them on the node running the turn and half on the other:
+/// exactly one decision is stored and reaches the agent, every other answer
+/// is `409` naming it. An answer posted to the other node reaches the turn
+/// through the bus: heartbeats (which would also catch it up from the
+/// store) are set far apart, past the test's patience.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_answers_on_two_nodes_store_one_decision() {
+    let Some(schema) = database("concurrent_answers_on_two_nodes_store_one_decision").await else {
+        return;
+    };
+    let url = schema.url().to_owned();
+    let slow_heartbeat = |cfg: &mut ServeConfig| {
+        cfg.lease_ms = 180_000;
+        cfg.heartbeat_ms = 60_000;
+    };
+    let (a, b) = (
+        node_with(&url, slow_heartbeat).await,
+        node_with(&url, slow_heartbeat).await,
+    );
+    // B's transaction starts each turn, so B runs it.
+    let ask = |id: &str| {
+        let c = a.client.clone();
+        let id = id.to_owned();
+        async move {
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            loop {
+                let (_, v) = c
+                    .send(c.req(
+                        reqwest::Method::GET,
+                        &format!("/v1/sessions/{id}/permissions"),
+                    ))
+                    .await;
+                if let Some(r) = v["permissions"].as_array().and_then(|a| a.first()) {
+                    return r["permission"]["request_id"].as_str().unwrap().to_owned();
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no request came");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let answer = |c: &Client, id: &str, rid: &str, option: &str| {
+        let rb = c
+            .req(
+                reqwest::Method::POST,
+                &format!("/v1/sessions/{id}/permissions/{rid}"),
+            )
+            .json(&json!({ "option_id": option }));
+        let c = c.clone();
+        async move { c.send(rb).await }
+    };
+
+    let s = b
+        .client
+        .create_session(json!({"message": "/ask 20 race"}))
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let rid = ask(&id).await;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(20));
+    let tasks: Vec<_> = (1..=20)
+        .map(|i| {
+            let c = if i % 2 == 0 { &a.client } else { &b.client }.clone();
+            let (id, rid, barrier) = (id.clone(), rid.clone(), barrier.clone());
+            let option = format!("option-{i}");
+            let go = answer(&c, &id, &rid, &option);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                (option, go.await)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let winners: Vec<String> = results
+        .iter()
+        .filter(|(_, (s, _))| *s == reqwest::StatusCode::CREATED)
+        .map(|(o, _)| o.clone())
+        .collect();
+    assert_eq!(winners.len(), 1, "{results:#?}");
+    let winner = &winners[0];
+    for (option, (status, body)) in &results {
+        if option != winner {
+            assert_eq!(*status, reqwest::StatusCode::CONFLICT, "{option}: {body}");
+            assert_eq!(body["error"]["code"], "permission_closed");
+            assert_eq!(body["error"]["permission"]["option_id"], winner.as_str());
+        }
+    }
+    a.client.wait_idle(&id).await;
+    let entries = a.client.entries(&id).await;
+    check_transcript(&entries);
+    let decisions: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["type"] == "permission_decision")
+        .collect();
+    assert_eq!(decisions.len(), 1, "{decisions:#?}");
+    assert_eq!(decisions[0]["permission"]["option_id"], winner.as_str());
+    let reply = entries.iter().rfind(|e| e["role"] == "assistant").unwrap();
+    assert_eq!(
+        reply["content"],
+        format!("echo: race (permission: {winner})")
+    );
+
+    // One answer, on the node not running the turn.
+    let s = b
+        .client
+        .create_session(json!({"message": "/ask far"}))
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let rid = ask(&id).await;
+    let (status, v) = answer(&a.client, &id, &rid, "allow").await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{v}");
+    let done = a.client.wait_idle(&id).await;
+    assert_eq!(done["status"], "idle");
+    let entries = a.client.entries(&id).await;
+    let reply = entries.iter().rfind(|e| e["role"] == "assistant").unwrap();
+    assert_eq!(reply["content"], "echo: far (permission: allow)");
+    for n in [a, b] {
+        n.shutdown().await;
+    }
+}
