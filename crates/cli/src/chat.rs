@@ -1,7 +1,9 @@
 //! `baton chat`: a terminal client. Lines you type are posted as messages;
 //! the session's stream is followed and printed as it happens (deltas
 //! inline, then each turn's end). `/cancel` cancels the running turn,
-//! `/quit` leaves (the session stays).
+//! `/quit` leaves (the session stays). A permission request the agent
+//! waits on is shown with its options, numbered; `/answer N` (or
+//! `/answer OPTION_ID`) answers the oldest one still waiting.
 
 use std::io::Write;
 
@@ -30,6 +32,61 @@ pub struct ChatArgs {
     /// The busy policy for messages typed mid-turn.
     #[arg(long)]
     pub policy: Option<String>,
+    /// What the agent's permission requests get in a new session: allow,
+    /// deny or ask (you answer them here).
+    #[arg(long)]
+    pub permission: Option<String>,
+}
+
+/// A permission request the agent waits on: its id and its options' ids.
+type Waiting = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<String>)>>>;
+
+/// How a permission request is shown: what it is for, then its options.
+fn show_request(p: &Value) -> String {
+    let title = p["title"].as_str().unwrap_or("a tool call");
+    let call = p["tool_call_id"].as_str().unwrap_or("?");
+    let mut out = format!("\n[permission asked: {title} (tool call {call})]");
+    for (n, o) in p["options"].as_array().into_iter().flatten().enumerate() {
+        out.push_str(&format!(
+            "\n  {}) {} [{}]",
+            n + 1,
+            o["name"].as_str().unwrap_or("?"),
+            o["kind"].as_str().unwrap_or("?")
+        ));
+    }
+    out.push_str("\n  answer with /answer N");
+    out
+}
+
+/// How a decision is shown.
+fn show_decision(entry: &Value) -> String {
+    let p = &entry["permission"];
+    let by = p["decided_by"].as_str().unwrap_or("?");
+    match p["option_id"].as_str() {
+        Some(option) => format!("[permission: {option} (by {by})]"),
+        None => format!(
+            "[permission cancelled (by {by}){}]",
+            entry["reason"]
+                .as_str()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// The request `/answer ARG` answers (the oldest waiting) and the option
+/// it names: a number from the list shown, or an option id.
+fn pick(waiting: &Waiting, arg: &str) -> Result<(String, String), String> {
+    let waiting = waiting.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((request, options)) = waiting.first() else {
+        return Err("no permission request is waiting".into());
+    };
+    let option = match arg.parse::<usize>() {
+        Ok(n) if (1..=options.len()).contains(&n) => options[n - 1].clone(),
+        _ if options.iter().any(|o| o == arg) => arg.to_owned(),
+        _ => return Err(format!("choose 1 to {} or an option id", options.len())),
+    };
+    Ok((request.clone(), option))
 }
 
 fn request(
@@ -68,6 +125,9 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             if let Some(a) = &args.agent {
                 body["agent"] = json!(a);
             }
+            if let Some(p) = &args.permission {
+                body["permission"] = json!(p);
+            }
             let resp = request(
                 &client,
                 &args.token,
@@ -85,7 +145,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 .to_owned()
         }
     };
-    eprintln!("session {session} — type a message; /cancel, /quit");
+    eprintln!("session {session} — type a message; /cancel, /answer N, /quit");
 
     let stream_url = format!("{base}/v1/sessions/{session}/stream");
     let follow = request(&client, &args.token, reqwest::Method::GET, stream_url)
@@ -100,6 +160,8 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     // typed just as it ended never cancels the turn after it.
     let running: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let seen = running.clone();
+    let waiting: Waiting = Default::default();
+    let asked = waiting.clone();
     tokio::spawn(async move {
         let mut events = follow.bytes_stream().eventsource();
         let mut out = std::io::stdout();
@@ -124,6 +186,30 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 "entry" => match data["type"].as_str() {
                     Some("message") if data["role"] == "assistant" => {
                         let _ = writeln!(out);
+                    }
+                    Some("permission_request") => {
+                        let p = &data["permission"];
+                        let options = p["options"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|o| o["option_id"].as_str().map(str::to_owned))
+                            .collect();
+                        if let Some(id) = p["request_id"].as_str() {
+                            asked
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push((id.to_owned(), options));
+                        }
+                        let _ = writeln!(out, "{}", show_request(p));
+                    }
+                    Some("permission_decision") => {
+                        let id = data["permission"]["request_id"].as_str();
+                        asked
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .retain(|(r, _)| Some(r.as_str()) != id);
+                        let _ = writeln!(out, "{}", show_decision(&data));
                     }
                     Some("turn_ended") if data["status"] != "completed" => {
                         let _ = writeln!(
@@ -165,6 +251,25 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                     eprintln!("[that turn had already ended; nothing cancelled]");
                 }
             }
+            answer if answer == "/answer" || answer.starts_with("/answer ") => {
+                let arg = answer.trim_start_matches("/answer").trim();
+                let (request_id, option) = match pick(&waiting, arg) {
+                    Ok(choice) => choice,
+                    Err(why) => {
+                        eprintln!("[{why}]");
+                        continue;
+                    }
+                };
+                let url = format!("{base}/v1/sessions/{session}/permissions/{request_id}");
+                let resp = request(&client, &args.token, reqwest::Method::POST, url)
+                    .json(&json!({ "option_id": option }))
+                    .send()
+                    .await?;
+                // The decision is shown when it comes back on the stream.
+                if let Err(e) = json_or_error(resp).await {
+                    eprintln!("[{e}]");
+                }
+            }
             text => {
                 let mut body = json!({ "content": text });
                 if let Some(p) = &args.policy {
@@ -195,4 +300,27 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_names_an_option_by_number_or_id() {
+        let waiting: Waiting = Default::default();
+        assert!(pick(&waiting, "1").is_err(), "nothing waits");
+        waiting.lock().unwrap_or_else(|p| p.into_inner()).extend([
+            ("r1".to_owned(), vec!["yes".to_owned(), "no".to_owned()]),
+            ("r2".to_owned(), vec!["ok".to_owned()]),
+        ]);
+        assert_eq!(pick(&waiting, "2"), Ok(("r1".into(), "no".into())));
+        assert_eq!(pick(&waiting, "yes"), Ok(("r1".into(), "yes".into())));
+        assert!(pick(&waiting, "3").is_err());
+        assert!(pick(&waiting, "0").is_err());
+        assert!(
+            pick(&waiting, "ok").is_err(),
+            "the oldest request's options"
+        );
+    }
 }

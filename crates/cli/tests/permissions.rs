@@ -455,3 +455,59 @@ async fn a_restart_while_waiting_loses_the_turn_and_closes_the_request() {
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
     assert!(second.terminate().await);
 }
+
+/// `baton chat` shows a waiting request with its options and sends the
+/// one typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_shows_a_request_and_sends_the_choice() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let app = spawn_app(|_| {}).await;
+    let mut chat = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["chat", "--url", &app.client.base])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = chat.stdin.take().unwrap();
+    let mut lines = BufReader::new(chat.stdout.take().unwrap()).lines();
+    let mut until = async |want: &str| {
+        let mut seen = Vec::new();
+        loop {
+            let line = tokio::time::timeout(PATIENCE, lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no {want:?} in {seen:#?}"))
+                .unwrap()
+                .unwrap_or_else(|| panic!("chat ended; no {want:?} in {seen:#?}"));
+            if line.contains(want) {
+                return seen;
+            }
+            seen.push(line);
+        }
+    };
+    stdin.write_all(b"/ask hi\n").await.unwrap();
+    let shown = until("answer with /answer N").await;
+    assert!(
+        shown
+            .iter()
+            .any(|l| l.contains("permission asked: pretend tool")),
+        "{shown:#?}"
+    );
+    assert!(
+        shown
+            .iter()
+            .any(|l| l.contains("2) allow always [allow_always]")),
+        "{shown:#?}"
+    );
+    stdin.write_all(b"/answer 2\n").await.unwrap();
+    until("[permission: allow-always (by user:local)]").await;
+    until("echo: hi (permission: allow-always)").await;
+    stdin.write_all(b"/quit\n").await.unwrap();
+    let exit = tokio::time::timeout(PATIENCE, chat.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success());
+    app.stop().await;
+}

@@ -73,7 +73,7 @@ pub(crate) async fn run(inner: Arc<Inner>, lease: Lease, mut bus: broadcast::Rec
             Ok(Take::Run(turn, begun)) => {
                 // `begin` extended the lease.
                 clock.renewed(asked);
-                run_turn(&inner, &lease, &clock, turn, begun, &mut bus)
+                run_turn(&inner, &lease, &clock, *turn, begun, &mut bus)
                     .await
                     .map(Some)
             }

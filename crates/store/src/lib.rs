@@ -243,7 +243,7 @@ pub enum Begin {
 pub enum Take {
     /// The session's starting turn, handed over: `running` now
     /// ([`Begin::Run`]), or cancelled before it ran ([`Begin::Cancelled`]).
-    Run(TurnToRun, Begin),
+    Run(Box<TurnToRun>, Begin),
     /// Nothing was waiting: the lease is given up.
     Released,
     /// The active turn is already running and this holder is not running it

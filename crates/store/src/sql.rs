@@ -1762,7 +1762,7 @@ impl Store for SqlStore {
                 return Ok(Take::Busy);
             };
             let begun = begin(c, &mut s, now, &cfg, &lease, todo.turn.id, cancel).await?;
-            Ok(Take::Run(todo, begun))
+            Ok(Take::Run(Box::new(todo), begun))
         })
     }
 
