@@ -511,3 +511,39 @@ async fn chat_shows_a_request_and_sends_the_choice() {
     assert!(exit.success());
     app.stop().await;
 }
+
+/// The API document has the permission routes and entry types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_document_describes_permissions() {
+    let app = spawn_app(|_| {}).await;
+    let c = &app.client;
+    let (status, doc) = c.send(c.req(Method::GET, "/openapi.json")).await;
+    assert_eq!(status, StatusCode::OK);
+    for (method, path) in [
+        ("get", "/v1/sessions/{id}/permissions"),
+        ("post", "/v1/sessions/{id}/permissions/{request_id}"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "no {method} {path}");
+    }
+    let answer = &doc["paths"]["/v1/sessions/{id}/permissions/{request_id}"]["post"];
+    for code in ["200", "201", "400", "404", "409"] {
+        assert!(answer["responses"][code].is_object(), "no {code}: {answer}");
+    }
+    let schemas = &doc["components"]["schemas"];
+    let kinds = schemas["EntryType"].to_string();
+    for kind in ["permission_request", "permission_decision"] {
+        assert!(kinds.contains(kind), "{kinds}");
+    }
+    for schema in [
+        "PermissionInfo",
+        "PermissionOptionInfo",
+        "PermissionPolicy",
+        "PermissionStatus",
+        "AnswerBody",
+    ] {
+        assert!(schemas[schema].is_object(), "no schema {schema}");
+    }
+    assert!(schemas["Session"]["properties"]["pending_permissions"].is_object());
+    assert!(schemas["CreateSessionBody"]["properties"]["permission"].is_object());
+    app.stop().await;
+}
