@@ -1065,15 +1065,20 @@ async fn permission(shared: &Shared, req: RequestPermissionRequest, reply: Reply
     };
     if policy == PermissionPolicy::Ask {
         let id = request.request_id.clone();
-        {
+        let unheard = {
             let mut sinks = shared.sinks.lock().unwrap_or_else(|p| p.into_inner());
             match sinks.get_mut(&session) {
                 Some(sink) => {
                     sink.asks.insert(id, reply);
+                    None
                 }
-                // The turn ended meanwhile: the reply drops, `cancelled`.
-                None => return,
+                None => Some(reply),
             }
+        };
+        if unheard.is_some() {
+            // The turn ended meanwhile: the reply drops here, outside the
+            // lock, answering `cancelled`.
+            return;
         }
         let _ = tx.send(AgentEvent::AskPermission(request)).await;
         return;

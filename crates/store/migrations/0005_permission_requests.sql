@@ -20,3 +20,8 @@ CREATE TABLE permission_requests (
 );
 CREATE INDEX permission_requests_pending ON permission_requests (session_id, turn_id)
     WHERE state = 'pending';
+
+-- How many of the session's requests are pending: a turn's end looks for
+-- requests to close only when there are some, so turns that never ask pay
+-- nothing for it.
+ALTER TABLE sessions ADD COLUMN open_permissions BIGINT NOT NULL DEFAULT 0;

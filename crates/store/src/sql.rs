@@ -523,7 +523,7 @@ async fn pg_now_locked(c: &mut Conn, id: SessionId) -> R<i64> {
 
 const SESSION_COLS: &str = "id, owner, agent, policy, metadata, created_at, last_seq, consumed_seq, \
      active_turn, lease_owner, lease_epoch, lease_expires_at, idempotency_key, request_fingerprint, agent_session, \
-     waiting_count, last_gather_seq, after_gather_count, permission";
+     waiting_count, last_gather_seq, after_gather_count, permission, open_permissions";
 
 const ENTRY_COLS: &str =
     "session_id, seq, kind, role, turn_id, content, status, reason, input_from, input_to, tool, permission, created_at";
@@ -551,6 +551,8 @@ pub(crate) struct SessionRow {
     queue: QueueSummary,
     /// Set at creation only.
     permission: Option<PermissionPolicy>,
+    /// Pending permission requests; written by [`track_permission`] alone.
+    open_permissions: i64,
 }
 
 fn corrupt(what: &str, value: &str) -> Fail {
@@ -591,6 +593,7 @@ fn session_row(r: &Row) -> R<SessionRow> {
         permission: permission
             .map(|p| p.parse().map_err(|_| corrupt("permission policy", &p)))
             .transpose()?,
+        open_permissions: r.get("open_permissions")?,
     })
 }
 
@@ -807,18 +810,18 @@ async fn append(
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)", &args![s.id.to_string(), s.last_seq, e.kind.as_str(), e.role.map(Role::as_str), e.turn_id.map(|t| t.to_string()), e.content.clone(), e.status.map(TurnStatus::as_str), e.reason.clone(), e.input.map(|i| i.from as i64), e.input.map(|i| i.to as i64), tool, permission, user.as_ref().map(|u| u.policy.as_str()), user.as_ref().and_then(|u| u.requested.map(Policy::as_str)), disposition, user.as_ref().and_then(|u| u.key.map(str::to_owned)), now])
     .await?;
     let entry = e.committed(s.id, s.last_seq as Seq, Timestamp(now));
-    track_permission(c, &entry).await?;
+    track_permission(c, s, &entry).await?;
     Ok(entry)
 }
 
 /// Keeps `permission_requests` in step with the log: a request entry opens
 /// a pending row; a decision entry closes its request's row, which must be
 /// pending (exactly once: a second decision for one request is refused).
-async fn track_permission(c: &mut Conn, e: &Entry) -> R<()> {
+async fn track_permission(c: &mut Conn, s: &mut SessionRow, e: &Entry) -> R<()> {
     let (Some(p), Some(turn)) = (&e.permission, e.turn_id) else {
         return Ok(());
     };
-    match e.kind {
+    let opened = match e.kind {
         EntryType::PermissionRequest => {
             let request = serde_json::to_string(p)
                 .map_err(|err| StoreError::Internal(format!("encoding a permission: {err}")))?;
@@ -834,6 +837,7 @@ async fn track_permission(c: &mut Conn, e: &Entry) -> R<()> {
                 ],
             )
             .await?;
+            1
         }
         EntryType::PermissionDecision => {
             let n = c
@@ -855,9 +859,16 @@ async fn track_permission(c: &mut Conn, e: &Entry) -> R<()> {
                 ))
                 .into());
             }
+            -1
         }
-        _ => {}
-    }
+        _ => return Ok(()),
+    };
+    s.open_permissions += opened;
+    c.execute(
+        "UPDATE sessions SET open_permissions = $2 WHERE id = $1",
+        &args![s.id.to_string(), s.open_permissions],
+    )
+    .await?;
     Ok(())
 }
 
@@ -873,6 +884,9 @@ async fn close_pending(
     decided_by: &str,
     reason: &str,
 ) -> R<Vec<Entry>> {
+    if s.open_permissions <= 0 {
+        return Ok(Vec::new());
+    }
     let rows = c
         .fetch_all(
             "SELECT request_id, request FROM permission_requests \
@@ -1275,6 +1289,7 @@ async fn op_create(
         agent_session: None,
         queue: QueueSummary::default(),
         permission: req.permission,
+        open_permissions: 0,
     };
     c.execute("INSERT INTO sessions (id, owner, agent, policy, metadata, created_at, idempotency_key, request_fingerprint, permission) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)", &args![s.id.to_string(), &s.owner, &s.agent, s.policy.as_str(), &s.metadata, now, req.idempotency_key.clone(), s.fingerprint.clone(), s.permission.map(PermissionPolicy::as_str)])
