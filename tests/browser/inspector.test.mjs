@@ -499,7 +499,7 @@ scenario('a message with markup stays inert text', async ({ page }) => {
   assert.equal(await page.locator('img').count(), 0);
 });
 
-scenario('thoughts, permissions and entry types this page does not know', async ({ page }) => {
+scenario('tool results, plans, thoughts, permissions and entry types this page does not know', async ({ page }) => {
   const id = await createSession(OPEN);
   await page.goto(`${OPEN}/sessions/${id}`);
   await page.locator('.stream-state', { hasText: 'live' }).waitFor();
@@ -516,9 +516,17 @@ scenario('thoughts, permissions and entry types this page does not know', async 
     view.add({ seq: 4, type: 'permission_decision', turn_id: 't1', permission: { request_id: 'r1', tool_call_id: 'c1', option_id: 'no', outcome: 'selected', decided_by: 'policy' }, created_at: at });
     view.add({ seq: 5, type: 'steer_note', turn_id: 't1', content: '<script>x</script>', extra: { pending: true }, created_at: at });
     view.add({ seq: 6, type: 'message', role: 'user', content: 'x', disposition: { type: 'pending' }, created_at: at });
+    view.add({ seq: 7, type: 'tool_result', turn_id: 't1', tool: { id: 'c1' }, content: 'cancelled', created_at: at });
+    view.add({ seq: 8, type: 'message', role: 'system', turn_id: 't1', content: 'plan:\n- [completed] read the file\n- [in_progress] write <u>it</u>', created_at: at });
     return Array.from(list.querySelectorAll('[data-seq]'), (e) => [e.dataset.type, e.textContent]);
   });
-  assert.deepEqual(shownTypes.map((t) => t[0]), ['tool_call', 'thought', 'permission_request', 'permission_decision', 'steer_note', 'message']);
+  assert.deepEqual(shownTypes.map((t) => t[0]), ['tool_call', 'thought', 'permission_request', 'permission_decision', 'steer_note', 'message', 'tool_result', 'message']);
+  assert.match(shownTypes[0][1], /→ result #7/, 'the call links its result');
+  assert.match(shownTypes[6][1], /result of #1 write_file/, 'the result names its call');
+  assert.match(shownTypes[7][1], /plan/);
+  assert.deepEqual(await page.locator('[data-seq="8"] .steps li').allTextContents(), ['completed read the file', 'in progress write <u>it</u>']);
+  assert.equal(await page.locator('[data-seq="8"] .steps li').count(), 2, 'a plan shows its steps');
+  assert.equal(await page.locator('u').count(), 0);
   assert.match(shownTypes[1][1], /thinking <b>hard<\/b>/);
   assert.match(shownTypes[2][1], /for #1 write_file/);
   assert.match(shownTypes[2][1], /Allow once \(allow_once\)/);

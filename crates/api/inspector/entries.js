@@ -127,7 +127,11 @@ export class LogView {
     if (role === 'system' && content.startsWith('plan:')) {
       const steps = content.slice(5).split('\n').map((l) => l.trim()).filter(Boolean);
       return h('li', { class: 'entry plan' }, this.meta(e, 'plan'),
-        h('ol', { class: 'steps' }, steps.map((s) => h('li', {}, s))));
+        h('ol', { class: 'steps' }, steps.map((s) => {
+          // "- [status] step", as plans are stored.
+          const m = s.match(/^-\s*\[([a-z_]+)\]\s*(.*)$/);
+          return m ? h('li', {}, h('span', { class: `badge step ${m[1]}` }, m[1].replace(/_/g, ' ')), ' ', m[2]) : h('li', {}, s);
+        })));
     }
     const el = h('li', { class: `entry message role-${role}` },
       this.meta(e, role, role === 'user' ? h('span', { class: 'badge waiting', hidden: true }) : null),

@@ -55,7 +55,7 @@ export async function sessionPage(root, id) {
   const download = h('button', { type: 'button', class: 'secondary' }, 'Download export');
   download.addEventListener('click', () => exportSession(session.id, format.value, exportNote));
 
-  const list = h('ol', { class: 'log', 'aria-label': 'Session log' });
+  const list = h('ol', { class: 'log' });
   const waitingBox = h('div', { class: 'waiting-box' });
   // Follow the log while the reader is at its end; stay put if they scrolled up.
   let following = true;
@@ -141,7 +141,8 @@ export async function sessionPage(root, id) {
         h('div', {}, h('dt', {}, 'stream'), h('dd', {}, streamState))),
       h('div', { class: 'exports' }, h('label', { for: 'export-format' }, 'Export'), format, download, exportNote)),
     h('div', { class: 'session-body' },
-      h('section', { class: 'log-pane' }, list),
+      // role=log: screen readers announce new entries politely.
+      h('section', { class: 'log-pane', role: 'log', 'aria-label': 'Session log' }, list),
       h('aside', { class: 'side' }, h('h2', {}, 'Waiting'), waitingBox)),
     form);
 
