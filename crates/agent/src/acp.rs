@@ -949,6 +949,10 @@ async fn route(shared: &Shared, n: SessionNotification) {
             ContentBlock::Text(t) => Some(AgentEvent::Delta(t.text)),
             _ => None,
         },
+        SessionUpdate::AgentThoughtChunk(chunk) => match chunk.content {
+            ContentBlock::Text(t) => Some(AgentEvent::Thought(t.text)),
+            _ => None,
+        },
         SessionUpdate::ToolCall(call) => {
             Some(AgentEvent::Output(AgentOutput::ToolCall(ToolInfo {
                 id: call.tool_call_id.0.to_string(),

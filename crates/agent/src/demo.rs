@@ -14,7 +14,10 @@
 //!   … `option-N`), answered by the session's permission policy (the demo
 //!   agent's own is `ask`: the user answers), and reports the chosen option
 //!   at the end of its reply (`(permission: <option>)` or
-//!   `(permission: cancelled)`).
+//!   `(permission: cancelled)`);
+//! - `/tool` — thinks (a thought chunk), says it will look the text up,
+//!   calls a `lookup` tool, gets its result, then echoes: text, tool call,
+//!   result, text, in that order.
 
 use std::time::Duration;
 
@@ -61,6 +64,8 @@ enum Directive {
     /// Asks permission for a pretend tool call, offering this many options
     /// (zero: the four standard ones).
     Ask(usize),
+    /// Text, a tool call and its result, then the echo.
+    Tool,
 }
 
 /// Splits a leading directive off `text`.
@@ -73,6 +78,7 @@ fn parse(text: &str) -> (Directive, &str) {
         "/fail" => (Directive::Fail, rest.trim_start()),
         "/hang" => (Directive::Hang, rest.trim_start()),
         "/stubborn" => (Directive::Stubborn, rest.trim_start()),
+        "/tool" => (Directive::Tool, rest.trim_start()),
         "/ask" => {
             let rest = rest.trim_start();
             let (n, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
@@ -297,6 +303,46 @@ async fn ask(turn: &mut Turn, call: String, options: usize) -> Result<Option<Str
     Ok(chosen)
 }
 
+/// `/tool`'s first half: a thought, a sentence, a `lookup` call of `text`
+/// and its result (the pause between call and result is where a cancel or
+/// a crash finds the call open).
+async fn lookup(
+    word_delay: Duration,
+    input: &TurnInput,
+    n: usize,
+    text: &str,
+    turn: &mut Turn,
+) -> Result<(), Stop> {
+    let id = format!(
+        "lookup-{}-{n}",
+        input.turn_id.to_string().get(..8).unwrap_or("0")
+    );
+    let lead = if n == 0 { "" } else { "\n" };
+    let script = [
+        AgentEvent::Thought(format!("The user wants {text:?} looked up.")),
+        AgentEvent::Delta(format!("{lead}Let me look that up.")),
+        AgentEvent::Output(AgentOutput::ToolCall(ToolInfo {
+            id: id.clone(),
+            name: Some("lookup".into()),
+            arguments: Some(serde_json::json!({ "query": text })),
+        })),
+    ];
+    for ev in script {
+        if turn.tx.send(ev).await.is_err() {
+            return Err(Stop::Killed);
+        }
+    }
+    pause(word_delay * 5, &mut turn.signal, false).await?;
+    let result = AgentEvent::Output(AgentOutput::ToolResult {
+        id,
+        content: format!("found: {text}"),
+    });
+    if turn.tx.send(result).await.is_err() {
+        return Err(Stop::Killed);
+    }
+    Ok(())
+}
+
 async fn run(word_delay: Duration, input: TurnInput, mut turn: Turn) {
     let tx = turn.tx.clone();
     let last = match script(word_delay, &input, &mut turn).await {
@@ -325,6 +371,9 @@ async fn script(word_delay: Duration, input: &TurnInput, turn: &mut Turn) -> Res
             }
             _ => format!("echo: {text}"),
         };
+        if directive == Directive::Tool {
+            lookup(word_delay, input, n, text, turn).await?;
+        }
         let (tx, signal) = (&turn.tx, &mut turn.signal);
         let words: Vec<&str> = line.split_whitespace().collect();
         let started = Instant::now();
@@ -335,6 +384,8 @@ async fn script(word_delay: Duration, input: &TurnInput, turn: &mut Turn) -> Res
         for (i, word) in words.iter().enumerate() {
             let chunk = match (i, n) {
                 (0, 0) => (*word).to_owned(),
+                // After a tool result the echo starts a run of its own.
+                (0, _) if directive == Directive::Tool => (*word).to_owned(),
                 (0, _) => format!("\n{word}"),
                 _ => format!(" {word}"),
             };
@@ -450,6 +501,41 @@ mod tests {
         h.control.force_stop();
         let events = collect(&mut h).await;
         assert!(events.iter().all(|e| matches!(e, AgentEvent::Delta(_))));
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tool_says_calls_gets_a_result_then_says_more() -> Result<(), AgentError> {
+        let mut h = DemoAgent::default().start(input(&["/tool rust"])).await?;
+        let events = collect(&mut h).await;
+        let shape: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                AgentEvent::Thought(_) => "thought".to_owned(),
+                AgentEvent::Delta(d) => format!("text {}", d.trim()),
+                AgentEvent::Output(AgentOutput::ToolCall(t)) => format!(
+                    "call {} {}",
+                    t.name.as_deref().unwrap_or(""),
+                    t.arguments.clone().unwrap_or_default()
+                ),
+                AgentEvent::Output(AgentOutput::ToolResult { content, .. }) => {
+                    format!("result {content}")
+                }
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                "thought",
+                "text Let me look that up.",
+                "call lookup {\"query\":\"rust\"}",
+                "result found: rust",
+                "text echo:",
+                "text rust",
+                "Stopped(Completed)",
+            ]
+        );
         Ok(())
     }
 

@@ -88,6 +88,10 @@ pub enum AgentEvent {
     /// A chunk of the agent's text: streamed at once; each run of text
     /// between two other outputs is stored as one assistant message.
     Delta(String),
+    /// A chunk of the agent's reasoning (`agent_thought_chunk`): not
+    /// streamed; each run of it between two other outputs is stored as one
+    /// `thought` entry.
+    Thought(String),
     /// Output to store.
     Output(AgentOutput),
     /// The agent finished the prompt. The last event of a turn.

@@ -322,6 +322,32 @@ impl NewEntry {
         }
     }
 
+    /// The result that closes tool call `call_id`, left open when `turn`
+    /// ended with `status` (and `reason`): it carries both, so the
+    /// transcript pairs every call with a result (I7 for tools).
+    pub fn tool_closed(
+        turn: TurnId,
+        call_id: String,
+        status: TurnStatus,
+        reason: Option<&str>,
+    ) -> Self {
+        let content = match reason {
+            Some(why) => format!(
+                "tool call not completed: the turn ended {} ({why})",
+                status.as_str()
+            ),
+            None => format!(
+                "tool call not completed: the turn ended {}",
+                status.as_str()
+            ),
+        };
+        Self {
+            status: Some(status),
+            reason: reason.map(str::to_owned),
+            ..Self::tool_result(turn, call_id, content)
+        }
+    }
+
     /// A turn began with `input`.
     pub fn turn_started(turn: TurnId, input: InputRange) -> Self {
         Self {

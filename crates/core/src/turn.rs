@@ -11,13 +11,16 @@
 //!   after its terminal entry (I8);
 //! - a cancel is idempotent and wins over a late completion (ended is
 //!   absorbing);
-//! - tool calls still open at the end get a synthetic `cancelled` result, so
-//!   the transcript replays validly to a model;
+//! - tool calls still open at the end get a synthetic result carrying the
+//!   turn's status and reason, in the transaction of its `turn_ended`, so the
+//!   transcript replays validly to a model;
 //! - output is stored in the order the agent produced it: deltas are the
 //!   agent's text, and each run of text between two other outputs (a tool
 //!   call, a result, a note) is stored as one assistant message, before the
 //!   output that ended it. A trailing run is stored only when the turn
 //!   completes (a cancelled or failed turn's half-sentence is not a reply);
+//!   thought chunks form runs the same way, stored as `thought` entries (a
+//!   trailing one whatever the end), never streamed as deltas;
 //! - no stored message, tool result or run of text exceeds the output cap:
 //!   past it the turn is cancelled, drained and ended `failed`, and nothing
 //!   partial is stored.
@@ -62,6 +65,9 @@ pub enum Event {
     CancelRequested { reason: String },
     /// A transient chunk of output.
     AgentDelta(String),
+    /// A chunk of the agent's reasoning: stored (a run of them as one
+    /// `thought` entry), never streamed as a delta.
+    AgentThought(String),
     /// Output to store.
     AgentOutput(AgentOutput),
     /// The agent finished the prompt.
@@ -129,8 +135,10 @@ pub struct TurnMachine {
     turn: TurnId,
     state: State,
     open_tools: Vec<String>,
-    /// The run of text streamed since the last other output.
+    /// The run of text (or of thought) since the last other output.
     run: String,
+    /// Whether `run` is thought rather than text.
+    thinking: bool,
     max_output: usize,
     /// Output passed the cap: nothing more of it is streamed or stored.
     overflowed: bool,
@@ -150,6 +158,7 @@ impl TurnMachine {
             state: State::Starting { pending: None },
             open_tools: Vec::new(),
             run: String::new(),
+            thinking: false,
             max_output,
             overflowed: false,
         }
@@ -202,11 +211,36 @@ impl TurnMachine {
                 if self.overflowed {
                     return Vec::new();
                 }
+                // A change of kind ends the run before it.
+                let mut actions = if self.thinking {
+                    self.flush()
+                } else {
+                    Vec::new()
+                };
                 if self.run.len() + text.len() > self.max_output {
-                    return self.overflow();
+                    actions.extend(self.overflow());
+                    return actions;
                 }
                 self.run.push_str(&text);
-                vec![Action::PublishDelta(text)]
+                actions.push(Action::PublishDelta(text));
+                actions
+            }
+            (State::Running | State::Draining { .. }, Event::AgentThought(text)) => {
+                if self.overflowed {
+                    return Vec::new();
+                }
+                let mut actions = if self.thinking {
+                    Vec::new()
+                } else {
+                    self.flush()
+                };
+                if self.run.len() + text.len() > self.max_output {
+                    actions.extend(self.overflow());
+                    return actions;
+                }
+                self.thinking = true;
+                self.run.push_str(&text);
+                actions
             }
             (State::Running | State::Draining { .. }, Event::AgentOutput(out)) => {
                 if self.overflowed {
@@ -261,6 +295,7 @@ impl TurnMachine {
     /// Output past the cap: nothing of it is stored, the turn stops `failed`.
     fn overflow(&mut self) -> Vec<Action> {
         self.run.clear();
+        self.thinking = false;
         self.overflowed = true;
         match self.state {
             State::Running => self.drain(
@@ -280,9 +315,12 @@ impl TurnMachine {
             return Vec::new();
         }
         let text = std::mem::take(&mut self.run);
-        vec![Action::Append(Box::new(NewEntry::assistant_message(
-            self.turn, text,
-        )))]
+        let entry = if std::mem::take(&mut self.thinking) {
+            NewEntry::thought(self.turn, text)
+        } else {
+            NewEntry::assistant_message(self.turn, text)
+        };
+        vec![Action::Append(Box::new(entry))]
     }
 
     fn record(&mut self, out: AgentOutput) -> NewEntry {
@@ -304,17 +342,20 @@ impl TurnMachine {
 
     fn end(&mut self, status: TurnStatus, reason: Option<String>) -> Vec<Action> {
         self.state = State::Ended;
+        // A trailing run of thought is kept whatever the end (it is what the
+        // agent did); a trailing run of text only when the turn completes
+        // (flushed before this), as a half-sentence is not a reply.
+        let mut entries: Vec<NewEntry> = Vec::new();
+        if self.thinking && !self.run.is_empty() {
+            entries.push(NewEntry::thought(self.turn, std::mem::take(&mut self.run)));
+        }
         self.run.clear();
-        let mut entries: Vec<NewEntry> = std::mem::take(&mut self.open_tools)
-            .into_iter()
-            .map(|id| {
-                NewEntry::tool_result(
-                    self.turn,
-                    id,
-                    format!("tool call cancelled: the turn ended {}", status.as_str()),
-                )
-            })
-            .collect();
+        self.thinking = false;
+        entries.extend(
+            std::mem::take(&mut self.open_tools)
+                .into_iter()
+                .map(|id| NewEntry::tool_closed(self.turn, id, status, reason.as_deref())),
+        );
         entries.push(NewEntry::turn_ended(self.turn, status, reason.clone()));
         vec![Action::End {
             status,
@@ -498,6 +539,64 @@ mod tests {
     }
 
     #[test]
+    fn thoughts_are_runs_of_their_own_and_a_trailing_one_is_kept() {
+        let t = TurnId::new();
+        let mut m = TurnMachine::new(t);
+        m.handle(Event::Started);
+        let mut stored = Vec::new();
+        let mut published = Vec::new();
+        for e in [
+            Event::AgentThought("hm, ".into()),
+            Event::AgentThought("grep it".into()),
+            Event::AgentDelta("Looking.".into()),
+            Event::AgentThought("found?".into()),
+            Event::AgentOutput(AgentOutput::ToolCall(ToolInfo {
+                id: "c".into(),
+                name: None,
+                arguments: None,
+            })),
+            Event::AgentThought("waiting".into()),
+            Event::CancelRequested {
+                reason: "user".into(),
+            },
+            Event::AgentStopped(StopReason::Cancelled),
+        ] {
+            let actions = m.handle(e);
+            published.extend(actions.iter().filter_map(|a| match a {
+                Action::PublishDelta(d) => Some(d.clone()),
+                _ => None,
+            }));
+            stored.extend(appended(&actions));
+        }
+        assert_eq!(published, ["Looking."], "thoughts are not deltas");
+        let shape: Vec<(EntryKind, Option<&str>)> = stored
+            .iter()
+            .map(|e| (e.kind, e.content.as_deref()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (EntryKind::Thought, Some("hm, grep it")),
+                (EntryKind::Message, Some("Looking.")),
+                (EntryKind::Thought, Some("found?")),
+                (EntryKind::ToolCall, None),
+                (EntryKind::Thought, Some("waiting")),
+                (
+                    EntryKind::ToolResult,
+                    Some("tool call not completed: the turn ended cancelled (user)")
+                ),
+                (EntryKind::TurnEnded, None),
+            ]
+        );
+        let closed = &stored[5];
+        assert_eq!(
+            (closed.status, closed.reason.as_deref()),
+            (Some(TurnStatus::Cancelled), Some("user")),
+            "the closing result carries the turn's status and reason"
+        );
+    }
+
+    #[test]
     fn a_cancelled_turns_trailing_text_is_not_stored() {
         let mut m = TurnMachine::new(TurnId::new());
         m.handle(Event::Started);
@@ -570,6 +669,7 @@ mod tests {
                 reason: "user".into()
             }),
             Just(Event::AgentDelta("tok".into())),
+            Just(Event::AgentThought("hm".into())),
             Just(Event::AgentOutput(AgentOutput::Message("hi".into()))),
             Just(Event::AgentOutput(AgentOutput::ToolCall(ToolInfo {
                 id: "t".into(),

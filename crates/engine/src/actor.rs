@@ -742,6 +742,7 @@ async fn agent_event(
             Some(Event::AgentOutput(AgentOutput::PermissionRequest(p)))
         }
         AgentEvent::Delta(text) => Some(Event::AgentDelta(text)),
+        AgentEvent::Thought(text) => Some(Event::AgentThought(text)),
         AgentEvent::Output(out) => Some(Event::AgentOutput(out)),
         AgentEvent::Stopped(stop) => Some(Event::AgentStopped(stop)),
         AgentEvent::AgentSession(id) => {
@@ -923,16 +924,11 @@ fn reclose(
             open.push(id);
         }
     }
-    let status = ended.status.map_or("failed", TurnStatus::as_str);
+    let status = ended.status.unwrap_or(TurnStatus::Failed);
+    let reason = ended.reason.clone();
     let mut entries: Vec<NewEntry> = open
         .into_iter()
-        .map(|id| {
-            NewEntry::tool_result(
-                turn_id,
-                id,
-                format!("tool call cancelled: the turn ended {status}"),
-            )
-        })
+        .map(|id| NewEntry::tool_closed(turn_id, id, status, reason.as_deref()))
         .collect();
     entries.push(ended);
     entries

@@ -1961,6 +1961,30 @@ pub async fn all_foreign_recovery_takes_unexpired_leases<Fut: Future<Output = Sh
         Begin::Run
     );
 
+    // The worker stored two tool calls and answered one before it vanished.
+    let call = |id: &str| {
+        NewEntry::tool_call(
+            t1,
+            ToolInfo {
+                id: id.to_owned(),
+                name: Some("grep".to_owned()),
+                arguments: None,
+            },
+        )
+    };
+    f.store
+        .append_output(
+            &old,
+            t1,
+            vec![
+                call("answered"),
+                call("open"),
+                NewEntry::tool_result(t1, "answered".to_owned(), "ok"),
+            ],
+        )
+        .await
+        .expect("append_output");
+
     let other = unique("node-restarted");
     let all = f.store.recover(&other, false).await.expect("recover");
     assert!(
@@ -1987,10 +2011,25 @@ pub async fn all_foreign_recovery_takes_unexpired_leases<Fut: Future<Output = Sh
     assert!(rec.lease.epoch > old.epoch);
     assert_eq!(
         rec.committed.len(),
-        1,
-        "the running turn ends lost; nothing waits"
+        2,
+        "the open call is closed, the running turn ends lost; nothing waits"
     );
-    assert!(ended_entry(&rec.committed[0], t1, TurnStatus::Lost));
+    let closed = &rec.committed[0];
+    assert_eq!(
+        (
+            closed.kind,
+            closed.tool.as_ref().map(|t| t.id.as_str()),
+            closed.status
+        ),
+        (EntryType::ToolResult, Some("open"), Some(TurnStatus::Lost)),
+        "the open call gets a result carrying the turn's status"
+    );
+    assert_eq!(closed.reason, rec.committed[1].reason);
+    assert_eq!(
+        closed.created_at, rec.committed[1].created_at,
+        "in the recovery's transaction"
+    );
+    assert!(ended_entry(&rec.committed[1], t1, TurnStatus::Lost));
     expect_err!(
         f.store.renew_lease(&old).await,
         StoreError::StaleEpoch { .. },

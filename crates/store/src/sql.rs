@@ -1479,12 +1479,13 @@ async fn op_recover_one(
     let lease = claim(&mut s, node, now, cfg.lease_ttl);
     let row = c
         .fetch_one(
-            "SELECT status, recoveries FROM turns WHERE id = $1",
+            "SELECT status, recoveries, input_to FROM turns WHERE id = $1",
             &args![turn.to_string()],
         )
         .await?;
     let status: String = row.get("status")?;
     let recoveries: i64 = row.get("recoveries")?;
+    let input_to: i64 = row.get("input_to")?;
     let mut committed = Vec::new();
     let end = match status.as_str() {
         "running" => Some((
@@ -1506,13 +1507,55 @@ async fn op_recover_one(
         }
     };
     if let Some((status, reason)) = end {
-        let entries = vec![NewEntry::turn_ended(turn, status, Some(reason.clone()))];
+        // The vanished worker's open tool calls are closed here, in the
+        // transaction that ends its turn.
+        let mut entries: Vec<NewEntry> = open_tool_calls(c, s.id, turn, input_to)
+            .await?
+            .into_iter()
+            .map(|id| NewEntry::tool_closed(turn, id, status, Some(&reason)))
+            .collect();
+        entries.push(NewEntry::turn_ended(turn, status, Some(reason.clone())));
         committed = finish_turn(c, &mut s, now, turn, status, Some(reason), entries)
             .await?
             .committed;
     }
     save_session(c, &s).await?;
     Ok(Some(Recovered { lease, committed }))
+}
+
+/// The tool calls `turn` stored and never answered, in call order. The
+/// turn's output lies after its last input (`input_to`): the scan starts
+/// there on the primary key.
+async fn open_tool_calls(
+    c: &mut Conn,
+    session: SessionId,
+    turn: TurnId,
+    input_to: i64,
+) -> R<Vec<String>> {
+    let rows = c
+        .fetch_all(
+            "SELECT kind, tool FROM entries WHERE session_id = $1 AND seq > $2 AND turn_id = $3 \
+             AND kind IN ('tool_call', 'tool_result') ORDER BY seq",
+            &args![session.to_string(), input_to, turn.to_string()],
+        )
+        .await?;
+    let mut open: Vec<String> = Vec::new();
+    for row in rows {
+        let kind: String = row.get("kind")?;
+        let tool: Option<String> = row.get("tool")?;
+        let Some(tool) = tool else { continue };
+        let id = serde_json::from_str::<ToolInfo>(&tool)
+            .map_err(|_| corrupt("tool", &tool))?
+            .id;
+        if kind == "tool_call" {
+            if !open.contains(&id) {
+                open.push(id);
+            }
+        } else {
+            open.retain(|o| *o != id);
+        }
+    }
+    Ok(open)
 }
 
 /// Runs `$body` as one write transaction on the session `$lock` names (if
