@@ -1,100 +1,58 @@
-//! `GET /v1/sessions/{id}/export?format=openai`: the transcript as OpenAI
-//! chat messages, ready to replay to a model: consecutive assistant messages
-//! merged (across turns too), tool calls attached to their assistant message, each tool result
-//! after it (open calls already have synthetic `cancelled` results).
+//! `GET /v1/sessions/{id}/export`: the transcript for a model API, as
+//! OpenAI Chat Completions messages (`format=openai`) or as an Anthropic
+//! Messages API request (`format=anthropic`). The rendering and each API's
+//! rules live in `baton_core::export`; this route reads the log and the
+//! query.
 
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use baton_core::{Entry, EntryType, Role};
+use baton_core::export::{self, Options};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{session_id, Owner};
+use crate::extract::{query_u64, session_id, Owner};
 use crate::AppState;
 
 /// The exported transcript.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Export {
-    /// OpenAI chat messages (`role`, `content`, `tool_calls`, `tool_call_id`).
+    /// `format=anthropic` only, when the log has notes before its first
+    /// message: the request's top-level `system`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// `openai`: Chat Completions messages (`role` `user`, `assistant` with
+    /// `tool_calls`, `tool` with `tool_call_id`, `system`). `anthropic`:
+    /// Messages API messages (`role` `user` or `assistant`, alternating,
+    /// content blocks `text`, `tool_use`, `tool_result`).
     #[schema(value_type = Vec<Object>)]
     pub messages: Vec<Value>,
 }
 
-/// Converts a log to OpenAI chat messages.
-pub fn openai_messages(entries: &[Entry]) -> Vec<Value> {
-    let mut out: Vec<Value> = Vec::new();
-    // Whether the last message out is an assistant message that may still
-    // take content or tool calls.
-    let mut open_assistant = false;
-    for e in entries {
-        match (e.kind, e.role) {
-            (EntryType::Message, Some(Role::Assistant)) => {
-                let text = e.content.clone().unwrap_or_default();
-                match out.last_mut().filter(|_| open_assistant) {
-                    Some(last) => {
-                        let merged = match last["content"].as_str() {
-                            Some(prev) if !prev.is_empty() => format!("{prev}\n{text}"),
-                            _ => text,
-                        };
-                        last["content"] = Value::String(merged);
-                    }
-                    None => {
-                        out.push(json!({"role": "assistant", "content": text}));
-                        open_assistant = true;
-                    }
-                }
-            }
-            (EntryType::Message, Some(role)) => {
-                out.push(json!({"role": role.as_str(), "content": e.content.clone().unwrap_or_default()}));
-                open_assistant = false;
-            }
-            (EntryType::ToolCall, _) => {
-                let Some(tool) = &e.tool else { continue };
-                let arguments = match &tool.arguments {
-                    Some(Value::String(s)) => s.clone(),
-                    Some(v) => v.to_string(),
-                    None => "{}".to_owned(),
-                };
-                let call = json!({
-                    "id": tool.id,
-                    "type": "function",
-                    "function": {"name": tool.name.clone().unwrap_or_default(), "arguments": arguments},
-                });
-                if !open_assistant {
-                    out.push(json!({"role": "assistant", "content": Value::Null}));
-                    open_assistant = true;
-                }
-                if let Some(last) = out.last_mut() {
-                    match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
-                        Some(calls) => calls.push(call),
-                        None => last["tool_calls"] = json!([call]),
-                    }
-                }
-            }
-            (EntryType::ToolResult, _) => {
-                let id = e.tool.as_ref().map(|t| t.id.clone()).unwrap_or_default();
-                out.push(json!({"role": "tool", "tool_call_id": id, "content": e.content.clone().unwrap_or_default()}));
-                open_assistant = false;
-            }
-            // Turn boundaries are not messages: assistant messages of
-            // consecutive turns with no user message between them merge too.
-            (EntryType::TurnStarted | EntryType::TurnEnded, _) => {}
-            (
-                EntryType::Thought | EntryType::PermissionRequest | EntryType::PermissionDecision,
-                _,
-            ) => {}
-            (EntryType::Message, None) => {}
-        }
+/// A `true`/`false` query flag; anything else is a `400`.
+fn flag(q: &HashMap<String, String>, name: &str) -> ApiResult<bool> {
+    match q.get(name).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::invalid(format!(
+            "{name} must be true or false, got {other:?}"
+        ))),
     }
-    out
 }
 
-/// Export the transcript.
-#[utoipa::path(get, path = "/v1/sessions/{id}/export", params(("id" = String, Path), ("format" = String, Query, description = "openai")),
+/// Export the transcript for a model API.
+#[utoipa::path(get, path = "/v1/sessions/{id}/export",
+    params(
+        ("id" = String, Path),
+        ("format" = Option<String>, Query, description = "`openai` (default): Chat Completions `messages`; `anthropic`: a Messages API request's `{system, messages}`"),
+        ("after" = Option<u64>, Query, description = "only entries after this seq"),
+        ("upto" = Option<u64>, Query, description = "only entries up to this seq (inclusive)"),
+        ("include_running" = Option<bool>, Query, description = "include the running turn (its open tool calls get a placeholder result); default false: left out whole"),
+        ("include_thoughts" = Option<bool>, Query, description = "include the agent's thoughts as `<thinking>` text; default false"),
+    ),
     responses((status = 200, body = Export), (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn export(
     State(state): State<AppState>,
@@ -103,15 +61,27 @@ pub async fn export(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Export>> {
     let id = session_id(&id)?;
-    match q.get("format").map(String::as_str) {
-        Some("openai") | None => {}
+    let anthropic = match q.get("format").map(String::as_str) {
+        Some("openai") | None => false,
+        Some("anthropic") => true,
         Some(other) => {
             return Err(ApiError::invalid(format!(
-                "unknown export format {other:?}; supported: openai"
+                "unknown export format {other:?}; supported: openai, anthropic"
             )))
         }
+    };
+    let opts = Options {
+        after: query_u64(&q, "after")?.unwrap_or(0),
+        upto: query_u64(&q, "upto")?,
+        include_running: flag(&q, "include_running")?,
+        include_thoughts: flag(&q, "include_thoughts")?,
+    };
+    if opts.upto.is_some_and(|u| u < opts.after) {
+        return Err(ApiError::invalid("upto must not be below after"));
     }
     state.engine.session(&owner, id).await?;
+    // The whole log: which turn is running, and which turn consumed a user
+    // message, are read from entries outside the range too.
     let mut entries = Vec::new();
     let mut after = 0;
     loop {
@@ -125,52 +95,19 @@ pub async fn export(
             break;
         }
     }
-    Ok(Json(Export {
-        messages: openai_messages(&entries),
+    Ok(Json(if anthropic {
+        let mut req = export::anthropic(&entries, &opts);
+        Export {
+            system: req["system"].as_str().map(str::to_owned),
+            messages: match req["messages"].take() {
+                Value::Array(m) => m,
+                _ => Vec::new(),
+            },
+        }
+    } else {
+        Export {
+            system: None,
+            messages: export::openai(&entries, &opts),
+        }
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use baton_core::{InputRange, NewEntry, SessionId, Timestamp, ToolInfo, TurnId, TurnStatus};
-
-    #[test]
-    fn merges_assistant_messages_and_attaches_tool_calls() {
-        let s = SessionId::new();
-        let t = TurnId::new();
-        let log: Vec<Entry> = [
-            NewEntry::user_message("hi"),
-            NewEntry::turn_started(t, InputRange { from: 1, to: 1 }),
-            NewEntry::assistant_message(t, "a"),
-            NewEntry::assistant_message(t, "b"),
-            NewEntry::tool_call(
-                t,
-                ToolInfo {
-                    id: "c1".into(),
-                    name: Some("grep".into()),
-                    arguments: Some(json!({"q": 1})),
-                },
-            ),
-            NewEntry::tool_result(t, "c1".into(), "found"),
-            NewEntry::assistant_message(t, "done"),
-            NewEntry::turn_ended(t, TurnStatus::Completed, None),
-        ]
-        .into_iter()
-        .zip(1..)
-        .map(|(e, seq)| e.committed(s, seq, Timestamp(0)))
-        .collect();
-        let msgs = openai_messages(&log);
-        assert_eq!(
-            msgs,
-            vec![
-                json!({"role": "user", "content": "hi"}),
-                json!({"role": "assistant", "content": "a\nb", "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "grep", "arguments": "{\"q\":1}"}}
-                ]}),
-                json!({"role": "tool", "tool_call_id": "c1", "content": "found"}),
-                json!({"role": "assistant", "content": "done"}),
-            ]
-        );
-    }
 }

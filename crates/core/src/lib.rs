@@ -9,6 +9,7 @@
 //! here, and tested exhaustively without a database.
 
 pub mod entry;
+pub mod export;
 pub mod id;
 pub mod late;
 pub mod model;
