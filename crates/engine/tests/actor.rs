@@ -1,8 +1,10 @@
 //! The session actor against scripted agents on a real embedded store: how
 //! it batches an agent's output into transactions, keeps the live bus in
 //! the agent's order, stays responsive to a cancel while an agent floods it
-//! with output, ends a turn whose output the store refuses, and fences
-//! itself when its lease renewals hang.
+//! with output, ends a turn whose output the store refuses, fences itself
+//! when its lease renewals hang, and stores random agent scripts in the
+//! order they were produced, whatever ends the turn, with exports every
+//! model API accepts.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1023,6 +1025,495 @@ mod takeover {
                 .build()
                 .expect("a runtime");
             rt.block_on(super::takeover_run(delays, messages, hang_at, late));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Output order and exports under random agent scripts: a property of the
+// engine
+
+/// How a scripted turn ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// The agent completes.
+    Complete,
+    /// The user cancels; the agent stops.
+    Cancel,
+    /// The agent fails.
+    Fail,
+    /// The turn's time runs out; the agent stops when told.
+    Timeout,
+    /// The user cancels; the agent ignores it and is forced at the drain
+    /// deadline.
+    Forced,
+    /// The worker vanishes (its renewals hang, it fences itself); another
+    /// node ends the turn `lost`.
+    Lost,
+}
+
+/// One step of an agent's script.
+#[derive(Clone, Debug)]
+enum Step {
+    Text(String),
+    Thought(String),
+    /// A tool call with this name.
+    Call(String),
+    /// The result of the open call at this index (modulo), if any is open.
+    Result(usize),
+    /// A permission request and its decision, for the open call at this
+    /// index (modulo), or for no stored call when none is open.
+    Permission(usize),
+}
+
+/// An agent that plays a script, then ends as `ending` says.
+struct Scripted {
+    events: Vec<AgentEvent>,
+    ending: Ending,
+}
+
+/// Tells a scripted agent to stop; it answers (or not) as its ending says.
+struct ScriptControl {
+    cancel: Arc<tokio::sync::Notify>,
+    kill: Arc<tokio::sync::Notify>,
+}
+
+impl TurnControl for ScriptControl {
+    fn cancel(&self) {
+        self.cancel.notify_one();
+    }
+    fn force_stop(&self) {
+        self.kill.notify_one();
+    }
+}
+
+#[async_trait]
+impl AgentDriver for Scripted {
+    async fn start(&self, _input: TurnInput) -> Result<TurnHandle, AgentError> {
+        let (tx, rx) = mpsc::channel(baton_agent::EVENT_CAPACITY);
+        let cancel = Arc::new(tokio::sync::Notify::new());
+        let kill = Arc::new(tokio::sync::Notify::new());
+        let (events, ending) = (self.events.clone(), self.ending);
+        let (cancelled, killed) = (cancel.clone(), kill.clone());
+        tokio::spawn(async move {
+            for ev in events {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            let stop = match ending {
+                Ending::Complete => Some(StopReason::Completed),
+                Ending::Fail => Some(StopReason::Failed("scripted failure".into())),
+                Ending::Cancel | Ending::Timeout => {
+                    tokio::select! {
+                        _ = cancelled.notified() => Some(StopReason::Cancelled),
+                        _ = killed.notified() => None,
+                        _ = tx.closed() => None,
+                    }
+                }
+                // Ignores cancels: only a forced stop (or the actor
+                // dropping the turn) ends it.
+                Ending::Forced | Ending::Lost => {
+                    tokio::select! {
+                        _ = killed.notified() => None,
+                        _ = tx.closed() => None,
+                    }
+                }
+            };
+            if let Some(stop) = stop {
+                let _ = tx.send(AgentEvent::Stopped(stop)).await;
+            }
+        });
+        Ok(TurnHandle {
+            events: rx,
+            control: Box::new(ScriptControl { cancel, kill }),
+        })
+    }
+}
+
+/// The agent's events for `steps`, and the calls it made, in order.
+fn play(steps: &[Step]) -> Vec<AgentEvent> {
+    let mut events = Vec::new();
+    let mut open: Vec<String> = Vec::new();
+    let mut calls = 0;
+    for step in steps {
+        match step {
+            Step::Text(t) => events.push(AgentEvent::Delta(t.clone())),
+            Step::Thought(t) => events.push(AgentEvent::Thought(t.clone())),
+            Step::Call(name) => {
+                calls += 1;
+                let id = format!("call {calls}");
+                open.push(id.clone());
+                events.push(AgentEvent::Output(AgentOutput::ToolCall(ToolInfo {
+                    id,
+                    name: Some(name.clone()),
+                    arguments: Some(serde_json::json!({ "n": calls })),
+                })));
+            }
+            Step::Result(i) => {
+                if open.is_empty() {
+                    continue;
+                }
+                let id = open.remove(i % open.len());
+                events.push(AgentEvent::Output(AgentOutput::ToolResult {
+                    content: format!("result of {id}"),
+                    id,
+                }));
+            }
+            Step::Permission(i) => {
+                let call = if open.is_empty() {
+                    "never called".to_owned()
+                } else {
+                    open[i % open.len()].clone()
+                };
+                let request = baton_core::PermissionInfo::request(
+                    Some(call),
+                    Some("edit".into()),
+                    vec![baton_core::PermissionOptionInfo {
+                        option_id: "yes".into(),
+                        name: "Allow once".into(),
+                        kind: "allow_once".into(),
+                    }],
+                );
+                let decision = request.decision(Some("yes".into()), "policy");
+                events.push(AgentEvent::Output(AgentOutput::PermissionRequest(request)));
+                events.push(AgentEvent::Output(AgentOutput::PermissionDecision(
+                    decision,
+                )));
+            }
+        }
+    }
+    events
+}
+
+/// An entry's shape, for comparing what was stored with what was produced.
+type Shape = (
+    EntryType,
+    Option<String>,
+    Option<String>,
+    Option<TurnStatus>,
+);
+
+fn shape(e: &NewEntry) -> Shape {
+    (
+        e.kind,
+        e.content.clone(),
+        e.tool
+            .as_ref()
+            .map(|t| t.id.clone())
+            .or_else(|| e.permission.as_ref().map(|p| p.request_id.clone())),
+        e.status,
+    )
+}
+
+/// What the turn must have stored, in order, for what the agent produced:
+/// each run of text or of thought as one entry before the output that
+/// ended it; a trailing run of text only on completion, a trailing run of
+/// thought on any end the worker records (not on loss); then a result for
+/// each call left open, carrying the turn's status; then `turn_ended`.
+/// Returns the entries and how many of them precede the trailing run.
+fn expected(turn: TurnId, events: &[AgentEvent], status: TurnStatus) -> (Vec<Shape>, usize) {
+    let mut out: Vec<NewEntry> = Vec::new();
+    let mut run = String::new();
+    let mut thinking = false;
+    let mut open: Vec<String> = Vec::new();
+    let flush = |out: &mut Vec<NewEntry>, run: &mut String, thinking: bool| {
+        if !run.is_empty() {
+            let text = std::mem::take(run);
+            out.push(if thinking {
+                NewEntry::thought(turn, text)
+            } else {
+                NewEntry::assistant_message(turn, text)
+            });
+        }
+    };
+    for ev in events {
+        match ev {
+            AgentEvent::Delta(t) => {
+                if thinking {
+                    flush(&mut out, &mut run, true);
+                }
+                thinking = false;
+                run.push_str(t);
+            }
+            AgentEvent::Thought(t) => {
+                if !thinking {
+                    flush(&mut out, &mut run, false);
+                }
+                thinking = true;
+                run.push_str(t);
+            }
+            AgentEvent::Output(o) => {
+                flush(&mut out, &mut run, thinking);
+                out.push(match o.clone() {
+                    AgentOutput::ToolCall(t) => {
+                        open.push(t.id.clone());
+                        NewEntry::tool_call(turn, t)
+                    }
+                    AgentOutput::ToolResult { id, content } => {
+                        open.retain(|o| *o != id);
+                        NewEntry::tool_result(turn, id, content)
+                    }
+                    AgentOutput::PermissionRequest(p) => NewEntry::permission_request(turn, p),
+                    AgentOutput::PermissionDecision(p) => NewEntry::permission_decision(turn, p),
+                    AgentOutput::Message(m) => NewEntry::assistant_message(turn, m),
+                    AgentOutput::System(m) => NewEntry::system_message(turn, m),
+                });
+            }
+            AgentEvent::Stopped(_) | AgentEvent::AgentSession(_) => {}
+        }
+    }
+    let flushed = out.len();
+    let keep_trailing = match status {
+        TurnStatus::Completed => true,
+        TurnStatus::Lost => false,
+        _ => thinking,
+    };
+    if keep_trailing {
+        flush(&mut out, &mut run, thinking);
+    }
+    let mut shapes: Vec<Shape> = out.iter().map(shape).collect();
+    for id in open {
+        shapes.push((EntryType::ToolResult, None, Some(id), Some(status)));
+    }
+    shapes.push((EntryType::TurnEnded, None, None, Some(status)));
+    (shapes, flushed)
+}
+
+fn order_config(node: &str, ending: Ending) -> EngineConfig {
+    EngineConfig {
+        node: node.into(),
+        heartbeat: Duration::from_millis(100),
+        lease_ttl: Duration::from_millis(1_500),
+        sweep_interval: Duration::from_millis(100),
+        cancel_drain: if ending == Ending::Forced {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(30)
+        },
+        turn_timeout: if ending == Ending::Timeout {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(60)
+        },
+        sole_owner: false,
+        ..EngineConfig::default()
+    }
+}
+
+/// Waits until `check` holds on the session's log.
+async fn until_log(
+    store: &dyn Store,
+    id: SessionId,
+    what: &str,
+    check: impl Fn(&[Entry]) -> bool,
+) -> Vec<Entry> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = store.entries(id, 0, 1_000).await.expect("entries").entries;
+        if check(&log) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "{what} within 30 s: {log:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One run: the script's turn on node A, ended as `ending` says (node B
+/// takes over when A's worker vanishes). The stored order is the produced
+/// order, every call is answered, and both exports pass their API's checks
+/// whatever the range.
+async fn order_run(steps: Vec<Step>, ending: Ending, cut: (u64, u64)) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = Arc::new(
+        SqlStore::open_sqlite(
+            &dir.path().join("baton.db"),
+            StoreConfig {
+                lease_ttl: Duration::from_millis(1_500),
+                ..StoreConfig::default()
+            },
+        )
+        .await
+        .expect("open the embedded store"),
+    );
+    let events = play(&steps);
+    let mut agents = Agents::default();
+    agents.insert(
+        "scripted",
+        Arc::new(Scripted {
+            events: events.clone(),
+            ending,
+        }) as Arc<dyn AgentDriver>,
+    );
+    let a_store = FaultyStore::sharing(store.clone());
+    let (a_renewals, a_no_sweeps) = (a_store.renewals.clone(), a_store.no_sweeps.clone());
+    let a = Engine::new(
+        Arc::new(a_store),
+        Bus::default(),
+        agents.clone(),
+        order_config("a", ending),
+    );
+    a.start().await.expect("engine a");
+    // B only sweeps: it takes the session over once A's lease expires.
+    let b = Engine::new(
+        Arc::new(FaultyStore::sharing(store.clone())),
+        Bus::default(),
+        agents,
+        order_config("b", ending),
+    );
+    b.start().await.expect("engine b");
+    let fa = Fixture {
+        engine: a.clone(),
+        _dir: dir,
+    };
+    let id = session(&fa, "scripted").await;
+    post(&fa, id, "go").await;
+    let started = until_log(store.as_ref(), id, "the turn starts", |log| {
+        log.iter().any(|e| e.kind == EntryType::TurnStarted)
+    })
+    .await;
+    let turn = started
+        .iter()
+        .find_map(|e| {
+            (e.kind == EntryType::TurnStarted)
+                .then_some(e.turn_id)
+                .flatten()
+        })
+        .expect("a turn id");
+    let status = match ending {
+        Ending::Complete => TurnStatus::Completed,
+        Ending::Cancel | Ending::Forced => TurnStatus::Cancelled,
+        Ending::Fail => TurnStatus::Failed,
+        Ending::Timeout => TurnStatus::TimedOut,
+        Ending::Lost => TurnStatus::Lost,
+    };
+    let (want, flushed) = expected(turn, &events, status);
+    // Stops that drop what the agent did not deliver yet (a forced stop, a
+    // vanished worker) come once its output up to the trailing run is stored.
+    if matches!(ending, Ending::Forced | Ending::Lost) {
+        until_log(store.as_ref(), id, "the agent's output is stored", |log| {
+            log.len() >= 2 + flushed
+        })
+        .await;
+    }
+    match ending {
+        Ending::Cancel | Ending::Forced => {
+            a.cancel("o", id, None).await.expect("cancel");
+        }
+        Ending::Lost => {
+            a_no_sweeps.store(true, Ordering::SeqCst);
+            a_renewals.store(RENEWALS_HANG, Ordering::SeqCst);
+        }
+        Ending::Complete | Ending::Fail | Ending::Timeout => {}
+    }
+    let log = until_log(store.as_ref(), id, "the turn ends", |log| {
+        log.iter().any(|e| e.kind == EntryType::TurnEnded)
+    })
+    .await;
+    let stored: Vec<Shape> = log[2..]
+        .iter()
+        .map(|e| {
+            let closing = e.kind == EntryType::ToolResult && e.status.is_some();
+            (
+                e.kind,
+                if closing { None } else { e.content.clone() },
+                e.tool
+                    .as_ref()
+                    .map(|t| t.id.clone())
+                    .or_else(|| e.permission.as_ref().map(|p| p.request_id.clone())),
+                e.status,
+            )
+        })
+        .collect();
+    assert_eq!(stored, want, "stored order != produced order ({ending:?})");
+    let ended = log.last().expect("turn_ended");
+    if ending == Ending::Forced {
+        assert!(
+            ended
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("forced")),
+            "{ended:?}"
+        );
+    }
+    for closing in log
+        .iter()
+        .filter(|e| e.kind == EntryType::ToolResult && e.status.is_some())
+    {
+        assert_eq!(
+            (closing.reason.as_deref(), closing.created_at),
+            (ended.reason.as_deref(), ended.created_at),
+            "a closing result carries the turn's reason, in the transaction of its end"
+        );
+    }
+    let last = log.len() as u64;
+    for opts in [
+        baton_core::export::Options::default(),
+        baton_core::export::Options {
+            include_thoughts: true,
+            include_running: true,
+            ..Default::default()
+        },
+        baton_core::export::Options {
+            after: cut.0 % last,
+            upto: Some(cut.0 % last + cut.1 % last),
+            include_thoughts: true,
+            ..Default::default()
+        },
+    ] {
+        let openai = baton_core::export::openai(&log, &opts);
+        baton_core::export::check::openai(&openai)
+            .unwrap_or_else(|e| panic!("OpenAI export ({opts:?}): {e}\n{openai:#?}\nof {log:#?}"));
+        let anthropic = baton_core::export::anthropic(&log, &opts);
+        baton_core::export::check::anthropic(&anthropic).unwrap_or_else(|e| {
+            panic!("Anthropic export ({opts:?}): {e}\n{anthropic:#?}\nof {log:#?}")
+        });
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+mod order {
+    use proptest::prelude::*;
+
+    use super::{Ending, Step};
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => "[a-z]{1,6} ?".prop_map(Step::Text),
+            1 => "[a-z]{1,6} ?".prop_map(Step::Thought),
+            2 => prop_oneof![Just("grep"), Just("write file"), Just("read.me")]
+                .prop_map(|n| Step::Call(n.to_owned())),
+            2 => (0usize..4).prop_map(Step::Result),
+            1 => (0usize..4).prop_map(Step::Permission),
+        ]
+    }
+
+    fn ending() -> impl Strategy<Value = Ending> {
+        prop_oneof![
+            Just(Ending::Complete),
+            Just(Ending::Cancel),
+            Just(Ending::Fail),
+            Just(Ending::Timeout),
+            Just(Ending::Forced),
+            Just(Ending::Lost),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn stored_order_is_produced_order_and_exports_are_valid(
+            steps in proptest::collection::vec(step(), 0..24),
+            ending in ending(),
+            cut in (any::<u64>(), any::<u64>()),
+        ) {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(super::order_run(steps, ending, cut));
         }
     }
 }
