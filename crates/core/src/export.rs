@@ -578,7 +578,7 @@ pub mod check {
             }
             match role {
                 "system" | "developer" | "user" => {
-                    if !m["content"].as_str().is_some_and(|c| !c.is_empty()) {
+                    if m["content"].as_str().is_none_or(str::is_empty) {
                         return Err(format!(
                             "message {i} ({role}): content must be a non-empty string"
                         ));
@@ -669,7 +669,7 @@ pub mod check {
             }
         }
         if let Some(system) = obj.get("system") {
-            if !system.as_str().is_some_and(|s| !s.trim().is_empty()) {
+            if system.as_str().is_none_or(|s| s.trim().is_empty()) {
                 return Err("system must be a non-blank string".into());
             }
         }
@@ -704,7 +704,7 @@ pub mod check {
             for (j, b) in blocks.iter().enumerate() {
                 match b["type"].as_str() {
                     Some("text") => {
-                        if !b["text"].as_str().is_some_and(|t| !t.trim().is_empty()) {
+                        if b["text"].as_str().is_none_or(|t| t.trim().is_empty()) {
                             return Err(format!("message {i} block {j}: text must be non-blank"));
                         }
                         past_results = true;
