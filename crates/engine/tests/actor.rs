@@ -1260,7 +1260,8 @@ fn expected(turn: TurnId, events: &[AgentEvent], status: TurnStatus) -> (Vec<Sha
                     AgentOutput::System(m) => NewEntry::system_message(turn, m),
                 });
             }
-            AgentEvent::Stopped(_) | AgentEvent::AgentSession(_) => {}
+            AgentEvent::Stopped(_) | AgentEvent::AgentSession(_) | AgentEvent::AskPermission(_) => {
+            }
         }
     }
     let flushed = out.len();
