@@ -394,6 +394,25 @@ scenario('a network loss mid-turn: the page resumes with what it missed, once', 
   }
 }, { allow: [/net::ERR_/] });
 
+scenario('answer a permission request from the page', async ({ page }) => {
+  const id = await createSession(OPEN, { message: '/ask tidy up' });
+  await page.goto(`${OPEN}/sessions/${id}`);
+  const request = page.locator('[data-type="permission_request"]');
+  await request.waitFor();
+  await role(page, 'group', 'Answer the permission request').waitFor();
+  await request.getByRole('button', { name: 'allow', exact: true }).click();
+  const decision = page.locator('[data-type="permission_decision"]');
+  await decision.filter({ hasText: /chose allow · decided by user:local/ }).waitFor();
+  await page.locator('[data-type="message"].role-assistant', { hasText: 'echo: tidy up (permission: allow)' }).waitFor();
+  assert.equal(await request.getByRole('button').count(), 0, 'an answered request offers no buttons');
+  await idle(OPEN, id);
+  await showsTheLog(page, OPEN, id);
+  // After a reload, an answered request offers nothing either.
+  await page.reload();
+  await decision.waitFor();
+  assert.equal(await page.locator('[data-type="permission_request"] button').count(), 0);
+});
+
 scenario('two owners: sign in with a token; another owner\'s session is not found', async ({ browser, watch }) => {
   const alice = await browser.newContext();
   const bob = await browser.newContext();

@@ -11,9 +11,16 @@ import { h, replace, clock, duration, timeMs } from './dom.js';
 const META = new Set(['seq', 'session_id', 'type', 'created_at', 'turn_id']);
 
 export class LogView {
-  constructor(list, onChange) {
+  /**
+   * `onAnswer(requestId, optionId)`, if given, answers a permission request
+   * from the buttons shown on it while it waits (resolves to an error
+   * message, or null).
+   */
+  constructor(list, onChange, onAnswer) {
     this.list = list;
     this.onChange = onChange || (() => {});
+    this.onAnswer = onAnswer || null;
+    this.asking = new Map();
     this.bySeq = new Map();
     this.turns = new Map();
     this.calls = new Map();
@@ -166,6 +173,10 @@ export class LogView {
     if (e.turn_id) {
       this.ended.add(e.turn_id);
       this.dropLive(e.turn_id);
+      // A turn's end closes its open requests (the log says how next).
+      for (const [rid, ask] of this.asking) {
+        if (ask.turn === e.turn_id) this.closeAsk(rid);
+      }
       if (this.active === e.turn_id) this.active = null;
     }
     if (turn) {
@@ -214,12 +225,30 @@ export class LogView {
     const about = call ? h('a', { class: 'pair', href: `#entry-${call.seq}` }, `for #${call.seq} ${call.name || ''}`.trim())
       : p.tool_call_id ? h('span', { class: 'pair' }, `for call ${p.tool_call_id}`) : null;
     let body;
+    let answer = null;
     if (isRequest) {
       this.permissions = this.permissions || new Map();
       this.permissions.set(String(p.request_id), p);
       const options = Array.isArray(p.options) ? p.options : [];
       body = h('ul', { class: 'options' }, options.map((o) => h('li', {}, `${o.name || o.option_id} (${o.kind || 'option'})`)));
+      if (this.onAnswer && options.length && e.turn_id && !this.ended.has(e.turn_id)) {
+        const note = h('span', { class: 'note', role: 'status' });
+        answer = h('div', { class: 'answer', role: 'group', 'aria-label': 'Answer the permission request' },
+          options.map((o) => {
+            const b = h('button', { type: 'button', class: String(o.kind || '').startsWith('reject') ? 'danger' : 'secondary' }, o.name || o.option_id);
+            b.addEventListener('click', async () => {
+              for (const x of answer.querySelectorAll('button')) x.disabled = true;
+              note.textContent = 'answering…';
+              const problem = await this.onAnswer(String(p.request_id), String(o.option_id));
+              note.textContent = problem || 'answered';
+              if (problem) for (const x of answer.querySelectorAll('button')) x.disabled = false;
+            });
+            return b;
+          }), note);
+        this.asking.set(String(p.request_id), { el: answer, turn: e.turn_id });
+      }
     } else {
+      this.closeAsk(String(p.request_id));
       const request = this.permissions ? this.permissions.get(String(p.request_id)) : null;
       const chosen = request && Array.isArray(request.options) ? request.options.find((o) => o.option_id === p.option_id) : null;
       const what = p.outcome === 'selected' ? `chose ${chosen ? chosen.name : p.option_id}` : (p.outcome || 'answered');
@@ -228,7 +257,16 @@ export class LogView {
     return h('li', { class: `entry permission ${isRequest ? 'request' : 'decision'}` },
       this.meta(e, isRequest ? 'permission request' : 'permission decision', about),
       p.title ? h('div', { class: 'title' }, p.title) : null,
-      body);
+      body, answer);
+  }
+
+  /** The request is answered or closed: its buttons go. */
+  closeAsk(requestId) {
+    const ask = this.asking.get(requestId);
+    if (ask) {
+      ask.el.remove();
+      this.asking.delete(requestId);
+    }
   }
 
   /** Any other type: its fields, as text. */

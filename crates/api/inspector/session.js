@@ -63,10 +63,20 @@ export async function sessionPage(root, id) {
     const el = document.scrollingElement;
     following = el.scrollTop + el.clientHeight >= el.scrollHeight - 120;
   }, { passive: true });
+  const answerPermission = async (requestId, optionId) => {
+    try {
+      await api('POST', `/v1/sessions/${encodeURIComponent(session.id)}/permissions/${encodeURIComponent(requestId)}`, {
+        body: { option_id: optionId },
+      });
+      return null;
+    } catch (e) {
+      return e instanceof ApiError ? e.describe() : String(e);
+    }
+  };
   const log = new LogView(list, () => {
     refresh();
     if (following) window.scrollTo(0, document.scrollingElement.scrollHeight);
-  });
+  }, answerPermission);
 
   const message = h('textarea', { id: 'message', rows: 3, placeholder: 'Write a message… (Ctrl+Enter sends)' });
   const policy = h('select', { id: 'policy' });
