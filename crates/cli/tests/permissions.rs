@@ -547,3 +547,28 @@ async fn the_api_document_describes_permissions() {
     assert!(schemas["CreateSessionBody"]["properties"]["permission"].is_object());
     app.stop().await;
 }
+
+/// A server shutting down cancels a waiting turn: its request is answered
+/// `cancelled` by `shutdown` before the turn ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_closes_the_waiting_request_as_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("baton.db");
+    let app = common::spawn_app_on(&db, |_| {}).await;
+    let c = app.client.clone();
+    let id = c.create_session_id(json!({"message": "/ask bye"})).await;
+    wait_request(&c, &id).await;
+    app.stop().await;
+
+    let app = common::spawn_app_on(&db, |_| {}).await;
+    let c = &app.client;
+    let turn = ended(c, &id).await;
+    assert_eq!(turn["status"], "cancelled");
+    assert_eq!(turn["reason"], "shutdown");
+    let entries = c.entries(&id).await;
+    let d = of_kind(&entries, "permission_decision")[0];
+    assert_eq!(d["permission"]["decided_by"], "shutdown");
+    assert_eq!(d["permission"]["outcome"], "cancelled");
+    assert!(pending(c, &id).await.is_empty());
+    app.stop().await;
+}

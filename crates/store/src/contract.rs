@@ -15,9 +15,10 @@
 //! creates), I4 (one active turn, fencing by lease epoch, takeover by
 //! `recover`), I5–I8 at the store (causality, FIFO consumption, one terminal
 //! entry, nothing accepted after it), I10 (owner isolation), the busy
-//! policies and queue capacity, pagination, and deletion. Durability across a
-//! reopen (I2) and the embedded store's file lock are SQLite-specific and live
-//! in the test binary.
+//! policies and queue capacity, pagination, deletion, and permission
+//! requests answered exactly once (and closed by a turn's end or a
+//! takeover). Durability across a reopen (I2) and the embedded store's file
+//! lock are SQLite-specific and live in the test binary.
 //!
 //! The functions are written for a database shared with concurrent tests:
 //! every contract uses fresh random owners and node names, asserts only about
@@ -36,13 +37,14 @@ use std::time::Duration;
 
 use baton_core::{
     DispositionType, Entry, EntryType, InputRange, NewEntry, PermissionInfo, PermissionOptionInfo,
-    Policy, Role, Seq, Session, SessionId, SessionStatus, ToolInfo, Turn, TurnId, TurnStatus,
+    PermissionState, Policy, Role, Seq, Session, SessionId, SessionStatus, ToolInfo, Turn, TurnId,
+    TurnStatus,
 };
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::{
-    Begin, CreateSession, Lease, PostMessage, Posted, Recovered, SharedStore, Store, StoreConfig,
-    StoreError, Take,
+    AnswerPermission, Begin, CreateSession, Lease, PostMessage, Posted, Recovered, SharedStore,
+    Store, StoreConfig, StoreError, Take,
 };
 
 // ---------------------------------------------------------------------------
@@ -2808,4 +2810,291 @@ pub async fn sessions_list_newest_first_in_pages<Fut: Future<Output = SharedStor
 
     f.cleanup().await;
     other.cleanup().await;
+}
+
+/// A permission request of `turn` asked with `options` (all `allow_once`).
+fn asked(turn: TurnId, options: &[&str]) -> NewEntry {
+    NewEntry::permission_request(
+        turn,
+        PermissionInfo::request(
+            Some(unique("call")),
+            Some("run".to_owned()),
+            options
+                .iter()
+                .map(|o| PermissionOptionInfo {
+                    option_id: (*o).to_owned(),
+                    name: (*o).to_owned(),
+                    kind: "allow_once".to_owned(),
+                })
+                .collect(),
+        ),
+    )
+}
+
+fn request_id(e: &Entry) -> String {
+    e.permission
+        .as_ref()
+        .map(|p| p.request_id.clone())
+        .expect("a permission entry carries its request")
+}
+
+/// Permission requests are answered exactly once: of many concurrent
+/// answers one is stored; an identical retry returns it; any other answer,
+/// and any answer once the request was closed (by `close_permissions` or
+/// the turn's end, which closes what is still pending before its terminal
+/// entry), is refused with the request's state. Bad answers write nothing;
+/// another owner sees nothing; closing is fenced by the lease.
+pub async fn permission_answers_are_exactly_once<Fut: Future<Output = SharedStore>>(
+    open: impl Fn(StoreConfig) -> Fut,
+) {
+    let _g = shared().await;
+    let f = Fixture::open(open, base_config()).await;
+    let id = f.session(Policy::Queue).await;
+    let (_, t, lease) = f.start(id, "go").await;
+    assert_eq!(
+        f.store.begin_turn(&lease, t).await.expect("begin"),
+        Begin::Run
+    );
+    let answer = |request: String, option: &str| AnswerPermission {
+        owner: f.owner.clone(),
+        session_id: id,
+        request_id: request,
+        option_id: option.to_owned(),
+    };
+
+    // Many answers at once, three options among them.
+    let options = ["a", "b", "c"];
+    let req = f
+        .store
+        .append_output(&lease, t, vec![asked(t, &options)])
+        .await
+        .expect("store a request")
+        .remove(0);
+    let rid = request_id(&req);
+    assert_eq!(
+        f.store.pending_permissions(id).await.expect("pending"),
+        vec![req.clone()]
+    );
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let store = f.store.clone();
+            let a = answer(rid.clone(), options[i % 3]);
+            tokio::spawn(async move { (a.option_id.clone(), store.answer_permission(a).await) })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.expect("an answering task"));
+    }
+    let fresh: Vec<_> = results
+        .iter()
+        .filter_map(|(o, r)| match r {
+            Ok(a) if !a.replayed => Some((o.clone(), a.decision.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        fresh.len(),
+        1,
+        "exactly one answer is recorded: {results:?}"
+    );
+    let (winner, decision) = fresh[0].clone();
+    for (option, result) in &results {
+        match result {
+            Ok(a) => assert!(
+                *option == winner && a.decision == decision,
+                "only the winning option is replayed, as the original: {result:?}"
+            ),
+            Err(StoreError::PermissionClosed(s)) => {
+                assert_ne!(*option, winner);
+                assert_eq!(s.state, PermissionState::Answered);
+                assert_eq!(s.option_id.as_deref(), Some(winner.as_str()));
+                assert_eq!(s.decision_seq, Some(decision.seq));
+            }
+            other => panic!("an answer gets the decision or a conflict: {other:?}"),
+        }
+    }
+    let p = decision
+        .permission
+        .as_ref()
+        .expect("the decision's permission");
+    assert_eq!(
+        p.decided_by.as_deref(),
+        Some(format!("user:{}", f.owner).as_str())
+    );
+    assert_eq!(decision.turn_id, Some(t));
+    assert!(f
+        .store
+        .pending_permissions(id)
+        .await
+        .expect("pending")
+        .is_empty());
+    assert_eq!(
+        f.store
+            .permission_decisions(id, t)
+            .await
+            .expect("decisions"),
+        vec![decision.clone()]
+    );
+
+    // Bad answers write nothing.
+    let last = f.last_seq(id).await;
+    expect_err!(
+        f.store.answer_permission(answer("nope".into(), "a")).await,
+        StoreError::PermissionNotFound { .. },
+        "an unknown request"
+    );
+    expect_err!(
+        f.store.answer_permission(answer(rid.clone(), "z")).await,
+        StoreError::UnknownOption { .. },
+        "an option never offered"
+    );
+    let stranger = AnswerPermission {
+        owner: unique("stranger"),
+        ..answer(rid.clone(), &winner)
+    };
+    expect_err!(
+        f.store.answer_permission(stranger).await,
+        StoreError::NotFound,
+        "I10: another owner's session"
+    );
+    assert_eq!(
+        f.last_seq(id).await,
+        last,
+        "I11: refused answers write nothing"
+    );
+
+    // A timeout and an answer race: one decision, whichever came first.
+    let req = f
+        .store
+        .append_output(&lease, t, vec![asked(t, &options)])
+        .await
+        .expect("store a request")
+        .remove(0);
+    let rid = request_id(&req);
+    let (closed, answered) = tokio::join!(
+        f.store
+            .close_permissions(&lease, t, Some(rid.clone()), "timeout", "no answer"),
+        f.store.answer_permission(answer(rid.clone(), "b"))
+    );
+    let closed = closed.expect("close_permissions");
+    match (&closed[..], &answered) {
+        ([d], Err(StoreError::PermissionClosed(s))) => {
+            assert_eq!(s.state, PermissionState::Cancelled);
+            assert_eq!(d.reason.as_deref(), Some("no answer"));
+            let p = d.permission.as_ref().expect("permission");
+            assert_eq!(
+                (p.outcome.as_deref(), p.decided_by.as_deref()),
+                (Some("cancelled"), Some("timeout"))
+            );
+        }
+        ([], Ok(a)) => assert!(!a.replayed),
+        other => panic!("exactly one of a timeout and an answer decides: {other:?}"),
+    }
+    let decided = f
+        .store
+        .permission_decisions(id, t)
+        .await
+        .expect("decisions");
+    assert_eq!(decided.len(), 2, "{decided:?}");
+
+    // Closing is fenced.
+    let stale = Lease {
+        epoch: lease.epoch - 1,
+        ..lease.clone()
+    };
+    expect_err!(
+        f.store
+            .close_permissions(&stale, t, None, "turn_end", "x")
+            .await,
+        StoreError::StaleEpoch { .. },
+        "I4: close_permissions with a stale lease"
+    );
+
+    // The turn's end closes what still waits, before its terminal entry.
+    let req = f
+        .store
+        .append_output(&lease, t, vec![asked(t, &options)])
+        .await
+        .expect("store a request")
+        .remove(0);
+    let rid = request_id(&req);
+    let ended = f.end(&lease, t, TurnStatus::Completed, None).await;
+    assert_eq!(ended.committed.len(), 2, "{:?}", ended.committed);
+    let d = &ended.committed[0];
+    assert_eq!(d.kind, EntryType::PermissionDecision);
+    assert_eq!(request_id(d), rid);
+    let p = d.permission.as_ref().expect("permission");
+    assert_eq!(
+        (p.outcome.as_deref(), p.decided_by.as_deref()),
+        (Some("cancelled"), Some("turn_end"))
+    );
+    assert!(ended_entry(&ended.committed[1], t, TurnStatus::Completed));
+    match f.store.answer_permission(answer(rid, "a")).await {
+        Err(StoreError::PermissionClosed(s)) => assert_eq!(s.state, PermissionState::Cancelled),
+        other => panic!("an answer after the turn ended is refused: {other:?}"),
+    }
+    assert!(f
+        .store
+        .pending_permissions(id)
+        .await
+        .expect("pending")
+        .is_empty());
+    f.log(id).await;
+    f.cleanup().await;
+}
+
+/// A worker that vanished while its turn waited for an answer: the
+/// takeover ends the turn `lost` and closes the request in the same
+/// transaction, before the terminal entry.
+pub async fn recovery_closes_waiting_permission_requests<Fut: Future<Output = SharedStore>>(
+    open: impl Fn(StoreConfig) -> Fut,
+) {
+    let _g = exclusive().await;
+    let f = Fixture::open(
+        open,
+        StoreConfig {
+            lease_ttl: SHORT_TTL,
+            ..base_config()
+        },
+    )
+    .await;
+    let id = f.session(Policy::Queue).await;
+    let (_, t, lease) = f.start(id, "go").await;
+    assert_eq!(
+        f.store.begin_turn(&lease, t).await.expect("begin"),
+        Begin::Run
+    );
+    let req = f
+        .store
+        .append_output(&lease, t, vec![asked(t, &["a"])])
+        .await
+        .expect("store a request")
+        .remove(0);
+    tokio::time::sleep(PAST_TTL).await;
+    let rec = recovered(
+        &f.store
+            .recover(&unique("rescuer"), false)
+            .await
+            .expect("recover"),
+        id,
+    )
+    .expect("the expired session is taken over");
+    assert_eq!(rec.committed.len(), 2, "{:?}", rec.committed);
+    let d = &rec.committed[0];
+    assert_eq!(d.kind, EntryType::PermissionDecision);
+    assert_eq!(request_id(d), request_id(&req));
+    assert_eq!(
+        d.permission.as_ref().and_then(|p| p.outcome.as_deref()),
+        Some("cancelled")
+    );
+    assert!(ended_entry(&rec.committed[1], t, TurnStatus::Lost));
+    assert!(f
+        .store
+        .pending_permissions(id)
+        .await
+        .expect("pending")
+        .is_empty());
+    f.log(id).await;
+    f.cleanup().await;
 }

@@ -98,6 +98,8 @@ contract_tests!(
     delete_removes_everything,
     output_and_ends_are_checked,
     sessions_list_newest_first_in_pages,
+    permission_answers_are_exactly_once,
+    recovery_closes_waiting_permission_requests,
 );
 
 // ---------------------------------------------------------------------------
