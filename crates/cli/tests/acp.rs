@@ -902,6 +902,207 @@ async fn a_restart_while_the_agent_waits_closes_the_request(kind: &str) {
     assert!(second.terminate().await);
 }
 
+/// Both exports of the session, each checked against its API's rules.
+async fn exports(c: &Client, id: &str, query: &str) -> (Vec<Value>, Vec<Value>) {
+    let get = |format: &str| {
+        c.send(c.req(
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{id}/export?format={format}{query}"),
+        ))
+    };
+    let (status, openai) = get("openai").await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{openai}");
+    let openai = openai["messages"].as_array().unwrap().clone();
+    baton_core::export::check::openai(&openai)
+        .unwrap_or_else(|e| panic!("OpenAI export{query}: {e}: {openai:#?}"));
+    let (status, anthropic) = get("anthropic").await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{anthropic}");
+    baton_core::export::check::anthropic(&anthropic)
+        .unwrap_or_else(|e| panic!("Anthropic export{query}: {e}: {anthropic:#?}"));
+    (openai, anthropic["messages"].as_array().unwrap().clone())
+}
+
+/// The kinds of a turn's entries after its `turn_started`, with the tool
+/// call id or text each carries.
+fn turn_shape(entries: &[Value]) -> Vec<(String, String)> {
+    let start = entries
+        .iter()
+        .position(|e| e["type"] == "turn_started")
+        .unwrap();
+    entries[start + 1..]
+        .iter()
+        .map(|e| {
+            let what = e["tool"]["id"]
+                .as_str()
+                .or_else(|| e["content"].as_str())
+                .unwrap_or_default();
+            (e["type"].as_str().unwrap().to_owned(), what.to_owned())
+        })
+        .collect()
+}
+
+/// `after` starts with `before` and adds no user message: the export taken
+/// mid-turn is the export taken after it, minus that turn.
+fn is_prefix_minus_the_turn(before: &[Value], after: &[Value]) {
+    assert_eq!(
+        &after[..before.len()],
+        before,
+        "mid-turn export: {before:#?}"
+    );
+    assert!(
+        after[before.len()..]
+            .iter()
+            .all(|m| m["role"] != "user" || m["content"][0]["type"] == "tool_result"),
+        "only the turn's messages follow: {after:#?}"
+    );
+}
+
+/// Text, a tool call and its result, text, a second call and result, the
+/// reply: stored in that order, exported in that order in both formats; an
+/// export taken mid-turn is the final one minus the turn.
+async fn text_tool_text_is_stored_and_exported_in_order(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let app = server(cmd, |_| {}).await;
+    let c = &app.client;
+    let id = c
+        .create_session_id(json!({"message": "/slow 150 /chatty hi"}))
+        .await;
+    c.wait_entry(&id, |e| e["type"] == "tool_result").await;
+    let mid = exports(c, &id, "").await;
+    let running = exports(c, &id, "&include_running=true").await;
+    assert_eq!(mid.0.len(), 1, "only the user message: {:#?}", mid.0);
+    assert!(running.0.len() >= 3, "{:#?}", running.0);
+    assert_eq!(ended_turn(c, &id, 0).await["status"], "completed");
+    let entries = c.entries(&id).await;
+    check_log(&entries);
+    let shape = turn_shape(&entries);
+    let kinds: Vec<&str> = shape.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "message",
+            "tool_call",
+            "tool_result",
+            "message",
+            "tool_call",
+            "tool_result",
+            "message",
+            "turn_ended"
+        ],
+        "{shape:#?}"
+    );
+    assert_eq!(shape[0].1.trim(), "Let me look.");
+    assert_eq!(
+        (shape[1].1.as_str(), shape[2].1.as_str()),
+        ("chat-1", "chat-1")
+    );
+    assert_eq!(shape[3].1.trim(), "Found them.");
+    let (openai, anthropic) = exports(c, &id, "").await;
+    let roles: Vec<&str> = openai.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(
+        roles,
+        [
+            "user",
+            "assistant",
+            "tool",
+            "assistant",
+            "tool",
+            "assistant"
+        ]
+    );
+    assert_eq!(
+        openai[1]["content"].as_str().map(str::trim),
+        Some("Let me look.")
+    );
+    assert_eq!(openai[1]["tool_calls"][0]["id"], "chat-1");
+    assert_eq!(openai[2]["content"], "found 3 matches");
+    assert_eq!(
+        openai[3]["content"].as_str().map(str::trim),
+        Some("Found them.")
+    );
+    assert_eq!(anthropic.len(), 6, "{anthropic:#?}");
+    is_prefix_minus_the_turn(&mid.0, &openai);
+    is_prefix_minus_the_turn(&mid.1, &anthropic);
+    app.stop().await;
+}
+
+/// A cancel while a tool call is open: the call gets a result carrying the
+/// turn's status and reason, in the end's transaction; both exports valid.
+async fn cancel_mid_tool_closes_the_call(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let app = server(cmd, |_| {}).await;
+    let c = &app.client;
+    let id = c
+        .create_session_id(json!({"message": "/chatty-hang look"}))
+        .await;
+    c.wait_entry(&id, |e| e["type"] == "tool_call").await;
+    let mid = exports(c, &id, "").await;
+    exports(c, &id, "&include_running=true").await;
+    let (status, _) = c.cancel(&id).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED);
+    assert_eq!(ended_turn(c, &id, 0).await["status"], "cancelled");
+    let entries = c.entries(&id).await;
+    check_log(&entries);
+    let n = entries.len();
+    let (closing, ended) = (&entries[n - 2], &entries[n - 1]);
+    assert_eq!(
+        (&closing["type"], &closing["tool"]["id"], &closing["status"]),
+        (&json!("tool_result"), &json!("chat-1"), &json!("cancelled")),
+        "{entries:#?}"
+    );
+    assert_eq!(closing["reason"], ended["reason"]);
+    assert_eq!(
+        closing["created_at"], ended["created_at"],
+        "one transaction"
+    );
+    let (openai, anthropic) = exports(c, &id, "").await;
+    assert_eq!(openai.last().unwrap()["role"], "tool");
+    assert_eq!(
+        anthropic.last().unwrap()["content"][0]["is_error"],
+        true,
+        "{anthropic:#?}"
+    );
+    is_prefix_minus_the_turn(&mid.0, &openai);
+    is_prefix_minus_the_turn(&mid.1, &anthropic);
+    app.stop().await;
+}
+
+/// The server is killed (SIGKILL) while a tool call is open: after the
+/// restart the turn is `lost` and the call closed by the recovery, both
+/// exports valid.
+async fn a_server_killed_mid_tool_ends_lost_with_the_call_closed(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("baton.db");
+    let agent = format!("peer={cmd}");
+    let args = ["--acp", agent.as_str(), "--default-agent", "peer"];
+    let first = common::spawn_binary(&db, &args).await;
+    let c = first.client.clone();
+    let id = c
+        .create_session_id(json!({"message": "/chatty-hang look"}))
+        .await;
+    c.wait_entry(&id, |e| e["type"] == "tool_call").await;
+    first.kill9().await;
+    let second = common::spawn_binary(&db, &args).await;
+    let c = second.client.clone();
+    assert_eq!(ended_turn(&c, &id, 0).await["status"], "lost");
+    let entries = c.entries(&id).await;
+    check_log(&entries);
+    let n = entries.len();
+    let (closing, ended) = (&entries[n - 2], &entries[n - 1]);
+    assert_eq!(
+        (&closing["type"], &closing["tool"]["id"], &closing["status"]),
+        (&json!("tool_result"), &json!("chat-1"), &json!("lost")),
+        "{entries:#?}"
+    );
+    assert_eq!(closing["reason"], ended["reason"]);
+    let (openai, anthropic) = exports(&c, &id, "").await;
+    let roles: Vec<&str> = openai.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["user", "assistant", "tool"]);
+    assert_eq!(anthropic.len(), 3);
+    assert!(second.terminate().await);
+}
+
 macro_rules! for_each_peer {
     ($($scenario:ident),* $(,)?) => {
         $(
@@ -939,4 +1140,7 @@ for_each_peer!(
     an_unanswered_agent_request_times_out,
     a_cancel_answers_the_agents_request_first,
     a_restart_while_the_agent_waits_closes_the_request,
+    text_tool_text_is_stored_and_exported_in_order,
+    cancel_mid_tool_closes_the_call,
+    a_server_killed_mid_tool_ends_lost_with_the_call_closed,
 );
