@@ -126,7 +126,14 @@ fn check_transcript(entries: &[Value], turns: &[Value]) {
                 ended.insert(t);
                 running = None;
             }
-            Some("message" | "tool_call" | "tool_result") => match &turn {
+            Some(
+                "message"
+                | "thought"
+                | "tool_call"
+                | "tool_result"
+                | "permission_request"
+                | "permission_decision",
+            ) => match &turn {
                 Some(t) => assert_eq!(
                     running.as_deref(),
                     Some(t.as_str()),
@@ -1223,6 +1230,96 @@ async fn export_openai_merges_and_orders() {
             ))
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "format={bad}: {err}");
+        assert_eq!(err["error"]["code"], "invalid_request");
+    }
+    app.stop().await;
+}
+
+/// The demo agent's `/tool`: thought, text, a call and its result, text;
+/// thoughts only with `include_thoughts`; ranges; bad parameters are `400`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn export_formats_ranges_and_thoughts() {
+    let app = spawn_app(|_| {}).await;
+    let c = &app.client;
+    let id = sid(&c.create_session(json!({"message": "/tool rust"})).await);
+    c.wait_idle(&id).await;
+    let (entries, _) = check(c, &id).await;
+    let kinds: Vec<&str> = entries
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "message",
+            "turn_started",
+            "thought",
+            "message",
+            "tool_call",
+            "tool_result",
+            "message",
+            "turn_ended"
+        ]
+    );
+    let get = |q: String| c.send(c.req(Method::GET, &format!("/v1/sessions/{id}/export?{q}")));
+    let (status, body) = get("format=anthropic".into()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    baton_core::export::check::anthropic(&body).expect("valid for Anthropic");
+    let blocks: Vec<Vec<&str>> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["type"].as_str().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        blocks,
+        [
+            vec!["text"],
+            vec!["text", "tool_use"],
+            vec!["tool_result"],
+            vec!["text"]
+        ]
+    );
+    let openai = export(c, &id).await;
+    assert!(
+        !openai
+            .iter()
+            .any(|m| m["content"].to_string().contains("<thinking>")),
+        "no thoughts unless asked: {openai:#?}"
+    );
+    let (_, with) = get("format=openai&include_thoughts=true".into()).await;
+    baton_core::export::check::openai(with["messages"].as_array().unwrap()).expect("valid");
+    assert!(with["messages"][1]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("<thinking>"));
+    // A range: the user message and the text before the call (seq 1..=4).
+    let (_, part) = get("upto=4".into()).await;
+    assert_eq!(
+        part["messages"],
+        json!([
+            {"role": "user", "content": "/tool rust"},
+            {"role": "assistant", "content": "Let me look that up."}
+        ])
+    );
+    let (_, tail) = get("format=anthropic&after=5".into()).await;
+    baton_core::export::check::anthropic(&tail).expect("a range stays valid");
+    for bad in [
+        "after=-1",
+        "upto=x",
+        "after=5&upto=2",
+        "include_running=yes",
+        "include_thoughts=1",
+    ] {
+        let (status, err) = get(bad.into()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {err}");
         assert_eq!(err["error"]["code"], "invalid_request");
     }
     app.stop().await;
