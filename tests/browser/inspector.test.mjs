@@ -222,6 +222,10 @@ scenario('create a session, send, and see tokens before the turn ends', async ({
   const [download] = await Promise.all([page.waitForEvent('download'), role(page, 'button', 'Download export').click()]);
   const exported = JSON.parse(await readFile(await download.path(), 'utf8'));
   assert.deepEqual(exported.messages.map((m) => m.role), ['user', 'assistant']);
+  await role(page, 'combobox', 'Export format').selectOption('anthropic');
+  const [anthropic] = await Promise.all([page.waitForEvent('download'), role(page, 'button', 'Download export').click()]);
+  const request = JSON.parse(await readFile(await anthropic.path(), 'utf8'));
+  assert.deepEqual(request.messages.map((m) => m.role), ['user', 'assistant']);
   await role(page, 'combobox', 'Export format').selectOption('log');
   const [raw] = await Promise.all([page.waitForEvent('download'), role(page, 'button', 'Download export').click()]);
   const log = JSON.parse(await readFile(await raw.path(), 'utf8'));
