@@ -13,7 +13,11 @@
 //!   previous turn has ended and the session's actor has exited (untimed).
 //!
 //! Direct and Baton turns alternate so both see the same load on a shared
-//! machine; the first turns of each are warm-up and not counted. The agent
+//! machine, and both paths idle for the same `--pause-ms` before every
+//! prompt (Baton's session must wait out its quiet window after an answer;
+//! an idle machine wakes more slowly, and only one path paying for that
+//! would be measured as Baton's overhead). The first turns of each are
+//! warm-up and not counted. The agent
 //! is `acp-peer` (the offline test agent of `crates/acp-peer`) with
 //! `ACP_PEER_DELAY_MS=0`: it streams `echo: <prompt>` one word per chunk
 //! with no pause, so the agent's own time is as small as it gets and the
@@ -43,9 +47,6 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::{App, ServeConfig};
 
-/// The server's default quiet window after an answered prompt.
-const QUIET_AFTER_ANSWER: Duration = Duration::from_millis(250);
-
 /// `baton bench acp` flags.
 #[derive(Clone, Debug, Args)]
 pub struct AcpBenchArgs {
@@ -64,6 +65,17 @@ pub struct AcpBenchArgs {
     /// removed); default: the system temp dir.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Idle time before every measured prompt, on both paths alike (a user's
+    /// next message comes after a pause). Baton's session needs at least its
+    /// quiet window after an answer (`--acp-quiet-after-answer-ms`, 250 by
+    /// default) before the next prompt; the direct path pauses just as long
+    /// so that both pay the same cost of waking an idle machine.
+    #[arg(long, default_value_t = 250)]
+    pub pause_ms: u64,
+    /// The server's `--acp-quiet-after-answer-ms` (must not exceed
+    /// `--pause-ms`, or Baton's turns would also time the window).
+    #[arg(long, default_value_t = 250)]
+    pub quiet_ms: u64,
 }
 
 /// How long any one turn, set-up step or shutdown may take.
@@ -83,6 +95,12 @@ pub async fn run(args: AcpBenchArgs) -> anyhow::Result<()> {
     }
     if args.warmup < 1 || args.warmup > 10_000 {
         bail!("--warmup must be between 1 and 10000");
+    }
+    if args.pause_ms > 10_000 {
+        bail!("--pause-ms must be at most 10000");
+    }
+    if args.quiet_ms > args.pause_ms {
+        bail!("--quiet-ms must not exceed --pause-ms");
     }
     let peer = match &args.peer {
         Some(p) if p.is_file() => p.clone(),
@@ -259,7 +277,9 @@ impl Direct {
         })
     }
 
-    async fn turn(&mut self, text: &str) -> anyhow::Result<DirectTurn> {
+    async fn turn(&mut self, text: &str, pause: Duration) -> anyhow::Result<DirectTurn> {
+        // The same idle time before the prompt as Baton's path has.
+        tokio::time::sleep(pause).await;
         while self.chunks.try_recv().is_ok() {}
         let prompt = PromptRequest::new(
             self.session.clone(),
@@ -352,7 +372,7 @@ struct Baton {
 }
 
 impl Baton {
-    async fn start(db: &Path, peer: &Path) -> anyhow::Result<Self> {
+    async fn start(db: &Path, peer: &Path, quiet: Duration) -> anyhow::Result<Self> {
         let mut cfg = ServeConfig::embedded(db.to_string_lossy());
         // Baton passes the agent only an allow-list of its environment: the
         // peer's pace goes on the command line.
@@ -363,7 +383,7 @@ impl Baton {
             shell_quote(&peer.to_string_lossy())
         );
         cfg.acp = vec![(AGENT.into(), command)];
-        cfg.acp_quiet_after_answer_ms = QUIET_AFTER_ANSWER.as_millis() as u64;
+        cfg.acp_quiet_after_answer_ms = quiet.as_millis() as u64;
         cfg.default_agent = AGENT.into();
         if !cfg.listen.ip().is_loopback() {
             bail!("the benchmark server must listen on loopback");
@@ -432,12 +452,13 @@ impl Baton {
         crate::bench::wait_quiet(&self.engine, Duration::from_micros(200), PATIENCE).await
     }
 
-    async fn turn(&mut self, text: &str) -> anyhow::Result<BatonTurn> {
+    async fn turn(&mut self, text: &str, pause: Duration) -> anyhow::Result<BatonTurn> {
         self.wait_quiet().await?;
         // Back-to-back prompts on one ACP session wait out the quiet window
         // after an answer (late output is dropped there); a user's next
-        // message comes later than that, so the wait is untimed here.
-        tokio::time::sleep(QUIET_AFTER_ANSWER).await;
+        // message comes later than that. The pause is untimed, and the
+        // direct path takes the same one.
+        tokio::time::sleep(pause).await;
         while self.events.try_recv().is_ok() {}
         let rb = self
             .client
@@ -643,7 +664,8 @@ async fn bench(args: AcpBenchArgs, peer: PathBuf) -> anyhow::Result<()> {
     );
     let mut direct = Direct::start(&peer, scratch.path()).await?;
     let result = async {
-        let mut baton = Baton::start(&db, &peer).await?;
+        let mut baton =
+            Baton::start(&db, &peer, Duration::from_millis(args.quiet_ms)).await?;
         println!(
             "  direct: one agent process, one ACP session, the agent-client-protocol client over its pipes; from sending session/prompt to the first agent_message_chunk / the prompt's response"
         );
@@ -655,8 +677,8 @@ async fn bench(args: AcpBenchArgs, peer: PathBuf) -> anyhow::Result<()> {
             PEER_DELAY.1
         );
         println!(
-            "  {} turns per path, direct and Baton alternating, after {} warm-up turns each",
-            args.turns, args.warmup
+            "  {} turns per path, direct and Baton alternating, after {} warm-up turns each; {} ms idle before every prompt on both paths (Baton's quiet window after an answer: {} ms)",
+            args.turns, args.warmup, args.pause_ms, args.quiet_ms
         );
         println!();
         let mut probe = DiskProbe::open(&scratch.path().join("probe.db")).await?;
@@ -694,12 +716,13 @@ async fn measure(
         }
         // Same text on both paths; which goes first alternates too.
         let text = format!("bench turn {i}");
+        let pause = Duration::from_millis(args.pause_ms);
         let (dt, bt) = if i % 2 == 0 {
-            let dt = direct.turn(&text).await?;
-            (dt, baton.turn(&text).await?)
+            let dt = direct.turn(&text, pause).await?;
+            (dt, baton.turn(&text, pause).await?)
         } else {
-            let bt = baton.turn(&text).await?;
-            (direct.turn(&text).await?, bt)
+            let bt = baton.turn(&text, pause).await?;
+            (direct.turn(&text, pause).await?, bt)
         };
         if dt.chunks != bt.deltas {
             bail!(
@@ -794,17 +817,17 @@ fn report(m: &Measured) {
         verdict(added_end)
     );
     // Baton's critical path: the post's transaction (message, turn,
-    // turn_started, lease) and `take_turn` (the turn begins) before the
-    // prompt is sent; one transaction after the agent answers (the reply
-    // stored with `turn_ended`).
+    // turn_started, lease, and the turn begun) before the prompt is sent;
+    // one transaction after the agent answers (the reply stored with
+    // `turn_ended`).
     let commit = stats(m.commits.clone()).p50.as_secs_f64() * 1000.0;
     println!(
-        "durable commits on Baton's path: 2 before the first delta (the post; take_turn), 3 before turn_ended (+ the reply with turn_ended); one commit here p50 {commit:.3} ms"
+        "durable commits on Baton's path: 1 before the first delta (the post, which begins the turn), 2 before turn_ended (+ the reply with turn_ended); one commit here p50 {commit:.3} ms"
     );
     println!(
         "  the rest, if each cost the probe's p50 (HTTP, actor, driver, bus, SSE): first delta {:.3} ms, turn end {:.3} ms (--dir on a tmpfs such as /dev/shm measures Baton without fsync)",
-        added_first - 2.0 * commit,
-        added_end - 3.0 * commit
+        added_first - commit,
+        added_end - 2.0 * commit
     );
 }
 

@@ -50,14 +50,23 @@ enum Outcome {
     Fenced,
 }
 
-pub(crate) async fn run(inner: Arc<Inner>, lease: Lease, mut bus: broadcast::Receiver<BusEvent>) {
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    lease: Lease,
+    mut bus: broadcast::Receiver<BusEvent>,
+    mut begun: Option<TurnToRun>,
+) {
     let session = lease.session_id;
     let mut failures = 0u32;
     // Between turns the lease was just extended (by `take_turn` or the
     // claim that spawned this actor).
     let clock = LeaseClock::new(inner.lease_ttl(), inner.cfg.heartbeat, lease.epoch);
     loop {
-        if *inner.stopping.borrow() {
+        // A turn the post began with the lease is `running` already: run it,
+        // also when the node started stopping meanwhile (running turns get
+        // the shutdown grace; handing it over would end it `lost`).
+        let first = begun.take();
+        if first.is_none() && *inner.stopping.borrow() {
             // Leave the queue for the next start-up or another node, and
             // tell the other nodes at once.
             if let Ok(Ok(true)) =
@@ -69,10 +78,18 @@ pub(crate) async fn run(inner: Arc<Inner>, lease: Lease, mut bus: broadcast::Rec
             break;
         }
         let asked = Instant::now();
-        let step = match clock.bounded(inner.store.take_turn(&lease)).await {
+        let pre_begun = first.is_some();
+        let taken = match first {
+            Some(turn) => Ok(Take::Run(Box::new(turn), Begin::Run)),
+            None => clock.bounded(inner.store.take_turn(&lease)).await,
+        };
+        let step = match taken {
             Ok(Take::Run(turn, begun)) => {
-                // `begin` extended the lease.
-                clock.renewed(asked);
+                // `begin` extended the lease (the post's claim did, for a
+                // turn begun there: the clock started after it).
+                if !pre_begun {
+                    clock.renewed(asked);
+                }
                 run_turn(&inner, &lease, &clock, *turn, begun, &mut bus)
                     .await
                     .map(Some)

@@ -205,7 +205,26 @@ impl Engine {
 
     /// Stores a message and carries out its disposition.
     pub async fn post_message(&self, req: PostMessage) -> Result<Posted> {
-        let posted = self.inner.store.post_message(req).await?;
+        let session = req.session_id;
+        // A node that is stopping takes no new turn: the store leaves one this
+        // message starts `starting`, for the next start-up or another node.
+        let run_here = !*self.inner.stopping.borrow();
+        // Subscribed before the post commits, so a cancel of the turn it
+        // begins, announced the moment it is committed, reaches the worker.
+        let early = run_here.then(|| self.inner.bus.subscribe(session));
+        let result = if run_here {
+            self.inner.store.post_message_to_run(req).await
+        } else {
+            self.inner.store.post_message(req).await
+        };
+        let mut posted = match result {
+            Ok(p) => p,
+            Err(e) => {
+                drop(early);
+                self.inner.bus.prune(session);
+                return Err(e);
+            }
+        };
         self.inner.bus.publish_entries(&posted.committed);
         if let Some(turn_id) = posted.cancel {
             self.announce_cancel(
@@ -214,8 +233,15 @@ impl Engine {
                 format!("interrupted by message {}", posted.entry.seq),
             );
         }
-        if let Some(lease) = posted.lease.clone() {
-            self.spawn_actor(lease);
+        match (posted.lease.clone(), early) {
+            (Some(lease), Some(events)) => {
+                self.spawn_actor_with(lease, Some(events), posted.begun.take())
+            }
+            (Some(lease), None) => self.spawn_actor(lease),
+            (None, early) => {
+                drop(early);
+                self.inner.bus.prune(session);
+            }
         }
         Ok(posted)
     }
@@ -339,6 +365,18 @@ impl Engine {
 
     /// Runs the session's turns on this node under `lease`.
     fn spawn_actor(&self, lease: Lease) {
+        self.spawn_actor_with(lease, None, None);
+    }
+
+    /// Spawns the session's actor for `lease`, on `events` if the caller
+    /// subscribed already, starting with the turn `begun` if the store began
+    /// it in the transaction that gave the lease.
+    fn spawn_actor_with(
+        &self,
+        lease: Lease,
+        events: Option<tokio::sync::broadcast::Receiver<BusEvent>>,
+        begun: Option<baton_store::TurnToRun>,
+    ) {
         let mut actors = self.inner.actors.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(slot) = actors.get(&lease.session_id) {
             if slot.epoch >= lease.epoch && !slot.task.is_finished() {
@@ -353,9 +391,10 @@ impl Engine {
         let epoch = lease.epoch;
         // Subscribe before the task starts so no cancel announced from now on
         // can be missed.
-        let events = self.inner.bus.subscribe(session);
+        let events = events.unwrap_or_else(|| self.inner.bus.subscribe(session));
         let span = tracing::info_span!("session", %session, epoch);
-        let task = tokio::spawn(actor::run(self.inner.clone(), lease, events).instrument(span));
+        let task =
+            tokio::spawn(actor::run(self.inner.clone(), lease, events, begun).instrument(span));
         actors.insert(session, ActorSlot { epoch, task });
     }
 

@@ -402,6 +402,9 @@ impl Store for FaultyStore {
     async fn post_message(&self, req: PostMessage) -> StoreResult<Posted> {
         self.store.post_message(req).await
     }
+    async fn post_message_to_run(&self, req: PostMessage) -> StoreResult<Posted> {
+        self.store.post_message_to_run(req).await
+    }
     async fn entries(&self, id: SessionId, after: Seq, limit: u32) -> StoreResult<Page> {
         self.store.entries(id, after, limit).await
     }

@@ -3098,3 +3098,128 @@ pub async fn recovery_closes_waiting_permission_requests<Fut: Future<Output = Sh
     f.log(id).await;
     f.cleanup().await;
 }
+
+/// A post made by the node that will run its turn begins that turn in the
+/// same transaction: the turn is `running` under the new lease, handed back
+/// with its input, and never handed out again by `take_turn`. A message that
+/// queues, or finds the lease held by another node, begins nothing. A worker
+/// that vanishes before prompting such a turn leaves it `running`, so
+/// recovery ends it `lost` instead of running it twice.
+pub async fn post_to_run_begins_the_turn_it_starts<Fut: Future<Output = SharedStore>>(
+    open: impl Fn(StoreConfig) -> Fut,
+) {
+    let _g = exclusive().await;
+    let f = Fixture::open(
+        open,
+        StoreConfig {
+            lease_ttl: SHORT_TTL,
+            ..base_config()
+        },
+    )
+    .await;
+    let id = f.session(Policy::Queue).await;
+    let p1 = f
+        .store
+        .post_message_to_run(f.msg(id, "m1"))
+        .await
+        .expect("post_message_to_run");
+    assert_eq!(p1.disposition.kind, DispositionType::Started);
+    let t1 = p1.disposition.turn_id.expect("a started turn");
+    let lease = p1.lease.clone().expect("the posting node takes the lease");
+    let begun = p1.begun.clone().expect("the turn is begun in the post");
+    assert_eq!(begun.turn.id, t1);
+    assert_eq!(begun.turn.status, TurnStatus::Running);
+    assert_eq!(
+        begun.inputs,
+        vec![p1.entry.clone()],
+        "its input is the message"
+    );
+    assert_eq!(begun.agent, f.agent);
+    let stored = f.turns(id).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].status, TurnStatus::Running, "durably running");
+    assert_eq!(stored[0].input, begun.turn.input);
+    assert!(
+        matches!(f.store.take_turn(&lease).await, Ok(Take::Busy)),
+        "a turn begun in its post is never handed out again"
+    );
+
+    // Queued behind it: nothing begun, no lease.
+    let p2 = f
+        .store
+        .post_message_to_run(f.msg(id, "m2"))
+        .await
+        .expect("post_message_to_run");
+    assert_eq!(p2.disposition.kind, DispositionType::Queued);
+    assert!(p2.begun.is_none() && p2.lease.is_none());
+    // The next turn starts from the end, as `starting`, for take_turn.
+    let t2 = f
+        .end(&lease, t1, TurnStatus::Completed, None)
+        .await
+        .next
+        .expect("the queued message starts the next turn");
+    match f.store.take_turn(&lease).await.expect("take_turn") {
+        Take::Run(todo, Begin::Run) => assert_eq!(todo.turn.id, t2),
+        other => panic!("the queued turn is taken as before, got {other:?}"),
+    }
+    f.end(&lease, t2, TurnStatus::Completed, None).await;
+    assert!(matches!(
+        f.store.take_turn(&lease).await,
+        Ok(Take::Released)
+    ));
+
+    // The worker vanishes before prompting: the turn ends `lost`, once.
+    let p3 = f
+        .store
+        .post_message_to_run(f.msg(id, "m3"))
+        .await
+        .expect("post_message_to_run");
+    let t3 = p3.begun.as_ref().expect("begun").turn.id;
+    tokio::time::sleep(PAST_TTL).await;
+    let other = unique("node-recover");
+    let all = f.store.recover(&other, false).await.expect("recover");
+    let r = recovered(&all, id).expect("the expired session is taken over");
+    assert!(
+        r.committed.iter().any(|e| e.kind == EntryType::TurnEnded
+            && e.turn_id == Some(t3)
+            && e.status == Some(TurnStatus::Lost)),
+        "a begun turn whose worker vanished ends lost: {:?}",
+        r.committed
+    );
+    f.store
+        .release_lease(&r.lease, false)
+        .await
+        .expect("release after recovery");
+
+    // Another node holds the lease: a post there begins nothing.
+    let holder = f.on_node("node-holder");
+    let ph = holder
+        .store
+        .post_message_to_run(holder.msg(id, "m4"))
+        .await
+        .expect("post_message_to_run");
+    let hl = ph.lease.clone().expect("free lease taken by the holder");
+    assert!(ph.begun.is_some());
+    let p5 = f
+        .store
+        .post_message_to_run(f.msg(id, "m5"))
+        .await
+        .expect("post_message_to_run");
+    assert!(
+        p5.begun.is_none() && p5.lease.is_none(),
+        "queued behind the holder's turn"
+    );
+    let t5 = holder
+        .end(
+            &hl,
+            ph.begun.expect("begun").turn.id,
+            TurnStatus::Completed,
+            None,
+        )
+        .await
+        .next
+        .expect("m5 runs next, under the holder's lease");
+    holder.end(&hl, t5, TurnStatus::Completed, None).await;
+    f.log(id).await;
+    f.cleanup().await;
+}

@@ -141,6 +141,11 @@ pub struct Posted {
     pub lease: Option<Lease>,
     /// The turn asked to cancel (interrupt), for a prompt wake-up.
     pub cancel: Option<TurnId>,
+    /// The turn this message started, already `running` under `lease`, when
+    /// the post was made with [`Store::post_message_to_run`] and this node
+    /// took the lease: the worker prompts it without a `take_turn` of its
+    /// own (one durable commit fewer before the agent sees the message).
+    pub begun: Option<TurnToRun>,
 }
 
 /// A page of a session's log.
@@ -319,6 +324,17 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_session(&self, owner: &str, id: SessionId) -> Result<()>;
     /// Stores a user message and applies the busy policy atomically.
     async fn post_message(&self, req: PostMessage) -> Result<Posted>;
+    /// [`Store::post_message`] for a node that runs the turn the message
+    /// starts, if any, itself and at once: when the message starts a turn and
+    /// this node takes the lease, the same transaction also begins the turn
+    /// (`running`, fenced by the new epoch) and returns it in
+    /// [`Posted::begun`]. A worker that then vanishes before prompting leaves
+    /// a `running` turn, which recovery ends `lost` (never runs twice).
+    /// Stores that cannot begin in the post return no `begun` turn; the
+    /// worker then takes it with [`Store::take_turn`].
+    async fn post_message_to_run(&self, req: PostMessage) -> Result<Posted> {
+        self.post_message(req).await
+    }
     /// Entries with `seq > after`, at most `limit`, in order. No owner check:
     /// callers check ownership first.
     async fn entries(&self, id: SessionId, after: Seq, limit: u32) -> Result<Page>;

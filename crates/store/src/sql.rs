@@ -1337,6 +1337,7 @@ async fn op_post(
     now: i64,
     cfg: &StoreConfig,
     req: &PostMessage,
+    run_here: bool,
 ) -> R<Posted> {
     let mut s = lock_owned(c, d, &req.owner, req.session_id).await?;
     if let Some(key) = &req.idempotency_key {
@@ -1365,6 +1366,7 @@ async fn op_post(
                 committed: Vec::new(),
                 lease: None,
                 cancel: None,
+                begun: None,
             });
         }
     }
@@ -1409,13 +1411,45 @@ async fn op_post(
     )
     .await?;
     committed.push(entry.clone());
+    let mut begun = None;
     if start {
         let input = InputRange {
             from: entry.seq,
             to: entry.seq,
         };
         committed.push(start_turn(c, &mut s, now, turn, input).await?);
-        lease = lease.or_else(|| try_claim(&mut s, &req.node, now, cfg.lease_ttl));
+        match (&lease, run_here) {
+            // The turn is this message's alone and this node takes the lease
+            // now: begin it here (as `begin` would, with no cancel possible
+            // yet), so the worker need not commit a `take_turn` first.
+            (None, true) => {
+                let claimed = try_claim(&mut s, &req.node, now, cfg.lease_ttl);
+                if let Some(l) = &claimed {
+                    c.execute(
+                        "UPDATE turns SET status = 'running', epoch = $2 WHERE id = $1 AND status = 'starting'",
+                        &args![turn.to_string(), l.epoch],
+                    )
+                    .await?;
+                    begun = Some(TurnToRun {
+                        turn: Turn {
+                            id: turn,
+                            session_id: s.id,
+                            status: TurnStatus::Running,
+                            input,
+                            started_at: Timestamp(now),
+                            ended_at: None,
+                            reason: None,
+                        },
+                        agent: s.agent.clone(),
+                        inputs: vec![entry.clone()],
+                        agent_session: s.agent_session.clone(),
+                        permission: s.permission,
+                    });
+                }
+                lease = claimed;
+            }
+            _ => lease = lease.or_else(|| try_claim(&mut s, &req.node, now, cfg.lease_ttl)),
+        }
     } else {
         s.queue.push(entry.seq, policy);
     }
@@ -1439,6 +1473,7 @@ async fn op_post(
         committed,
         lease,
         cancel,
+        begun,
     })
 }
 
@@ -1694,7 +1729,15 @@ impl Store for SqlStore {
     async fn post_message(&self, req: PostMessage) -> Result<Posted> {
         let (d, cfg, req) = (self.dialect, self.cfg.clone(), Arc::new(req));
         op!(self, Some(req.session_id), [cfg, req], |c, now| op_post(
-            c, d, now, &cfg, &req
+            c, d, now, &cfg, &req, false
+        )
+        .await)
+    }
+
+    async fn post_message_to_run(&self, req: PostMessage) -> Result<Posted> {
+        let (d, cfg, req) = (self.dialect, self.cfg.clone(), Arc::new(req));
+        op!(self, Some(req.session_id), [cfg, req], |c, now| op_post(
+            c, d, now, &cfg, &req, true
         )
         .await)
     }

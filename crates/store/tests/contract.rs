@@ -100,6 +100,7 @@ contract_tests!(
     sessions_list_newest_first_in_pages,
     permission_answers_are_exactly_once,
     recovery_closes_waiting_permission_requests,
+    post_to_run_begins_the_turn_it_starts,
 );
 
 // ---------------------------------------------------------------------------
