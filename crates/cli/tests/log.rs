@@ -1517,6 +1517,28 @@ async fn health_metrics_openapi() {
             paths.keys()
         );
     }
+    let export_params: Vec<&str> = paths["/v1/sessions/{id}/export"]["get"]["parameters"]
+        .as_array()
+        .expect("export parameters")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for name in [
+        "format",
+        "after",
+        "upto",
+        "include_running",
+        "include_thoughts",
+    ] {
+        assert!(
+            export_params.contains(&name),
+            "export lacks {name}: {export_params:?}"
+        );
+    }
+    let kinds = doc["components"]["schemas"]["EntryType"].to_string();
+    for kind in ["thought", "permission_request", "permission_decision"] {
+        assert!(kinds.contains(kind), "EntryType lacks {kind}: {kinds}");
+    }
     app.stop().await;
 }
 
