@@ -250,6 +250,7 @@ struct Directives {
     after_done: bool,
     chatty: bool,
     chatty_hang: bool,
+    think: bool,
 }
 
 /// One update of a paced sequence.
@@ -675,11 +676,16 @@ impl Peer {
             return Ok(Ending::Stop(StopReason::Cancelled));
         }
 
-        let mut steps = if directives.chatty {
-            chatty_steps(false)
-        } else {
-            Vec::new()
-        };
+        // `/think`: one thought chunk before everything else the turn says.
+        let mut steps = Vec::new();
+        if directives.think {
+            steps.push(Step::Update(Box::new(SessionUpdate::AgentThoughtChunk(
+                ContentChunk::new(text_block("Thinking it over.")),
+            ))));
+        }
+        if directives.chatty {
+            steps.extend(chatty_steps(false));
+        }
         steps.extend(split_chunks(&reply).into_iter().map(Step::Chunk));
         if turn.play(steps, delay).await? {
             Ok(Ending::Stop(StopReason::EndTurn))
@@ -778,6 +784,7 @@ fn parse_directives(text: &str) -> (Directives, String) {
             "/after-done" => directives.after_done = true,
             "/chatty" => directives.chatty = true,
             "/chatty-hang" => directives.chatty_hang = true,
+            "/think" => directives.think = true,
             "/slow" => {
                 let (arg, after_arg) = split_word(after);
                 match arg.parse::<u64>() {

@@ -957,15 +957,15 @@ fn is_prefix_minus_the_turn(before: &[Value], after: &[Value]) {
     );
 }
 
-/// Text, a tool call and its result, text, a second call and result, the
-/// reply: stored in that order, exported in that order in both formats; an
+/// A thought, text, a tool call and its result, text, a second call and
+/// result, the reply: stored in that order, exported in that order in both formats; an
 /// export taken mid-turn is the final one minus the turn.
 async fn text_tool_text_is_stored_and_exported_in_order(kind: &str) {
     let Some(cmd) = peer(kind) else { return };
     let app = server(cmd, |_| {}).await;
     let c = &app.client;
     let id = c
-        .create_session_id(json!({"message": "/slow 150 /chatty hi"}))
+        .create_session_id(json!({"message": "/slow 150 /think /chatty hi"}))
         .await;
     c.wait_entry(&id, |e| e["type"] == "tool_result").await;
     let mid = exports(c, &id, "").await;
@@ -980,6 +980,7 @@ async fn text_tool_text_is_stored_and_exported_in_order(kind: &str) {
     assert_eq!(
         kinds,
         [
+            "thought",
             "message",
             "tool_call",
             "tool_result",
@@ -991,12 +992,13 @@ async fn text_tool_text_is_stored_and_exported_in_order(kind: &str) {
         ],
         "{shape:#?}"
     );
-    assert_eq!(shape[0].1.trim(), "Let me look.");
+    assert_eq!(shape[0].1, "Thinking it over.", "agent_thought_chunk");
+    assert_eq!(shape[1].1.trim(), "Let me look.");
     assert_eq!(
-        (shape[1].1.as_str(), shape[2].1.as_str()),
+        (shape[2].1.as_str(), shape[3].1.as_str()),
         ("chat-1", "chat-1")
     );
-    assert_eq!(shape[3].1.trim(), "Found them.");
+    assert_eq!(shape[4].1.trim(), "Found them.");
     let (openai, anthropic) = exports(c, &id, "").await;
     let roles: Vec<&str> = openai.iter().map(|m| m["role"].as_str().unwrap()).collect();
     assert_eq!(
@@ -1021,6 +1023,12 @@ async fn text_tool_text_is_stored_and_exported_in_order(kind: &str) {
         Some("Found them.")
     );
     assert_eq!(anthropic.len(), 6, "{anthropic:#?}");
+    let (thinking, _) = exports(c, &id, "&include_thoughts=true").await;
+    assert_eq!(
+        thinking[1]["content"].as_str().map(str::trim),
+        Some("<thinking>Thinking it over.</thinking>\nLet me look."),
+        "thoughts only when asked"
+    );
     is_prefix_minus_the_turn(&mid.0, &openai);
     is_prefix_minus_the_turn(&mid.1, &anthropic);
     app.stop().await;

@@ -48,6 +48,7 @@ from acp import (  # noqa: E402
     text_block,
     tool_content,
     update_agent_message_text,
+    update_agent_thought_text,
     update_tool_call,
     update_user_message_text,
 )
@@ -94,6 +95,7 @@ SIMPLE_DIRECTIVES = {
     "/after-done",
     "/chatty",
     "/chatty-hang",
+    "/think",
 }
 
 
@@ -387,7 +389,9 @@ class EchoPeer(Agent):
                 await turn.cancel.wait()  # the tool call stays open
             return "cancelled"
 
-        steps = chatty_steps(hang=False) if "/chatty" in directives else []
+        # /think: one thought chunk before everything else the turn says.
+        steps: list[Any] = [update_agent_thought_text("Thinking it over.")] if "/think" in directives else []
+        steps += chatty_steps(hang=False) if "/chatty" in directives else []
         if not await turn.play(steps + split_chunks(reply), delay):
             return "cancelled"
         return "end_turn"

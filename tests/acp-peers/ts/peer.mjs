@@ -57,6 +57,7 @@ const SIMPLE_DIRECTIVES = new Set([
   "/after-done",
   "/chatty",
   "/chatty-hang",
+  "/think",
 ]);
 
 function parseDirectives(text) {
@@ -305,7 +306,9 @@ async function runTurn(turn, directives, rest) {
     return "cancelled";
   }
 
-  const steps = directives.has("/chatty") ? chattySteps(false) : [];
+  // /think: one thought chunk before everything else the turn says.
+  const thought = directives.has("/think") ? [textUpdate("agent_thought_chunk", "Thinking it over.")] : [];
+  const steps = [...thought, ...(directives.has("/chatty") ? chattySteps(false) : [])];
   return (await turn.play([...steps, ...splitChunks(reply)], delay)) ? "end_turn" : "cancelled";
 }
 
