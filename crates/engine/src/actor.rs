@@ -338,9 +338,8 @@ impl Asks {
                     }
                 }
                 // Answered meanwhile: that answer holds.
-                Ok(_) => match inner
-                    .store
-                    .permission_decisions(lease.session_id, turn_id)
+                Ok(_) => match clock
+                    .bounded(inner.store.permission_decisions(lease.session_id, turn_id))
                     .await
                 {
                     Ok(decisions) => {
@@ -358,6 +357,7 @@ impl Asks {
                             }
                         }
                     }
+                    Err(StoreError::StaleEpoch { .. }) => return Some(Event::LeaseLost),
                     Err(e) => {
                         tracing::warn!(error = %e, "reading permission decisions");
                         self.waiting.insert(id, now + Duration::from_secs(1));
@@ -375,25 +375,33 @@ impl Asks {
         None
     }
 
-    /// Delivers answers the bus may have missed.
+    /// Delivers answers the bus may have missed (a lagging channel, a
+    /// notification lost while a listener reconnected); the event the
+    /// machine must see if the read outlived the fence.
     async fn catch_up(
         &mut self,
         inner: &Inner,
-        session: baton_core::SessionId,
+        lease: &Lease,
+        clock: &LeaseClock,
         turn_id: baton_core::TurnId,
         agent: Option<&dyn TurnControl>,
-    ) {
+    ) -> Option<Event> {
         if self.waiting.is_empty() {
-            return;
+            return None;
         }
-        match inner.store.permission_decisions(session, turn_id).await {
+        match clock
+            .bounded(inner.store.permission_decisions(lease.session_id, turn_id))
+            .await
+        {
             Ok(decisions) => {
                 for d in &decisions {
                     self.deliver(agent, d);
                 }
             }
+            Err(StoreError::StaleEpoch { .. }) => return Some(Event::LeaseLost),
             Err(e) => tracing::warn!(error = %e, "reading permission decisions"),
         }
+        None
     }
 }
 
@@ -697,10 +705,16 @@ async fn run_turn(
                 {
                     Ok(renewal) => {
                         clock.renewed(asked);
-                        asks.catch_up(inner, lease.session_id, turn_id, agent.control.as_deref()).await;
-                        match renewal.cancel {
-                            Some((t, reason)) if t == turn_id => Event::CancelRequested { reason },
-                            _ => continue,
+                        if let Some(ev) = asks
+                            .catch_up(inner, lease, clock, turn_id, agent.control.as_deref())
+                            .await
+                        {
+                            ev
+                        } else {
+                            match renewal.cancel {
+                                Some((t, reason)) if t == turn_id => Event::CancelRequested { reason },
+                                _ => continue,
+                            }
                         }
                     }
                     Err(StoreError::StaleEpoch { .. }) => Event::LeaseLost,

@@ -352,6 +352,8 @@ struct FaultyStore {
     /// Once set, recovery sweeps fail too (a node cut off from the
     /// database cannot take sessions over either).
     no_sweeps: Arc<AtomicBool>,
+    /// While set, closing permission requests fails.
+    no_closing: Arc<AtomicBool>,
 }
 
 impl FaultyStore {
@@ -367,6 +369,7 @@ impl FaultyStore {
             renewed: Arc::default(),
             stored: Arc::default(),
             no_sweeps: Arc::default(),
+            no_closing: Arc::default(),
         }
     }
 }
@@ -493,6 +496,9 @@ impl Store for FaultyStore {
         decided_by: &str,
         reason: &str,
     ) -> StoreResult<Vec<Entry>> {
+        if self.no_closing.load(Ordering::SeqCst) {
+            return Err(refused());
+        }
         self.store
             .close_permissions(lease, turn, only, decided_by, reason)
             .await
@@ -1520,4 +1526,79 @@ mod order {
             rt.block_on(super::order_run(steps, ending, cut));
         }
     }
+}
+
+/// A cancel answers the turn's waiting permission requests first; when the
+/// store refuses that, the turn's end closes them in its own transaction,
+/// before its terminal entry: a request is never left open, and the agent
+/// still hears `cancelled` (the turn drains instead of hanging).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_close_leaves_the_request_to_the_turns_end() {
+    let refuse = Arc::new(AtomicBool::new(true));
+    let flag = refuse.clone();
+    let f = engine_on(
+        "demo",
+        Arc::new(baton_agent::DemoAgent::default()),
+        move |store| {
+            let mut faulty = FaultyStore::new(store);
+            faulty.no_closing = flag;
+            Arc::new(faulty)
+        },
+    )
+    .await;
+    let id = session(&f, "demo").await;
+    let mut rx = f.engine.bus().subscribe(id);
+    post(&f, id, "/ask go").await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+            Ok(Ok(BusEvent::Entry(e))) if e.kind == EntryType::PermissionRequest => break,
+            Ok(Ok(_)) => {}
+            other => panic!("waiting for the permission request: {other:?}"),
+        }
+    }
+    f.engine.cancel("o", id, None).await.expect("cancel");
+    let (_, entries) = until_turn_ended(&mut rx).await;
+    assert!(
+        refuse.load(Ordering::SeqCst),
+        "the close was refused throughout"
+    );
+    let ended = entries.last().expect("turn_ended");
+    assert_eq!(ended.status, Some(TurnStatus::Cancelled), "{ended:?}");
+    let decisions: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.kind == EntryType::PermissionDecision)
+        .collect();
+    assert_eq!(decisions.len(), 1, "{entries:?}");
+    let d = decisions[0];
+    let p = d.permission.as_ref().expect("the decision's permission");
+    assert_eq!(p.outcome.as_deref(), Some("cancelled"));
+    assert_eq!(p.decided_by.as_deref(), Some("turn_end"));
+    assert_eq!(d.reason.as_deref(), Some("the turn ended cancelled"));
+    // The agent heard `cancelled` before the cancel, so it may have stored
+    // its own result for the call first; else the end's synthetic result
+    // comes after the decision. Either way only results and the end follow.
+    let after: Vec<EntryType> = entries
+        .iter()
+        .filter(|e| e.seq > d.seq)
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(after.last(), Some(&EntryType::TurnEnded), "{entries:#?}");
+    assert!(
+        after[..after.len() - 1]
+            .iter()
+            .all(|k| *k == EntryType::ToolResult),
+        "only the results that close calls, then the turn's end: {entries:#?}"
+    );
+    let results = entries
+        .iter()
+        .filter(|e| e.kind == EntryType::ToolResult)
+        .count();
+    assert_eq!(results, 1, "the call is answered once: {entries:#?}");
+    assert!(f
+        .engine
+        .store()
+        .pending_permissions(id)
+        .await
+        .expect("pending")
+        .is_empty());
 }

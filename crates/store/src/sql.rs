@@ -1147,13 +1147,20 @@ async fn finish_turn(
         return Err(StoreError::TurnNotActive { turn_id: turn }.into());
     }
     let mut committed = Vec::with_capacity(entries.len() + 1);
+    // A request still waiting is answered `cancelled` before the terminal
+    // entry (never left open; nothing of the turn follows its end, I8), and
+    // before the trailing tool results (the calls the end closes), so a
+    // call's request and decision come before its result.
     let mut entries = entries;
     let last = entries.pop();
+    let results_from = entries
+        .iter()
+        .rposition(|e| e.kind != EntryType::ToolResult)
+        .map_or(0, |i| i + 1);
+    let results = entries.split_off(results_from);
     for e in entries {
         committed.push(append(c, s, now, e, None).await?);
     }
-    // A request still waiting is answered `cancelled` before the terminal
-    // entry: never left open, and nothing of the turn follows its end (I8).
     let by = if reason.as_deref() == Some("shutdown") {
         "shutdown"
     } else {
@@ -1161,6 +1168,9 @@ async fn finish_turn(
     };
     let why = format!("the turn ended {}", status.as_str());
     committed.extend(close_pending(c, s, now, turn, None, by, &why).await?);
+    for e in results {
+        committed.push(append(c, s, now, e, None).await?);
+    }
     committed.extend(match last {
         Some(e) => Some(append(c, s, now, e, None).await?),
         None => None,
