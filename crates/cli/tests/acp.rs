@@ -890,11 +890,20 @@ async fn a_restart_while_the_agent_waits_closes_the_request(kind: &str) {
     assert_eq!(ended_turn(&c, &id, 0).await["status"], "lost");
     let entries = c.entries(&id).await;
     check_log(&entries);
-    let n = entries.len();
-    assert_eq!(entries[n - 2]["type"], "permission_decision", "{entries:?}");
-    assert_eq!(entries[n - 2]["permission"]["outcome"], "cancelled");
+    // The decision, then the result closing its call, then the end.
+    let tail: Vec<&str> = entries[entries.len() - 3..]
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
     assert_eq!(
-        entries[n - 2]["permission"]["request_id"],
+        tail,
+        ["permission_decision", "tool_result", "turn_ended"],
+        "{entries:?}"
+    );
+    let decision = &entries[entries.len() - 3];
+    assert_eq!(decision["permission"]["outcome"], "cancelled");
+    assert_eq!(
+        decision["permission"]["request_id"],
         request["permission"]["request_id"]
     );
     let (status, _) = answer(&c, &id, &request, "allow-once").await;

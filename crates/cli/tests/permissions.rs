@@ -443,10 +443,16 @@ async fn a_restart_while_waiting_loses_the_turn_and_closes_the_request() {
     let turn = ended(&c, &id).await;
     assert_eq!(turn["status"], "lost");
     let entries = c.entries(&id).await;
-    let n = entries.len();
-    assert_eq!(entries[n - 1]["type"], "turn_ended");
-    let d = &entries[n - 2];
-    assert_eq!(d["type"], "permission_decision", "{entries:#?}");
+    let tail: Vec<&str> = entries[entries.len() - 3..]
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tail,
+        ["permission_decision", "tool_result", "turn_ended"],
+        "the decision, the result closing its call, the end: {entries:#?}"
+    );
+    let d = &entries[entries.len() - 3];
     assert_eq!(d["permission"]["request_id"], rid.as_str());
     assert_eq!(d["permission"]["outcome"], "cancelled");
     assert_eq!(d["permission"]["decided_by"], "turn_end");
