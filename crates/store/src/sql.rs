@@ -874,7 +874,6 @@ async fn track_permission(c: &mut Conn, s: &mut SessionRow, e: &Entry) -> R<()> 
 
 /// Closes `turn`'s pending permission requests (with `only`, that one) as
 /// `cancelled` by `decided_by`: one decision entry each, in request order.
-#[allow(clippy::too_many_arguments)]
 async fn close_pending(
     c: &mut Conn,
     s: &mut SessionRow,
