@@ -328,7 +328,24 @@ fn transcript(log: &[Entry], opts: &Options) -> Vec<Msg> {
     let mut waiting: BTreeMap<Seq, String> = BTreeMap::new();
     let mut requests: HashMap<String, PermissionInfo> = HashMap::new();
     let mut pairing = Pairing::default();
+    // A turn's end stores the results that close its open calls, then the
+    // decisions that close its waiting permission requests: each closing
+    // result waits for the permission entries right after it, so a
+    // decision lands inside the result of the call it is about.
+    let mut closing: Vec<&Entry> = Vec::new();
+    let mut ordered: Vec<&Entry> = Vec::with_capacity(chosen.len());
     for e in chosen {
+        match e.kind {
+            EntryType::ToolResult if e.status.is_some() => closing.push(e),
+            EntryType::PermissionRequest | EntryType::PermissionDecision => ordered.push(e),
+            _ => {
+                ordered.append(&mut closing);
+                ordered.push(e);
+            }
+        }
+    }
+    ordered.append(&mut closing);
+    for e in ordered {
         let content = e.content.clone().unwrap_or_default();
         let item = match (e.kind, e.role) {
             (EntryType::Message, Some(Role::User)) => {
@@ -966,6 +983,38 @@ mod tests {
             check::anthropic(&anthropic(&log, &opts))
                 .unwrap_or_else(|e| panic!("{after}..{upto}: {e}"));
         }
+    }
+
+    /// A permission request still waiting when its turn ended is closed by
+    /// a decision stored after the call's closing result; the export puts
+    /// both notes inside that result.
+    #[test]
+    fn a_request_closed_by_the_turns_end_is_inside_the_closing_result() {
+        let t = TurnId::new();
+        let request = PermissionInfo::request(Some("c1".into()), Some("run".into()), Vec::new());
+        let decision = request.decision(None, "turn_end");
+        let log = log(vec![
+            NewEntry::user_message("go"),
+            NewEntry::turn_started(t, InputRange { from: 1, to: 1 }),
+            call(t, "c1"),
+            NewEntry::permission_request(t, request),
+            NewEntry::tool_closed(t, "c1".into(), TurnStatus::Cancelled, Some("user")),
+            NewEntry::permission_decision(t, decision),
+            NewEntry::turn_ended(t, TurnStatus::Cancelled, Some("user".into())),
+        ]);
+        let msgs = openai(&log, &Options::default());
+        check::openai(&msgs).expect("valid for OpenAI");
+        assert_eq!(msgs.len(), 3, "{msgs:#?}");
+        let text = msgs[2]["content"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("permission requested for run")
+                && text.contains("cancelled, decided by turn_end")
+                && text.ends_with("the turn ended cancelled (user)"),
+            "{text}"
+        );
+        let req = anthropic(&log, &Options::default());
+        check::anthropic(&req).expect("valid for Anthropic");
+        assert_eq!(req["messages"][2]["content"][0]["is_error"], true);
     }
 
     /// The checks reject what the APIs reject.
