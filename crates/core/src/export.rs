@@ -328,10 +328,10 @@ fn transcript(log: &[Entry], opts: &Options) -> Vec<Msg> {
     let mut waiting: BTreeMap<Seq, String> = BTreeMap::new();
     let mut requests: HashMap<String, PermissionInfo> = HashMap::new();
     let mut pairing = Pairing::default();
-    // A turn's end stores the results that close its open calls, then the
+    // Logs of earlier versions store a turn's closing results before the
     // decisions that close its waiting permission requests: each closing
     // result waits for the permission entries right after it, so a
-    // decision lands inside the result of the call it is about.
+    // decision lands inside the result of the call it is about either way.
     let mut closing: Vec<&Entry> = Vec::new();
     let mut ordered: Vec<&Entry> = Vec::with_capacity(chosen.len());
     for e in chosen {
@@ -985,9 +985,9 @@ mod tests {
         }
     }
 
-    /// A permission request still waiting when its turn ended is closed by
-    /// a decision stored after the call's closing result; the export puts
-    /// both notes inside that result.
+    /// A permission request still waiting when its turn ended, closed by a
+    /// decision stored after the call's closing result (as earlier
+    /// versions stored it): the export puts both notes inside that result.
     #[test]
     fn a_request_closed_by_the_turns_end_is_inside_the_closing_result() {
         let t = TurnId::new();
