@@ -417,6 +417,21 @@ scenario('answer a permission request from the page', async ({ page }) => {
   assert.equal(await page.locator('[data-type="permission_request"] button').count(), 0);
 });
 
+scenario('a tool call is shown with its result, and the thought before it', async ({ page }) => {
+  const id = await createSession(OPEN, { message: '/tool look it up' });
+  await page.goto(`${OPEN}/sessions/${id}`);
+  await turnEnded(page, 0, 'completed');
+  const log = await showsTheLog(page, OPEN, id);
+  const call = log.find((e) => e.type === 'tool_call');
+  const result = log.find((e) => e.type === 'tool_result');
+  assert.ok(call && result, `the demo's /tool stores a call and its result: ${JSON.stringify(log)}`);
+  await page.locator(`[data-seq="${call.seq}"] .pair`, { hasText: `→ result #${result.seq}` }).waitFor();
+  await page.locator(`[data-seq="${result.seq}"] .pair`, { hasText: `result of #${call.seq}` }).waitFor();
+  const thought = log.find((e) => e.type === 'thought');
+  assert.ok(thought && thought.seq < call.seq, 'the demo thinks before it calls');
+  await page.locator(`[data-seq="${thought.seq}"].thought .content`, { hasText: thought.content }).waitFor();
+});
+
 scenario('two owners: sign in with a token; another owner\'s session is not found', async ({ browser, watch }) => {
   const alice = await browser.newContext();
   const bob = await browser.newContext();
