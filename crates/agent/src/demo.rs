@@ -18,6 +18,9 @@
 //! - `/tool` — thinks (a thought chunk), says it will look the text up,
 //!   calls a `lookup` tool, gets its result, then echoes: text, tool call,
 //!   result, text, in that order.
+//!
+//! It takes input mid-turn: a steered message is echoed on its own line at
+//! the agent's next word boundary (the line it interrupted goes on below).
 
 use std::time::Duration;
 
@@ -28,7 +31,7 @@ use baton_core::{PermissionInfo, PermissionOptionInfo, PermissionPolicy, ToolInf
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, Instant};
 
-use crate::{AgentDriver, AgentError, AgentEvent, TurnControl, TurnHandle, TurnInput};
+use crate::{AgentDriver, AgentError, AgentEvent, SteerInput, TurnControl, TurnHandle, TurnInput};
 
 /// The demo agent.
 #[derive(Clone, Debug)]
@@ -121,9 +124,17 @@ struct Control {
     signal: watch::Sender<Signal>,
     /// Answers to permission requests: (request id, chosen option).
     answers: mpsc::UnboundedSender<(String, Option<String>)>,
+    /// Steered messages handed to the turn.
+    steer: mpsc::UnboundedSender<SteerInput>,
 }
 
 impl TurnControl for Control {
+    fn steer(&self, input: SteerInput) {
+        // The script is gone: the turn ended, and the input is the next
+        // turn's.
+        let _ = self.steer.send(input);
+    }
+
     fn answer_permission(&self, request_id: &str, option_id: Option<String>) {
         let _ = self.answers.send((request_id.to_owned(), option_id));
     }
@@ -149,12 +160,15 @@ impl AgentDriver for DemoAgent {
         let (tx, rx) = mpsc::channel(crate::EVENT_CAPACITY);
         let (signal_tx, signal_rx) = watch::channel(Signal::Run);
         let (answers_tx, answers_rx) = mpsc::unbounded_channel();
+        let (steer_tx, steer_rx) = mpsc::unbounded_channel();
         let policy = input.permission.unwrap_or(self.permission);
         let turn = Turn {
             tx,
             signal: signal_rx,
             answers: answers_rx,
             policy,
+            steer: steer_rx,
+            new_line: false,
         };
         tokio::spawn(run(self.word_delay, input, turn));
         Ok(TurnHandle {
@@ -162,8 +176,13 @@ impl AgentDriver for DemoAgent {
             control: Box::new(Control {
                 signal: signal_tx,
                 answers: answers_tx,
+                steer: steer_tx,
             }),
         })
+    }
+
+    fn takes_mid_turn_input(&self) -> bool {
+        true
     }
 
     fn describe(&self) -> serde_json::Value {
@@ -177,37 +196,68 @@ enum Stop {
     Killed,
 }
 
-/// Waits `d`, or less if a signal that applies arrives.
-async fn pause(
-    d: Duration,
-    signal: &mut watch::Receiver<Signal>,
-    stubborn: bool,
-) -> Result<(), Stop> {
-    let deadline = Instant::now() + d;
-    loop {
-        match *signal.borrow_and_update() {
-            Signal::Kill => return Err(Stop::Killed),
-            Signal::Cancel if !stubborn => return Err(Stop::Cancelled),
-            _ => {}
-        }
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => return Ok(()),
-            changed = signal.changed() => {
-                // The control was dropped: the engine moved on; stop quietly.
-                if changed.is_err() {
-                    return Err(Stop::Killed);
-                }
-            }
-        }
-    }
-}
-
 /// A running turn's channels.
 struct Turn {
     tx: mpsc::Sender<AgentEvent>,
     signal: watch::Receiver<Signal>,
     answers: mpsc::UnboundedReceiver<(String, Option<String>)>,
     policy: PermissionPolicy,
+    steer: mpsc::UnboundedReceiver<SteerInput>,
+    /// A steered line interrupted the current one: its next word starts a
+    /// new line.
+    new_line: bool,
+}
+
+impl Turn {
+    async fn send(&self, event: AgentEvent) -> Result<(), Stop> {
+        self.tx.send(event).await.map_err(|_| Stop::Killed)
+    }
+
+    /// Takes steered input: says so, then echoes each message on its own line.
+    async fn take(&mut self, input: SteerInput) -> Result<(), Stop> {
+        self.send(AgentEvent::InputTaken(input.upto)).await?;
+        for message in &input.messages {
+            let (_, text) = parse(message);
+            let line = format!("echo: {text}");
+            for (i, word) in line.split_whitespace().enumerate() {
+                let chunk = if i == 0 {
+                    format!("\n{word}")
+                } else {
+                    format!(" {word}")
+                };
+                self.send(AgentEvent::Delta(chunk)).await?;
+            }
+        }
+        self.new_line = true;
+        Ok(())
+    }
+
+    /// Waits `d`, or less if a signal that applies arrives; steered input
+    /// handed over meanwhile is taken at once (a pause is a word boundary).
+    async fn pause(&mut self, d: Duration, stubborn: bool) -> Result<(), Stop> {
+        let deadline = Instant::now() + d;
+        let mut steer_open = true;
+        loop {
+            match *self.signal.borrow_and_update() {
+                Signal::Kill => return Err(Stop::Killed),
+                Signal::Cancel if !stubborn => return Err(Stop::Cancelled),
+                _ => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Ok(()),
+                changed = self.signal.changed() => {
+                    // The control was dropped: the engine moved on; stop quietly.
+                    if changed.is_err() {
+                        return Err(Stop::Killed);
+                    }
+                }
+                input = self.steer.recv(), if steer_open => match input {
+                    Some(input) => self.take(input).await?,
+                    None => steer_open = false,
+                },
+            }
+        }
+    }
 }
 
 /// The options `/ask N` offers.
@@ -332,7 +382,7 @@ async fn lookup(
             return Err(Stop::Killed);
         }
     }
-    pause(word_delay * 5, &mut turn.signal, false).await?;
+    turn.pause(word_delay * 5, false).await?;
     let result = AgentEvent::Output(AgentOutput::ToolResult {
         id,
         content: format!("found: {text}"),
@@ -374,7 +424,6 @@ async fn script(word_delay: Duration, input: &TurnInput, turn: &mut Turn) -> Res
         if directive == Directive::Tool {
             lookup(word_delay, input, n, text, turn).await?;
         }
-        let (tx, signal) = (&turn.tx, &mut turn.signal);
         let words: Vec<&str> = line.split_whitespace().collect();
         let started = Instant::now();
         let (delay, min_total) = match directive {
@@ -386,25 +435,28 @@ async fn script(word_delay: Duration, input: &TurnInput, turn: &mut Turn) -> Res
                 (0, 0) => (*word).to_owned(),
                 // After a tool result the echo starts a run of its own.
                 (0, _) if directive == Directive::Tool => (*word).to_owned(),
-                (0, _) => format!("\n{word}"),
+                _ if i == 0 || turn.new_line => format!("\n{word}"),
                 _ => format!(" {word}"),
             };
-            if tx.send(AgentEvent::Delta(chunk)).await.is_err() {
-                return Err(Stop::Killed);
-            }
+            turn.new_line = false;
+            turn.send(AgentEvent::Delta(chunk)).await?;
             if directive == Directive::Fail {
                 return Ok(false);
             }
-            pause(delay, signal, directive == Directive::Stubborn).await?;
+            turn.pause(delay, directive == Directive::Stubborn).await?;
         }
         match directive {
-            Directive::Hang => pause(FOREVER, signal, false).await?,
-            Directive::Stubborn => pause(FOREVER, signal, true).await?,
+            Directive::Hang => turn.pause(FOREVER, false).await?,
+            Directive::Stubborn => turn.pause(FOREVER, true).await?,
             _ => {}
         }
         if let Some(rest) = min_total.checked_sub(started.elapsed()) {
-            pause(rest, signal, false).await?;
+            turn.pause(rest, false).await?;
         }
+    }
+    // Input handed over before the end is taken: the agent has not stopped.
+    while let Ok(input) = turn.steer.try_recv() {
+        turn.take(input).await?;
     }
     // Let a cancel that raced the last word win: nothing is stored then.
     sleep(Duration::ZERO).await;
@@ -535,6 +587,44 @@ mod tests {
                 "text rust",
                 "Stopped(Completed)",
             ]
+        );
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steered_message_is_taken_at_the_next_word_on_its_own_line() -> Result<(), AgentError>
+    {
+        let agent = DemoAgent::default();
+        assert!(agent.takes_mid_turn_input());
+        let mut h = agent.start(input(&["/sleep 300 one two"])).await?;
+        // "echo:" is out; the agent pauses 100 ms per word.
+        assert_eq!(
+            h.events.recv().await,
+            Some(AgentEvent::Delta("echo:".into()))
+        );
+        h.control.steer(SteerInput {
+            upto: 7,
+            messages: vec!["/sleep 5 mind the tests".into(), "and docs".into()],
+        });
+        let events = collect(&mut h).await;
+        assert_eq!(
+            events.first(),
+            Some(&AgentEvent::InputTaken(7)),
+            "it says what it took before answering it"
+        );
+        let text: String = std::iter::once("echo:")
+            .chain(events.iter().filter_map(|e| match e {
+                AgentEvent::Delta(d) => Some(d.as_str()),
+                _ => None,
+            }))
+            .collect();
+        assert_eq!(
+            text, "echo:\necho: mind the tests\necho: and docs\none two",
+            "each steered message on its own line; the interrupted line goes on below"
+        );
+        assert_eq!(
+            events.last(),
+            Some(&AgentEvent::Stopped(StopReason::Completed))
         );
         Ok(())
     }

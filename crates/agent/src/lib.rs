@@ -19,7 +19,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use baton_core::turn::{AgentOutput, StopReason};
 pub use baton_core::PermissionPolicy;
-use baton_core::{PermissionInfo, SessionId, TurnId};
+use baton_core::{PermissionInfo, Seq, SessionId, TurnId};
 use tokio::sync::mpsc;
 
 pub use acp::{AcpConfig, AcpDriver};
@@ -104,6 +104,18 @@ pub enum AgentEvent {
     /// [`TurnControl::answer_permission`]. A request never answered is
     /// answered `cancelled` when the turn ends.
     AskPermission(PermissionInfo),
+    /// The agent took the steered messages handed to it up to this seq: they
+    /// are this turn's input now. Sent before any output that answers them.
+    InputTaken(Seq),
+}
+
+/// Steered messages handed to a running turn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SteerInput {
+    /// The last of them (the turn takes everything up to it).
+    pub upto: Seq,
+    /// Their contents, in order.
+    pub messages: Vec<String>,
 }
 
 /// Stops a running turn.
@@ -118,6 +130,11 @@ pub trait TurnControl: Send + Sync {
     fn answer_permission(&self, request_id: &str, option_id: Option<String>) {
         let _ = (request_id, option_id);
     }
+    /// Hands steered messages to the running turn. An agent that takes them
+    /// reports [`AgentEvent::InputTaken`] at its next step; one that does not
+    /// (or whose turn ends first) leaves them to the next turn. Only called
+    /// on drivers that [take mid-turn input](AgentDriver::takes_mid_turn_input).
+    fn steer(&self, _input: SteerInput) {}
 }
 
 /// A started turn.
@@ -132,6 +149,13 @@ pub trait AgentDriver: Send + Sync + 'static {
     /// Starts a turn. The driver must not overlap turns of one session; the
     /// engine never asks it to.
     async fn start(&self, input: TurnInput) -> Result<TurnHandle, AgentError>;
+
+    /// Whether a running turn takes more input (steered messages, through
+    /// [`TurnControl::steer`]). ACP has one prompt at a time per session, so
+    /// ACP agents do not.
+    fn takes_mid_turn_input(&self) -> bool {
+        false
+    }
 
     /// What `GET /v1/agents` shows about this agent.
     fn describe(&self) -> serde_json::Value {

@@ -37,6 +37,8 @@ pub struct ApiConfig {
     pub default_agent: String,
     /// The policy of a session created without one.
     pub default_policy: Policy,
+    /// The debounce window (ms) of a session created without one.
+    pub default_debounce_ms: u64,
 }
 
 impl Default for ApiConfig {
@@ -45,6 +47,7 @@ impl Default for ApiConfig {
             max_body: 256 * 1024,
             default_agent: "demo".into(),
             default_policy: Policy::Queue,
+            default_debounce_ms: 0,
         }
     }
 }
@@ -92,15 +95,17 @@ impl utoipa::Modify for BearerAuth {
 }
 
 /// The configured agents.
-#[utoipa::path(get, path = "/v1/agents", responses((status = 200, description = "`{agents: [{name, kind, command?, process?, capabilities?}]}`: the configured agents, their capabilities from `initialize`, and process status")))]
+#[utoipa::path(get, path = "/v1/agents", responses((status = 200, description = "`{agents: [{name, kind, mid_turn_input, command?, process?, capabilities?}]}`: the configured agents, whether a running turn takes more input (`steer` joins it), their capabilities from `initialize`, and process status")))]
 async fn agents(State(state): State<AppState>, _owner: extract::Owner) -> impl IntoResponse {
     let agents: Vec<_> = state
         .engine
         .agents()
         .names()
         .filter_map(|name| {
-            let mut about = state.engine.agents().get(name)?.describe();
+            let driver = state.engine.agents().get(name)?;
+            let mut about = driver.describe();
             about["name"] = serde_json::json!(name);
+            about["mid_turn_input"] = serde_json::json!(driver.takes_mid_turn_input());
             Some(about)
         })
         .collect();

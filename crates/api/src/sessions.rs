@@ -30,13 +30,20 @@ pub struct CreateSessionBody {
     /// Free-form JSON object kept with the session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Value>,
-    /// A first message: stored as entry 1, and the first turn starts.
+    /// A first message: stored as entry 1, and the first turn starts (when
+    /// the session debounces, once its window closes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// What the agent's permission requests get in this session: `allow`,
     /// `deny` or `ask` (default: the agent's own policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permission: Option<baton_core::PermissionPolicy>,
+    /// Debounce window in milliseconds (default: the server's; 0: off): a
+    /// message that would start a turn on an idle session waits until no
+    /// message came for this long (at most 10 windows after the first), and
+    /// the turn takes every message waiting then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debounce_ms: Option<u64>,
 }
 
 /// `POST /v1/sessions/{id}/messages` body.
@@ -45,7 +52,9 @@ pub struct CreateSessionBody {
 pub struct PostMessageBody {
     /// The message; a non-empty string.
     pub content: String,
-    /// Overrides the session's policy for this message.
+    /// Overrides the session's policy for this message. `steer` hands it
+    /// to the running turn when its agent takes input mid-turn (`steered`),
+    /// else it is queued.
     #[serde(default)]
     pub policy: Option<Policy>,
 }
@@ -151,6 +160,10 @@ pub struct Cancelled {
     pub active_turn_id: Option<Option<TurnId>>,
 }
 
+/// The longest debounce window a session may set (an hour): a turn held
+/// back longer than 10 of these is not a burst.
+const MAX_DEBOUNCE_MS: u64 = 3_600_000;
+
 fn non_empty(content: &str) -> ApiResult<()> {
     if content.trim().is_empty() {
         return Err(ApiError::invalid("content must be a non-empty string"));
@@ -190,6 +203,12 @@ pub async fn create(
     if let Some(m) = &body.message {
         non_empty(m)?;
     }
+    let debounce_ms = body.debounce_ms.unwrap_or(state.cfg.default_debounce_ms);
+    if debounce_ms > MAX_DEBOUNCE_MS {
+        return Err(ApiError::invalid(format!(
+            "debounce_ms must be at most {MAX_DEBOUNCE_MS} (one hour)"
+        )));
+    }
     let fingerprint = serde_json::to_string(&body).map_err(|e| ApiError::invalid(e.to_string()))?;
     let created = state
         .engine
@@ -203,6 +222,7 @@ pub async fn create(
             message: body.message,
             permission: body.permission,
             node: state.engine.node().to_owned(),
+            debounce_ms,
         })
         .await?;
     let status = if created.created {
@@ -386,6 +406,8 @@ pub async fn post_message(
             policy: body.policy,
             idempotency_key: key,
             node: state.engine.node().to_owned(),
+            // The engine knows its agents.
+            mid_turn_agents: Vec::new(),
         })
         .await?;
     state

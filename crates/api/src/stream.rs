@@ -240,7 +240,7 @@ async fn follow(
                     cur.catch_up(&store, id, Some(seq)).await?;
                 }
             }
-            Ok(BusEvent::Cancel { .. } | BusEvent::Released) => {}
+            Ok(BusEvent::Cancel { .. } | BusEvent::Steer { .. } | BusEvent::Released) => {}
             Err(broadcast::error::RecvError::Lagged(_)) => cur.catch_up(&store, id, None).await?,
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         }

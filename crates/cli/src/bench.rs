@@ -547,6 +547,7 @@ async fn create_sessions(
                         message: None,
                         permission: None,
                         node: NODE.into(),
+                        debounce_ms: 0,
                     })
                     .await
                     .map(|c| c.session.id)
@@ -591,6 +592,7 @@ async fn post_load(
                             policy: None,
                             idempotency_key: None,
                             node: NODE.into(),
+                            mid_turn_agents: Vec::new(),
                         })
                         .await;
                     let t1 = Instant::now();

@@ -1,7 +1,8 @@
 //! `baton chat`: a terminal client. Lines you type are posted as messages;
 //! the session's stream is followed and printed as it happens (deltas
-//! inline, then each turn's end). `/cancel` cancels the running turn,
-//! `/quit` leaves (the session stays). A permission request the agent
+//! inline, then each turn's end). `/steer TEXT` hands TEXT to the running
+//! turn (policy `steer`), `/cancel` cancels the running turn, `/quit`
+//! leaves (the session stays). A permission request the agent
 //! waits on is shown with its options, numbered; `/answer N` (or
 //! `/answer OPTION_ID`) answers the oldest one still waiting.
 
@@ -29,13 +30,25 @@ pub struct ChatArgs {
     /// The agent for a new session.
     #[arg(long)]
     pub agent: Option<String>,
-    /// The busy policy for messages typed mid-turn.
+    /// The busy policy for messages typed mid-turn (`steer` hands each to
+    /// the running turn, as `/steer TEXT` does for one).
     #[arg(long)]
     pub policy: Option<String>,
     /// What the agent's permission requests get in a new session: allow,
     /// deny or ask (you answer them here).
     #[arg(long)]
     pub permission: Option<String>,
+}
+
+/// The text of a `/steer TEXT` line: `None` if the line is not one,
+/// `Some(None)` for a `/steer` without text.
+fn steer_text(line: &str) -> Option<Option<&str>> {
+    let rest = line.strip_prefix("/steer")?;
+    if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let text = rest.trim();
+    Some((!text.is_empty()).then_some(text))
 }
 
 /// A permission request the agent waits on: its id and its options' ids.
@@ -145,7 +158,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 .to_owned()
         }
     };
-    eprintln!("session {session} — type a message; /cancel, /answer N, /quit");
+    eprintln!("session {session} — type a message; /steer TEXT, /cancel, /answer N, /quit");
 
     let stream_url = format!("{base}/v1/sessions/{session}/stream");
     let follow = request(&client, &args.token, reqwest::Method::GET, stream_url)
@@ -271,8 +284,16 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 }
             }
             text => {
+                let (text, policy) = match steer_text(text) {
+                    Some(Some(steered)) => (steered, Some("steer")),
+                    Some(None) => {
+                        eprintln!("[/steer TEXT hands TEXT to the running turn]");
+                        continue;
+                    }
+                    None => (text, args.policy.as_deref()),
+                };
                 let mut body = json!({ "content": text });
-                if let Some(p) = &args.policy {
+                if let Some(p) = policy {
                     body["policy"] = json!(p);
                 }
                 let url = format!("{base}/v1/sessions/{session}/messages");
@@ -283,7 +304,9 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 match json_or_error(resp).await {
                     Ok(v) => {
                         let d = &v["disposition"];
-                        if d["type"] != "started" {
+                        if d["type"] == "steered" {
+                            eprintln!("[steered into the running turn]");
+                        } else if d["type"] != "started" {
                             eprintln!(
                                 "[{}{}]",
                                 d["type"].as_str().unwrap_or("?"),
@@ -322,5 +345,17 @@ mod tests {
             pick(&waiting, "ok").is_err(),
             "the oldest request's options"
         );
+    }
+
+    #[test]
+    fn steer_lines_carry_their_text() {
+        assert_eq!(
+            steer_text("/steer  also check the tests "),
+            Some(Some("also check the tests"))
+        );
+        assert_eq!(steer_text("/steer"), Some(None));
+        assert_eq!(steer_text("/steer   "), Some(None));
+        assert_eq!(steer_text("/steering wheel"), None);
+        assert_eq!(steer_text("hello"), None);
     }
 }

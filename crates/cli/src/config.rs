@@ -28,6 +28,12 @@ pub struct ServeConfig {
     /// The busy policy of sessions created without one.
     #[arg(long, env = "BATON_POLICY", default_value = "queue")]
     pub policy: Policy,
+    /// The debounce window of sessions created without one, in ms: a
+    /// message that would start a turn on an idle session waits until no
+    /// message came for this long (at most 10 windows), and the turn takes
+    /// every message waiting then. 0: off.
+    #[arg(long, env = "BATON_DEBOUNCE_MS", default_value_t = 0)]
+    pub debounce_ms: u64,
     /// How long an agent gets to stop after a cancel before it is forced.
     #[arg(long, env = "BATON_CANCEL_DRAIN_MS", default_value_t = 5_000)]
     pub cancel_drain_ms: u64,
@@ -128,6 +134,7 @@ impl ServeConfig {
             default_agent: "demo".into(),
             tokens: Vec::new(),
             policy: Policy::Queue,
+            debounce_ms: 0,
             cancel_drain_ms: 5_000,
             turn_timeout_ms: 600_000,
             lease_ms: 10_000,

@@ -96,6 +96,7 @@ impl App {
                 max_body: cfg.max_body_bytes,
                 default_agent: cfg.default_agent.clone(),
                 default_policy: cfg.policy,
+                default_debounce_ms: cfg.debounce_ms,
             }),
             metrics: Arc::new(Metrics::default()),
         };

@@ -1120,6 +1120,43 @@ async fn a_server_killed_mid_tool_ends_lost_with_the_call_closed(kind: &str) {
     assert!(second.terminate().await);
 }
 
+/// ACP has one prompt at a time per session: `GET /v1/agents` says the
+/// peer takes no mid-turn input, and a `steer` message posted while its turn
+/// runs is `queued` (never `steered`), then runs as the next turn.
+async fn steer_queues_behind_a_running_turn(kind: &str) {
+    let Some(cmd) = peer(kind) else { return };
+    let app = server(cmd, |_| {}).await;
+    let c = &app.client;
+    assert_eq!(peer_agent(c).await["mid_turn_input"], false);
+    let s = c.create_session(json!({"policy": "steer"})).await;
+    let id = s["id"].as_str().unwrap();
+    let (status, first) = c
+        .post(id, "/slow 300 one two three four five", None, None)
+        .await;
+    assert_eq!(status, 201, "{first}");
+    running_turn(c, id, 0).await;
+    let (status, v) = c.post(id, "and also this", Some("steer"), None).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(
+        v["disposition"],
+        json!({"type": "queued", "position": 1}),
+        "{v}"
+    );
+    let t0 = ended_turn(c, id, 0).await;
+    assert_eq!(t0["status"], "completed", "{t0}");
+    assert_eq!(t0["input"], json!({"from": 1, "to": 1}), "{t0}");
+    let t1 = ended_turn(c, id, 1).await;
+    let seq = v["entry"]["seq"].as_u64().unwrap();
+    assert_eq!(t1["input"], json!({"from": seq, "to": seq}), "{t1}");
+    let entries = c.entries(id).await;
+    check_log(&entries);
+    assert_eq!(
+        replies(&entries),
+        vec!["echo: one two three four five", "echo: and also this"]
+    );
+    app.stop().await;
+}
+
 macro_rules! for_each_peer {
     ($($scenario:ident),* $(,)?) => {
         $(
@@ -1160,4 +1197,5 @@ for_each_peer!(
     text_tool_text_is_stored_and_exported_in_order,
     cancel_mid_tool_closes_the_call,
     a_server_killed_mid_tool_ends_lost_with_the_call_closed,
+    steer_queues_behind_a_running_turn,
 );

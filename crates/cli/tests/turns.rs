@@ -39,8 +39,11 @@ fn is_user(e: &Value) -> bool {
 /// - I1: `seq` is 1..n without gap or duplicate;
 /// - I4: turn intervals never overlap (each `turn_started` is followed by
 ///   exactly one `turn_ended` of that turn before the next `turn_started`);
-/// - I5: a turn's input messages precede its `turn_started`;
-/// - I6: every user message is consumed by exactly one turn, FIFO;
+/// - I5: a turn's input messages precede its `turn_started`, and steered
+///   messages it took (its `/turns` input reaching past its `turn_started`'s)
+///   precede its `turn_ended`;
+/// - I6: every user message is consumed by exactly one turn, FIFO (steered
+///   ones included);
 /// - I7: every turn ended, once, with a terminal status;
 /// - I8: nothing of a turn appears after its `turn_ended`, and a turn's
 ///   output lies inside its interval;
@@ -63,6 +66,11 @@ fn check_transcript(entries: &[Value], turns: &[Value]) {
     // Turn id → (status, reason) of its `turn_ended`.
     let mut ends: HashMap<String, (String, Value)> = HashMap::new();
     let mut consumed: Vec<u64> = Vec::new();
+    // Turn id → the last input it took (its record's, steered ones included).
+    let took: HashMap<String, u64> = turns
+        .iter()
+        .filter_map(|t| Some((t["id"].as_str()?.to_owned(), t["input"]["to"].as_u64()?)))
+        .collect();
     for e in entries {
         let seq = seq_of(e);
         let turn = e["turn_id"].as_str().map(str::to_owned);
@@ -90,14 +98,16 @@ fn check_transcript(entries: &[Value], turns: &[Value]) {
                     to < seq,
                     "I5: turn_started at seq {seq} consumes a later message {to}"
                 );
+                let last = took.get(&t).copied().unwrap_or(to);
+                assert!(last >= to, "turn {t}'s record lost input: {last} < {to}");
                 let mine: Vec<u64> = users
                     .iter()
                     .copied()
-                    .filter(|s| (from..=to).contains(s))
+                    .filter(|s| (from..=last).contains(s))
                     .collect();
                 assert!(
-                    mine.first() == Some(&from) && mine.last() == Some(&to),
-                    "input {from}..={to} of turn {t} is not bounded by user messages"
+                    mine.first() == Some(&from) && mine.contains(&to) && mine.last() == Some(&last),
+                    "input {from}..={to} (took up to {last}) of turn {t} is not bounded by user messages"
                 );
                 // FIFO, nothing skipped, nothing replayed: the turn takes the
                 // next user messages not consumed yet, in order.
@@ -121,6 +131,11 @@ fn check_transcript(entries: &[Value], turns: &[Value]) {
                 assert!(
                     TERMINAL.contains(&status.as_str()),
                     "turn_ended with a non-terminal status: {e}"
+                );
+                let last = took.get(&t).copied().unwrap_or(0);
+                assert!(
+                    last < seq,
+                    "I5: turn {t} ended at seq {seq} but took input {last} after it"
                 );
                 ends.insert(t.clone(), (status, e["reason"].clone()));
                 ended.insert(t);
@@ -162,11 +177,8 @@ fn check_transcript(entries: &[Value], turns: &[Value]) {
             Some(id.as_str()),
             "/turns order: {turns:#?}"
         );
-        assert_eq!(
-            t["input"],
-            json!({"from": from, "to": to}),
-            "turn input: {t}"
-        );
+        assert_eq!(t["input"]["from"], json!(from), "turn input: {t}");
+        assert!(t["input"]["to"].as_u64() >= Some(*to), "turn input: {t}");
         let status = t["status"].as_str().unwrap_or_default();
         assert!(TERMINAL.contains(&status), "turn not terminal: {t}");
         let (logged, reason) = &ends[id];
@@ -775,6 +787,7 @@ async fn stale_epoch_cannot_append() {
             message: Some("hello".into()),
             permission: None,
             node: "node-a".into(),
+            debounce_ms: 0,
         })
         .await
         .unwrap();
@@ -1401,4 +1414,306 @@ async fn back_to_back_short_turns_keep_their_lease() {
         assert_eq!(t["status"], "completed", "a live turn lost its lease: {t}");
     }
     app.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Steering and debounce
+
+/// The lines of every assistant message of `turn`.
+fn reply_lines(entries: &[Value], turn: &Value) -> Vec<String> {
+    assistant_of(entries, turn)
+        .iter()
+        .flat_map(|e| {
+            e["content"]
+                .as_str()
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A message steered into a running `/sleep` turn joins it: one turn, whose
+/// reply echoes it on its own line after the steered entry's seq, and whose
+/// record lists it as input; a retry answers `200` with the same entry and
+/// disposition. `GET /v1/agents` says the demo agent takes mid-turn input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_steered_message_joins_the_running_turn() {
+    let app = spawn_app(|_| {}).await;
+    let c = &app.client;
+    let (status, agents) = c.send(c.req(Method::GET, "/v1/agents")).await;
+    assert_eq!(status, StatusCode::OK);
+    let demo = agents["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "demo")
+        .cloned()
+        .unwrap();
+    assert_eq!(demo["mid_turn_input"], true, "{demo}");
+    let (status, doc) = c.send(c.req(Method::GET, "/openapi.json")).await;
+    assert_eq!(status, StatusCode::OK);
+    let schemas = &doc["components"]["schemas"];
+    for (schema, word) in [
+        ("Policy", "steer"),
+        ("DispositionType", "steered"),
+        ("DispositionType", "pending"),
+    ] {
+        assert!(
+            schemas[schema].to_string().contains(&format!("\"{word}\"")),
+            "the API document's {schema} has {word}: {}",
+            schemas[schema]
+        );
+    }
+
+    let s = c
+        .create_session(json!({"message": "/sleep 1500 a long answer"}))
+        .await;
+    let id = sid(&s);
+    let turn = s["turn_id"].clone();
+    let mut stream = c.open_stream(&id, None).await;
+    stream.until_delta().await;
+    let (status, v) = c
+        .post(&id, "also check the tests", Some("steer"), Some("steer-1"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        v["disposition"],
+        json!({"type": "steered", "turn_id": turn}),
+        "{v}"
+    );
+    let steered = seq_of(&v["entry"]);
+    let (status, again) = c
+        .post(&id, "also check the tests", Some("steer"), Some("steer-1"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "a retry: {again}");
+    assert_eq!(again["entry"], v["entry"]);
+    assert_eq!(again["disposition"], v["disposition"]);
+
+    c.wait_idle(&id).await;
+    let (entries, turns) = check(c, &id).await;
+    assert_eq!(
+        turns.len(),
+        1,
+        "the steered message joined the turn: {turns:#?}"
+    );
+    assert_eq!(turns[0]["status"], "completed");
+    assert_eq!(turns[0]["input"], json!({"from": 1, "to": steered}));
+    let lines = reply_lines(&entries, &turn);
+    assert!(
+        lines.iter().any(|l| l == "echo: also check the tests"),
+        "the steered text is echoed on its own line: {lines:?}"
+    );
+    let reply = assistant_of(&entries, &turn)[0];
+    assert!(
+        seq_of(reply) > steered,
+        "I5: the steered entry precedes the reply"
+    );
+    app.stop().await;
+}
+
+/// `steer` on an idle session starts a turn; a session whose default policy
+/// is `steer` steers a message posted without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steer_starts_an_idle_session_and_can_be_the_default() {
+    let app = spawn_app(|_| {}).await;
+    let c = &app.client;
+    let id = sid(&c.create_session(json!({})).await);
+    let (status, v) = c.post(&id, "hello", Some("steer"), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["disposition"]["type"], "started", "{v}");
+    c.wait_idle(&id).await;
+    let (entries, _) = check(c, &id).await;
+    assert!(entries.iter().any(|e| e["content"] == "echo: hello"));
+
+    let s = c
+        .create_session(json!({"policy": "steer", "message": "/sleep 1500 first"}))
+        .await;
+    assert_eq!(s["policy"], "steer");
+    let id = sid(&s);
+    wait_running(c, &id).await;
+    let (status, v) = c.post(&id, "second", None, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["disposition"]["type"], "steered", "{v}");
+    assert_eq!(v["disposition"]["turn_id"], s["turn_id"]);
+    c.wait_idle(&id).await;
+    let (entries, turns) = check(c, &id).await;
+    assert_eq!(turns.len(), 1, "{turns:#?}");
+    assert!(reply_lines(&entries, &s["turn_id"]).contains(&"echo: second".to_owned()));
+    app.stop().await;
+}
+
+/// The boundary, with real concurrency: steered messages keep arriving on
+/// several sessions while their turns end (turns of a few milliseconds, and
+/// posts racing them from two tasks per session). Each message is consumed
+/// by exactly one turn — the one it was steered to, or the next — and the
+/// agent saw it exactly once, in the turn whose record lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steers_racing_the_end_of_turns_are_each_consumed_once() {
+    let app = spawn_app(|cfg| cfg.queue_capacity = 1_000).await;
+    let c = &app.client;
+    let sessions: Vec<String> = join_all((0..6).map(|i| async move {
+        sid(&c
+            .create_session(json!({"message": format!("/sleep 200 start {i}")}))
+            .await)
+    }))
+    .await;
+    let posts = sessions.iter().enumerate().flat_map(|(s, id)| {
+        (0..2).map(move |task| async move {
+            let mut out = Vec::new();
+            for i in 0..15 {
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..12))).await;
+                let content = format!("s{s} t{task} m{i}");
+                let (status, v) = c.post(id, &content, Some("steer"), None).await;
+                assert_eq!(status, StatusCode::CREATED, "{v}");
+                out.push(v);
+            }
+            (id.clone(), out)
+        })
+    });
+    let posted = join_all(posts).await;
+    let mut took_steered = 0;
+    for id in &sessions {
+        c.wait_idle(id).await;
+        let (entries, turns) = check(c, id).await;
+        let order: Vec<&Value> = turns.iter().map(|t| &t["id"]).collect();
+        for (_, results) in posted.iter().filter(|(s, _)| s == id) {
+            for v in results {
+                let seq = seq_of(&v["entry"]);
+                let content = v["entry"]["content"].as_str().unwrap();
+                let consumer = turns
+                    .iter()
+                    .position(|t| {
+                        t["input"]["from"].as_u64().unwrap() <= seq
+                            && seq <= t["input"]["to"].as_u64().unwrap()
+                    })
+                    .unwrap_or_else(|| panic!("no turn consumed seq {seq}"));
+                let d = &v["disposition"];
+                match d["type"].as_str() {
+                    Some("steered") => {
+                        let to = order
+                            .iter()
+                            .position(|t| **t == d["turn_id"])
+                            .expect("the turn it was steered to");
+                        assert!(
+                            consumer == to || consumer == to + 1,
+                            "seq {seq} steered to turn #{to} ran in turn #{consumer}"
+                        );
+                        took_steered += usize::from(consumer == to);
+                    }
+                    Some("started" | "queued") => {}
+                    other => panic!("unexpected disposition {other:?}: {v}"),
+                }
+                let want = format!("echo: {content}");
+                let seen: Vec<&Value> = turns
+                    .iter()
+                    .filter(|t| reply_lines(&entries, &t["id"]).contains(&want))
+                    .collect();
+                assert_eq!(
+                    seen.len(),
+                    1,
+                    "the agent saw seq {seq} exactly once: {seen:#?}"
+                );
+                assert_eq!(
+                    seen[0]["id"], turns[consumer]["id"],
+                    "seq {seq} was seen by a turn that did not consume it"
+                );
+            }
+        }
+    }
+    assert!(
+        took_steered > 0,
+        "no steered message joined its turn: the race was not run"
+    );
+    app.stop().await;
+}
+
+/// Debounce: five messages 100 ms apart on a session with `debounce_ms` 400
+/// are each `pending` (with the start moving later), then run as one turn
+/// with all five, which starts once the window closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_within_the_debounce_window_is_one_turn() {
+    let app = spawn_app(|_| {}).await;
+    let c = &app.client;
+    for bad in [
+        json!({"debounce_ms": 3_600_001}),
+        json!({"debounce_ms": -1}),
+    ] {
+        let (status, v) = c.send(c.req(Method::POST, "/v1/sessions").json(&bad)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert_eq!(v["error"]["code"], "invalid_request", "{v}");
+    }
+    let (_, list) = c.send(c.req(Method::GET, "/v1/sessions")).await;
+    assert_eq!(
+        list["sessions"],
+        json!([]),
+        "a refused create stores nothing"
+    );
+    let s = c.create_session(json!({"debounce_ms": 400})).await;
+    assert_eq!(s["debounce_ms"], 400, "{s}");
+    let id = sid(&s);
+    let mut untils = Vec::new();
+    for i in 0..5 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (status, v) = c.post(&id, &format!("part {i}"), None, None).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        assert_eq!(v["disposition"]["type"], "pending", "{v}");
+        let until = v["disposition"]["until"].as_str().unwrap().to_owned();
+        assert!(untils.last().is_none_or(|u: &String| *u < until));
+        untils.push(until);
+    }
+    let (_, view) = c.session(&id).await;
+    assert_eq!(view["status"], "idle", "{view}");
+    assert_eq!(view["queued"], 5, "{view}");
+    c.wait_idle(&id).await;
+    let (entries, turns) = check(c, &id).await;
+    assert_eq!(turns.len(), 1, "{turns:#?}");
+    assert_eq!(turns[0]["input"], json!({"from": 1, "to": 5}));
+    assert!(
+        turns[0]["started_at"].as_str().unwrap() >= untils[4].as_str(),
+        "the turn started before its window closed: {turns:#?} {untils:?}"
+    );
+    let lines = reply_lines(&entries, &turns[0]["id"]);
+    assert_eq!(
+        lines,
+        (0..5)
+            .map(|i| format!("echo: part {i}"))
+            .collect::<Vec<_>>()
+    );
+    app.stop().await;
+}
+
+/// A debounce window is stored: a server killed inside it (SIGKILL) and
+/// started again still starts that turn, with every message, once it is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_debounce_window_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("baton.db");
+    let server = spawn_binary(&db, &["--debounce-ms", "1500"]).await;
+    let c = server.client.clone();
+    let s = c.create_session(json!({"message": "one"})).await;
+    assert_eq!(s["debounce_ms"], 1500, "the server's default: {s}");
+    assert_eq!(s["status"], "idle", "{s}");
+    let id = sid(&s);
+    let (status, v) = c.post(&id, "two", None, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["disposition"]["type"], "pending", "{v}");
+    let until = v["disposition"]["until"].as_str().unwrap().to_owned();
+    server.kill9().await;
+
+    let server = spawn_binary(&db, &[]).await;
+    let c = server.client.clone();
+    c.wait_idle(&id).await;
+    let (entries, turns) = check(&c, &id).await;
+    assert_eq!(turns.len(), 1, "{turns:#?}");
+    assert_eq!(turns[0]["input"], json!({"from": 1, "to": 2}));
+    assert!(turns[0]["started_at"].as_str().unwrap() >= until.as_str());
+    assert_eq!(
+        reply_lines(&entries, &turns[0]["id"]),
+        vec!["echo: one".to_owned(), "echo: two".to_owned()]
+    );
+    assert!(server.terminate().await);
 }

@@ -27,6 +27,14 @@ pub struct Session {
     pub last_seq: Seq,
     /// User messages waiting for a turn.
     pub queued: u64,
+    /// The debounce window in milliseconds (0: off).
+    #[serde(default)]
+    pub debounce_ms: u64,
+    /// While a debounce window is open: when its turn starts, unless another
+    /// message moves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub pending_until: Option<Timestamp>,
     pub created_at: Timestamp,
     pub metadata: serde_json::Value,
     /// What the agent's permission requests get in this session, when set
@@ -93,6 +101,8 @@ pub struct Turn {
     pub id: TurnId,
     pub session_id: SessionId,
     pub status: TurnStatus,
+    /// The user messages it consumed: its first input, and any steered
+    /// messages it took while it ran.
     pub input: InputRange,
     pub started_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]

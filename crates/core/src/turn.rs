@@ -23,11 +23,15 @@
 //!   trailing one whatever the end), never streamed as deltas;
 //! - no stored message, tool result or run of text exceeds the output cap:
 //!   past it the turn is cancelled, drained and ended `failed`, and nothing
-//!   partial is stored.
+//!   partial is stored;
+//! - steered input is offered to the agent only while the turn runs (not
+//!   before its prompt, not once a cancel is under way), and what the agent
+//!   says it took is recorded as the turn's input until the turn ends, never
+//!   after (whatever it did not take is the next turn's).
 //!
 //! Events after the end are dropped here ([`crate::late::LateReason::TurnEnded`]).
 
-use crate::{NewEntry, PermissionInfo, ToolInfo, TurnId, TurnStatus};
+use crate::{NewEntry, PermissionInfo, Seq, ToolInfo, TurnId, TurnStatus};
 
 /// What the agent produced that is stored (deltas are not).
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +85,10 @@ pub enum Event {
     /// The turn cannot go on (its output could not be stored, …): it is
     /// cancelled, drained and ended `failed` with `reason`.
     Failure { reason: String },
+    /// Steered messages wait for this turn.
+    InputWaiting,
+    /// The agent took the waiting messages up to this seq mid-turn.
+    AgentTookInput(Seq),
 }
 
 /// An effect for the engine to perform, in order.
@@ -111,6 +119,10 @@ pub enum Action {
     /// Stop without writing: the lease is gone, so the new owner records the
     /// end (`lost`).
     Abandon,
+    /// Hand the steered messages waiting to the agent.
+    OfferInput,
+    /// Record that this turn consumed the waiting messages up to this seq.
+    TakeInput(Seq),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -202,6 +214,12 @@ impl TurnMachine {
             (State::Starting { .. }, _) => Vec::new(),
             (State::Running, Event::CancelRequested { reason }) => {
                 self.drain(TurnStatus::Cancelled, reason)
+            }
+            (State::Running, Event::InputWaiting) => vec![Action::OfferInput],
+            // The agent saw the input before it stopped: it is this turn's,
+            // even while a cancel drains it.
+            (State::Running | State::Draining { .. }, Event::AgentTookInput(seq)) => {
+                vec![Action::TakeInput(seq)]
             }
             (State::Running, Event::TurnDeadline) => {
                 self.drain(TurnStatus::TimedOut, "turn timed out".to_owned())
@@ -685,7 +703,41 @@ mod tests {
             Just(Event::Failure {
                 reason: "store".into()
             }),
+            Just(Event::InputWaiting),
+            Just(Event::AgentTookInput(7)),
         ]
+    }
+
+    #[test]
+    fn steered_input_is_offered_only_while_running_and_taken_until_the_end() {
+        let mut m = TurnMachine::new(TurnId::new());
+        assert!(
+            m.handle(Event::InputWaiting).is_empty(),
+            "no prompt yet: nothing to hand input to"
+        );
+        m.handle(Event::Started);
+        assert_eq!(m.handle(Event::InputWaiting), vec![Action::OfferInput]);
+        assert_eq!(
+            m.handle(Event::AgentTookInput(5)),
+            vec![Action::TakeInput(5)]
+        );
+        m.handle(Event::CancelRequested {
+            reason: "user".into(),
+        });
+        assert!(
+            m.handle(Event::InputWaiting).is_empty(),
+            "a turn being cancelled is not handed more input"
+        );
+        assert_eq!(
+            m.handle(Event::AgentTookInput(6)),
+            vec![Action::TakeInput(6)],
+            "input the agent took before it stopped is the turn's"
+        );
+        m.handle(Event::AgentStopped(StopReason::Cancelled));
+        assert!(
+            m.handle(Event::AgentTookInput(8)).is_empty(),
+            "after the end, input is the next turn's"
+        );
     }
 
     proptest! {
@@ -703,6 +755,7 @@ mod tests {
                 Event::DrainDeadline,
             ]) {
                 let was_starting = matches!(m.state, State::Starting { .. });
+                let was_running = m.state == State::Running;
                 if was_starting && matches!(e, Event::CancelRequested { .. }) {
                     cancelled_before_start = true;
                 }
@@ -711,6 +764,9 @@ mod tests {
                     prop_assert!(actions.is_empty(), "actions after the end: {actions:?}");
                 }
                 prompts += actions.iter().filter(|a| **a == Action::SendPrompt).count();
+                if actions.contains(&Action::OfferInput) {
+                    prop_assert!(was_running, "input offered outside a running turn");
+                }
                 ended += ends(&actions);
             }
             prop_assert_eq!(ended, 1);

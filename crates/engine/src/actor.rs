@@ -13,6 +13,14 @@
 //! answer means someone else owns the session now, and the actor stops
 //! without another write.
 //!
+//! Steered messages reach the running turn the same way a cancel does: the
+//! bus wakes the actor (from any node), and every renewal reads whether any
+//! wait (for a wake-up the bus lost). The actor reads them from the store and
+//! hands them to the agent; when the agent says it took them, the store
+//! makes them the turn's input. If the turn ends first, its end hands them
+//! to the next turn instead — the store decides which, under the session's
+//! lock.
+//!
 //! Nothing the actor awaits while it holds a lease can outlive the lease:
 //! starting the agent runs inside the turn's select loop, so heartbeats keep
 //! renewing while a slow agent boots; every store call is cut at the moment
@@ -29,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_agent::{AgentError, AgentEvent, Fence, TurnControl, TurnHandle, TurnInput};
+use baton_agent::{AgentError, AgentEvent, Fence, SteerInput, TurnControl, TurnHandle, TurnInput};
 use baton_core::turn::{Action, AgentOutput, Event, StopReason, TurnMachine};
 use baton_core::{Entry, EntryType, NewEntry, TurnStatus};
 use baton_store::{Begin, Lease, StoreError, Take, TurnToRun};
@@ -469,6 +477,15 @@ async fn run_turn(
     // Why the turn is being cancelled, for the permission requests it
     // closes first.
     let mut ending = String::new();
+    // Steering: whether this turn's agent takes input mid-turn, the last
+    // seq handed to it, and whether a steer was announced before the agent
+    // had started (it is handed over once it has).
+    let takes_input = inner
+        .agents
+        .get(&todo.agent)
+        .is_some_and(|d| d.takes_mid_turn_input());
+    let mut offered = todo.turn.input.to;
+    let mut steer_early = false;
 
     let first = match begun {
         Begin::Run => vec![Event::Started],
@@ -620,6 +637,61 @@ async fn run_turn(
                         clock.fence();
                         return Ok(Outcome::Fenced);
                     }
+                    Action::OfferInput => {
+                        if !takes_input {
+                            continue;
+                        }
+                        let Some(control) = &agent.control else {
+                            steer_early = true;
+                            continue;
+                        };
+                        match clock
+                            .bounded(inner.store.steered_input(lease, turn_id, offered))
+                            .await
+                        {
+                            Ok(Some(batch)) => {
+                                offered = batch.upto;
+                                control.steer(SteerInput {
+                                    upto: batch.upto,
+                                    messages: batch
+                                        .messages
+                                        .into_iter()
+                                        .filter_map(|e| e.content)
+                                        .collect(),
+                                });
+                            }
+                            Ok(None) => {}
+                            Err(
+                                StoreError::StaleEpoch { .. } | StoreError::TurnNotActive { .. },
+                            ) => {
+                                pending.push_front(Event::LeaseLost);
+                            }
+                            // The next renewal says again that input waits.
+                            Err(e) => tracing::warn!(error = %e, "could not read steered messages"),
+                        }
+                    }
+                    Action::TakeInput(upto) => {
+                        match clock
+                            .bounded(inner.store.take_input(lease, turn_id, upto))
+                            .await
+                        {
+                            Ok(()) => {
+                                tracing::debug!(turn = %turn_id, upto, "the agent took steered input")
+                            }
+                            Err(
+                                StoreError::StaleEpoch { .. } | StoreError::TurnNotActive { .. },
+                            ) => {
+                                pending.push_front(Event::LeaseLost);
+                            }
+                            // The agent saw input the log cannot give it: the
+                            // turn must not go on as if it had not.
+                            Err(e) => pending.push_front(Event::Failure {
+                                reason: format!(
+                                    "could not record the steered input the agent took: {e}"
+                                ),
+                            }),
+                        }
+                    }
                 }
             }
         }
@@ -657,6 +729,9 @@ async fn run_turn(
                     Ok(handle) => {
                         agent.events = Some(handle.events);
                         agent.control = Some(handle.control);
+                        if std::mem::take(&mut steer_early) {
+                            pending.push_back(Event::InputWaiting);
+                        }
                         continue;
                     }
                     Err(e) => Event::AgentStopped(StopReason::Failed(e.to_string())),
@@ -680,6 +755,7 @@ async fn run_turn(
                     asks.deliver(agent.control.as_deref(), &e);
                     continue;
                 }
+                Ok(BusEvent::Steer { turn_id: t }) if t == turn_id && takes_input => Event::InputWaiting,
                 Ok(_) => continue,
                 // Missed announcements are caught by the next heartbeat,
                 // which reads the durable cancel request.
@@ -711,8 +787,11 @@ async fn run_turn(
                         {
                             ev
                         } else {
-                            match renewal.cancel {
-                                Some((t, reason)) if t == turn_id => Event::CancelRequested { reason },
+                            match (renewal.cancel, renewal.steer) {
+                                (Some((t, reason)), _) if t == turn_id => Event::CancelRequested { reason },
+                                (_, Some((t, upto))) if t == turn_id && takes_input && upto > offered => {
+                                    Event::InputWaiting
+                                }
                                 _ => continue,
                             }
                         }
@@ -776,6 +855,7 @@ async fn agent_event(
         AgentEvent::Thought(text) => Some(Event::AgentThought(text)),
         AgentEvent::Output(out) => Some(Event::AgentOutput(out)),
         AgentEvent::Stopped(stop) => Some(Event::AgentStopped(stop)),
+        AgentEvent::InputTaken(upto) => Some(Event::AgentTookInput(upto)),
         AgentEvent::AgentSession(id) => {
             // Kept with the session so a restarted agent can resume it; a
             // failure here costs only that resumption.

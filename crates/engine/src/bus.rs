@@ -35,6 +35,9 @@ pub enum BusEvent {
     Committed { seq: baton_core::Seq },
     /// A cancel was requested for a turn (wakes the node running it).
     Cancel { turn_id: TurnId, reason: String },
+    /// A message was steered to a turn (wakes the node running it, which
+    /// reads the message from the store and hands it to the agent).
+    Steer { turn_id: TurnId },
     /// A node gave the session's lease up with work waiting (it is shutting
     /// down): any node may take it over now, without waiting for a sweep.
     Released,

@@ -13,7 +13,11 @@
 //!   once and writes nothing more (self-fencing; the store refuses stale
 //!   epochs anyway).
 //! - A sweeper takes over sessions whose lease expired with a turn active
-//!   (crash recovery: the dead worker's turn ends `lost`, the queue goes on).
+//!   (crash recovery: the dead worker's turn ends `lost`, the queue goes on),
+//!   and starts the turns of debounce windows that are due. The windows are
+//!   stored, so any node's sweeper may start one, also after a restart; the
+//!   node that opened or moved a window wakes its sweeper right when it is
+//!   due.
 
 mod actor;
 pub mod bus;
@@ -105,6 +109,13 @@ pub(crate) struct Inner {
     pub shutdown: watch::Sender<bool>,
     /// Flips to true once every actor has exited: streams end.
     closed: watch::Sender<bool>,
+    /// The agents that take input mid-turn (a `steer` joins their turns).
+    mid_turn_agents: Vec<String>,
+    /// When the earliest debounce window this node knows of is due; the
+    /// sweeper sleeps until then. A std mutex, never held across an await.
+    due_at: Mutex<Option<tokio::time::Instant>>,
+    /// Wakes the sweeper when `due_at` moved earlier.
+    due_moved: tokio::sync::Notify,
 }
 
 /// The engine. Cheap to clone.
@@ -116,6 +127,11 @@ pub struct Engine {
 impl Engine {
     /// An engine over `store`, publishing to `bus`, running `agents`.
     pub fn new(store: SharedStore, bus: Bus, agents: Agents, cfg: EngineConfig) -> Self {
+        let mid_turn_agents = agents
+            .iter()
+            .filter(|(_, d)| d.takes_mid_turn_input())
+            .map(|(name, _)| name.to_owned())
+            .collect();
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -126,7 +142,21 @@ impl Engine {
                 stopping: watch::channel(false).0,
                 shutdown: watch::channel(false).0,
                 closed: watch::channel(false).0,
+                mid_turn_agents,
+                due_at: Mutex::new(None),
+                due_moved: tokio::sync::Notify::new(),
             }),
+        }
+    }
+
+    /// Remembers that a debounce window is due `in_` from now, and wakes
+    /// the sweeper if that is earlier than what it waits for.
+    fn due_in(&self, in_: Duration) {
+        let at = tokio::time::Instant::now() + in_;
+        let mut due = self.inner.due_at.lock().unwrap_or_else(|p| p.into_inner());
+        if due.is_none_or(|d| at < d) {
+            *due = Some(at);
+            self.inner.due_moved.notify_one();
         }
     }
 
@@ -140,11 +170,22 @@ impl Engine {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let bus = engine.inner.bus.clone();
             loop {
+                let due = *engine
+                    .inner
+                    .due_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 tokio::select! {
                     _ = tick.tick() => {}
                     // Another node (or this one) handed a session over: take
                     // it now rather than at the next tick.
                     _ = bus.released() => {}
+                    // A debounce window is due, or one closes earlier now.
+                    _ = async { match due {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    } } => {}
+                    _ = engine.inner.due_moved.notified() => continue,
                     _ = stopped(&mut stop) => break,
                 }
                 if let Err(e) = engine.sweep(false).await {
@@ -160,6 +201,9 @@ impl Engine {
         if *self.inner.stopping.borrow() {
             return Ok(());
         }
+        // Forgotten first (a failed look must not leave a wake-up in the
+        // past, which would spin); the look below sets the next one.
+        *self.inner.due_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
         for r in self
             .inner
             .store
@@ -169,6 +213,20 @@ impl Engine {
             tracing::info!(session = %r.lease.session_id, epoch = r.lease.epoch, ended = r.committed.len(), "took over a session");
             self.inner.bus.publish_entries(&r.committed);
             self.spawn_actor(r.lease);
+        }
+        let due = self.inner.store.start_due(&self.inner.cfg.node).await?;
+        for started in due.started {
+            self.inner.bus.publish_entries(&started.committed);
+            if let Some(lease) = started.lease {
+                tracing::info!(session = %lease.session_id, "a debounce window closed; its turn starts");
+                self.spawn_actor(lease);
+            }
+        }
+        if let Some(next) = due.next {
+            let wait = u64::try_from(next.saturating_sub(due.now)).unwrap_or(0);
+            // At least a millisecond: a window the store's clock has not
+            // reached yet is looked at again, never in a tight loop.
+            self.due_in(Duration::from_micros(wait).max(Duration::from_millis(1)));
         }
         Ok(())
     }
@@ -200,11 +258,18 @@ impl Engine {
         if let Some(lease) = created.lease.clone() {
             self.spawn_actor(lease);
         }
+        if let Some(until) = created.session.pending_until {
+            let wait = until
+                .micros()
+                .saturating_sub(created.session.created_at.micros());
+            self.due_in(Duration::from_micros(u64::try_from(wait).unwrap_or(0)));
+        }
         Ok(created)
     }
 
     /// Stores a message and carries out its disposition.
-    pub async fn post_message(&self, req: PostMessage) -> Result<Posted> {
+    pub async fn post_message(&self, mut req: PostMessage) -> Result<Posted> {
+        req.mid_turn_agents = self.inner.mid_turn_agents.clone();
         let session = req.session_id;
         // A node that is stopping takes no new turn: the store leaves one this
         // message starts `starting`, for the next start-up or another node.
@@ -226,6 +291,16 @@ impl Engine {
             }
         };
         self.inner.bus.publish_entries(&posted.committed);
+        if let Some(turn_id) = posted.steer {
+            self.inner
+                .bus
+                .publish(posted.entry.session_id, BusEvent::Steer { turn_id });
+        }
+        if let Some(until) = posted.pending_until {
+            // The entry was stamped by the same clock in the same transaction.
+            let wait = until.saturating_sub(posted.entry.created_at.micros());
+            self.due_in(Duration::from_micros(u64::try_from(wait).unwrap_or(0)));
+        }
         if let Some(turn_id) = posted.cancel {
             self.announce_cancel(
                 posted.entry.session_id,

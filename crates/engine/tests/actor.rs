@@ -20,9 +20,9 @@ use baton_core::{
 };
 use baton_engine::{Bus, BusEvent, Engine, EngineConfig};
 use baton_store::{
-    Begin, CreateSession, Created, Ended, Lease, Page, PostMessage, Posted, Recovered, Renewal,
-    Result as StoreResult, SessionPage, SessionQuery, SqlStore, Store, StoreConfig, StoreError,
-    Take, TurnToRun,
+    Begin, CreateSession, Created, Due, Ended, Lease, Page, PostMessage, Posted, Recovered,
+    Renewal, Result as StoreResult, SessionPage, SessionQuery, SqlStore, SteerBatch, Store,
+    StoreConfig, StoreError, Take, TurnToRun,
 };
 use tokio::sync::{broadcast, mpsc};
 
@@ -150,6 +150,7 @@ async fn session(f: &Fixture, agent: &str) -> SessionId {
             message: None,
             permission: None,
             node: f.engine.node().to_owned(),
+            debounce_ms: 0,
         })
         .await
         .expect("create a session")
@@ -166,6 +167,7 @@ async fn post(f: &Fixture, id: SessionId, content: &str) {
             policy: None,
             idempotency_key: None,
             node: f.engine.node().to_owned(),
+            mid_turn_agents: Vec::new(),
         })
         .await
         .expect("post a message");
@@ -354,6 +356,8 @@ struct FaultyStore {
     no_sweeps: Arc<AtomicBool>,
     /// While set, closing permission requests fails.
     no_closing: Arc<AtomicBool>,
+    /// Once set, recording steered input a turn took fails.
+    refuse_takes: Arc<AtomicBool>,
 }
 
 impl FaultyStore {
@@ -370,6 +374,7 @@ impl FaultyStore {
             stored: Arc::default(),
             no_sweeps: Arc::default(),
             no_closing: Arc::default(),
+            refuse_takes: Arc::default(),
         }
     }
 }
@@ -508,6 +513,26 @@ impl Store for FaultyStore {
     }
     async fn permission_decisions(&self, id: SessionId, turn: TurnId) -> StoreResult<Vec<Entry>> {
         self.store.permission_decisions(id, turn).await
+    }
+    async fn steered_input(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        after: Seq,
+    ) -> StoreResult<Option<SteerBatch>> {
+        self.store.steered_input(lease, turn, after).await
+    }
+    async fn take_input(&self, lease: &Lease, turn: TurnId, upto: Seq) -> StoreResult<()> {
+        if self.refuse_takes.load(Ordering::SeqCst) {
+            return Err(refused());
+        }
+        self.store.take_input(lease, turn, upto).await
+    }
+    async fn start_due(&self, node: &str) -> StoreResult<Due> {
+        if self.no_sweeps.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected: cut off".into()));
+        }
+        self.store.start_due(node).await
     }
     async fn recover(&self, node: &str, all_foreign: bool) -> StoreResult<Vec<Recovered>> {
         if self.no_sweeps.load(Ordering::SeqCst) {
@@ -1269,8 +1294,11 @@ fn expected(turn: TurnId, events: &[AgentEvent], status: TurnStatus) -> (Vec<Sha
                     AgentOutput::System(m) => NewEntry::system_message(turn, m),
                 });
             }
-            AgentEvent::Stopped(_) | AgentEvent::AgentSession(_) | AgentEvent::AskPermission(_) => {
-            }
+            // Taken input moves the turn's record, not its entries.
+            AgentEvent::Stopped(_)
+            | AgentEvent::AgentSession(_)
+            | AgentEvent::AskPermission(_)
+            | AgentEvent::InputTaken(_) => {}
         }
     }
     let flushed = out.len();
@@ -1601,4 +1629,76 @@ async fn a_refused_close_leaves_the_request_to_the_turns_end() {
         .await
         .expect("pending")
         .is_empty());
+}
+
+/// Steering's fault path: the agent took a steered message but the store
+/// refuses to record it. The turn must not go on as if the agent had not
+/// seen it: it ends `failed`, saying why, and the message — still waiting in
+/// the log — runs in the next turn (I6: consumed exactly once, by the turn
+/// whose record lists it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steered_message_the_store_cannot_record_fails_the_turn_and_runs_next() {
+    let faulty = Arc::new(std::sync::OnceLock::new());
+    let keep = faulty.clone();
+    let demo = baton_agent::DemoAgent {
+        word_delay: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let f = engine_on("demo", Arc::new(demo), move |store| {
+        let s = Arc::new(FaultyStore::new(store));
+        s.refuse_takes.store(true, Ordering::SeqCst);
+        let _ = keep.set(s.clone());
+        s
+    })
+    .await;
+    let id = session(&f, "demo").await;
+    let mut rx = f.engine.bus().subscribe(id);
+    post(&f, id, "/sleep 2000 a long answer").await;
+    until_delta(&mut rx).await;
+    let steered = f
+        .engine
+        .post_message(PostMessage {
+            owner: "o".into(),
+            session_id: id,
+            content: "mind the tests".into(),
+            policy: Some(Policy::Steer),
+            idempotency_key: None,
+            node: f.engine.node().to_owned(),
+            mid_turn_agents: Vec::new(),
+        })
+        .await
+        .expect("post a steer");
+    assert_eq!(
+        steered.disposition.kind,
+        baton_core::DispositionType::Steered,
+        "the engine knows the demo agent takes mid-turn input"
+    );
+    let (_, entries) = until_turn_ended(&mut rx).await;
+    let ended = entries.last().expect("turn_ended");
+    assert_eq!(ended.status, Some(TurnStatus::Failed), "{ended:?}");
+    assert!(
+        ended
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("could not record the steered input")),
+        "{ended:?}"
+    );
+    let (_, next) = until_turn_ended(&mut rx).await;
+    let store = faulty.get().expect("the store");
+    let turns = store.turns(id).await.expect("turns");
+    assert_eq!(turns.len(), 2, "{turns:?}");
+    assert_eq!(turns[0].input.to, 1, "the failed turn's record: {turns:?}");
+    assert_eq!(
+        turns[1].input,
+        baton_core::InputRange {
+            from: steered.entry.seq,
+            to: steered.entry.seq
+        }
+    );
+    assert!(
+        next.iter()
+            .any(|e| e.content.as_deref() == Some("echo: mind the tests")),
+        "the next turn ran it: {next:?}"
+    );
+    f.engine.shutdown().await;
 }

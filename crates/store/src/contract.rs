@@ -47,6 +47,11 @@ use crate::{
     Store, StoreConfig, StoreError, Take,
 };
 
+pub use steer::{
+    debounce_windows_hold_a_burst, steered_input_joins_the_running_turn_or_the_next,
+    steers_race_the_end_of_turns,
+};
+
 // ---------------------------------------------------------------------------
 // Helpers
 
@@ -152,6 +157,7 @@ impl Fixture {
             message: None,
             permission: None,
             node: self.node.clone(),
+            debounce_ms: 0,
         }
     }
 
@@ -189,6 +195,7 @@ impl Fixture {
             policy: None,
             idempotency_key: None,
             node: self.node.clone(),
+            mid_turn_agents: Vec::new(),
         }
     }
 
@@ -314,7 +321,8 @@ fn ended_entry(e: &Entry, turn: TurnId, status: TurnStatus) -> bool {
 /// - I1: seq is exactly 1..=n, `last_seq` is n, every entry is this session's.
 /// - I4: at most one turn is starting or running, and the session names it.
 /// - I5: a turn's input messages precede its `turn_started`, which precedes
-///   every entry of the turn.
+///   every entry of the turn; steered messages it took (its record's input
+///   reaching past its `turn_started`'s) precede its `turn_ended`.
 /// - I6: every user message up to the last consumed one is in exactly one
 ///   turn's input, turns consume in FIFO order, and the rest are `queued`.
 /// - I7/I8: an ended turn has exactly one `turn_ended` (with its status), and
@@ -396,11 +404,12 @@ pub async fn check_log(store: &dyn Store, owner: &str, id: SessionId) -> Vec<Ent
             t.id
         );
         let started = starts[0];
-        assert_eq!(
-            started.input,
-            Some(t.input),
-            "turn_started of {} carries the turn's input",
-            t.id
+        let first = started.input.expect("turn_started carries its input");
+        assert!(
+            first.from == t.input.from && first.to <= t.input.to,
+            "turn_started of {} carries the turn's first input ({first:?}; record {:?})",
+            t.id,
+            t.input
         );
         for bound in [t.input.from, t.input.to] {
             let e = bound.checked_sub(1).and_then(|i| log.get(i as usize));
@@ -411,11 +420,11 @@ pub async fn check_log(store: &dyn Store, owner: &str, id: SessionId) -> Vec<Ent
             );
         }
         assert!(
-            t.input.to < started.seq,
+            first.to < started.seq,
             "I5: turn {} starts (seq {}) before its input {:?}",
             t.id,
             started.seq,
-            t.input
+            first
         );
         let ends: Vec<&Entry> = log
             .iter()
@@ -441,6 +450,12 @@ pub async fn check_log(store: &dyn Store, owner: &str, id: SessionId) -> Vec<Ent
             assert!(t.ended_at.is_none(), "live turn {} has an ended_at", t.id);
         }
         let end_seq = ends.first().map_or(Seq::MAX, |e| e.seq);
+        assert!(
+            t.input.to < end_seq,
+            "I5: turn {} took input {} after its end (seq {end_seq})",
+            t.id,
+            t.input.to
+        );
         for e in log.iter().filter(|e| e.turn_id == Some(t.id)) {
             assert!(
                 e.seq >= started.seq,
@@ -555,6 +570,7 @@ pub async fn concurrent_posts_keep_order_and_exactly_once<Fut: Future<Output = S
                     policy,
                     idempotency_key: Some(format!("key-{t}-{i}")),
                     node: node.clone(),
+                    mid_turn_agents: Vec::new(),
                 };
                 let tries = 1 + fastrand::usize(0..=2);
                 let attempts = if fastrand::bool() {
@@ -3223,3 +3239,5 @@ pub async fn post_to_run_begins_the_turn_it_starts<Fut: Future<Output = SharedSt
     f.log(id).await;
     f.cleanup().await;
 }
+
+mod steer;

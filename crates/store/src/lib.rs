@@ -11,7 +11,12 @@
 //! - **I4** the session row names its single active turn and carries the lease
 //!   (owner, epoch, expiry); every write of a turn is fenced by its epoch.
 //! - **I6** the session's `consumed_seq` cursor advances only when a turn is
-//!   created, in the same transaction.
+//!   created, or when the running turn takes steered input, in the same
+//!   transaction; the end of a turn hands whatever it did not take to the
+//!   next turn in the transaction that ends it.
+//! - A debounce window is stored on the session row (`pending_until`), so
+//!   the turn it holds back starts from stored state: on any node, after a
+//!   restart.
 //!
 //! Policy decisions are made by `baton_core::policy` inside the transaction
 //! that stores the message, with the session row locked.
@@ -101,6 +106,8 @@ pub struct CreateSession {
     pub permission: Option<PermissionPolicy>,
     /// The node creating it, which takes the lease if a turn starts.
     pub node: String,
+    /// The session's debounce window in milliseconds (0: off).
+    pub debounce_ms: u64,
 }
 
 /// The result of creating a session.
@@ -125,6 +132,9 @@ pub struct PostMessage {
     pub policy: Option<Policy>,
     pub idempotency_key: Option<String>,
     pub node: String,
+    /// The agents that take input mid-turn: a `steer` message joins the
+    /// running turn only if the session's agent is one of them.
+    pub mid_turn_agents: Vec<String>,
 }
 
 /// The result of posting a message.
@@ -146,6 +156,38 @@ pub struct Posted {
     /// took the lease: the worker prompts it without a `take_turn` of its
     /// own (one durable commit fewer before the agent sees the message).
     pub begun: Option<TurnToRun>,
+    /// The turn the message was steered to, for a prompt wake-up.
+    pub steer: Option<TurnId>,
+    /// The session debounces: its turn starts then (store clock, µs).
+    pub pending_until: Option<i64>,
+}
+
+/// Steered messages waiting for the running turn.
+#[derive(Clone, Debug)]
+pub struct SteerBatch {
+    /// The last of them: the turn takes everything up to it.
+    pub upto: Seq,
+    /// The user messages, in order.
+    pub messages: Vec<Entry>,
+}
+
+/// A turn a debounce window held back, started.
+#[derive(Clone, Debug)]
+pub struct DueStart {
+    /// The lease this node took to run it, if it was free.
+    pub lease: Option<Lease>,
+    /// The `turn_started` entry.
+    pub committed: Vec<Entry>,
+}
+
+/// What a look for due debounce windows did.
+#[derive(Clone, Debug, Default)]
+pub struct Due {
+    pub started: Vec<DueStart>,
+    /// When the earliest window still open closes (store clock, µs).
+    pub next: Option<i64>,
+    /// The store's clock when it looked (µs).
+    pub now: i64,
 }
 
 /// A page of a session's log.
@@ -262,6 +304,8 @@ pub enum Take {
 pub struct Renewal {
     /// A cancel requested for the active turn (possibly from another node).
     pub cancel: Option<(TurnId, String)>,
+    /// Steered messages wait for the active turn, up to this seq.
+    pub steer: Option<(TurnId, Seq)>,
 }
 
 /// A session taken over from a worker that vanished.
@@ -407,6 +451,23 @@ pub trait Store: Send + Sync + 'static {
     async fn permission_decisions(&self, id: SessionId, turn: TurnId) -> Result<Vec<Entry>>;
     /// Records the agent's own id for the session (fenced).
     async fn set_agent_session(&self, lease: &Lease, agent_session: &str) -> Result<()>;
+    /// The steered messages waiting for `turn` after seq `after`, if any
+    /// (a read; fenced).
+    async fn steered_input(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        after: Seq,
+    ) -> Result<Option<SteerBatch>>;
+    /// The running `turn`'s agent took the waiting messages up to `upto`:
+    /// they become its input (its record's `input.to` moves to `upto`). A
+    /// turn that ended has nothing to take: its end handed them to the next
+    /// turn (`TurnNotActive`). Fenced; taking again what was taken is a
+    /// no-op.
+    async fn take_input(&self, lease: &Lease, turn: TurnId, upto: Seq) -> Result<()>;
+    /// Starts the turns of debounce windows that are due (claiming their
+    /// leases for `node` where free) and says when the next one is.
+    async fn start_due(&self, node: &str) -> Result<Due>;
     /// Takes over sessions with an active turn whose lease is free or expired
     /// (or, with `all_foreign`, held by anyone but `node`: the embedded store
     /// at start-up). A `running` turn of a vanished worker ends `lost` and the

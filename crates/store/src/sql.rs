@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use baton_core::permission::{judge, Judgement};
-use baton_core::policy::{decide, ActiveTurn, Decision, NextTurn, QueueSummary};
+use baton_core::policy::{decide, ActiveTurn, Debounce, Decision, NextTurn, QueueSummary};
 use baton_core::{
     Disposition, Entry, EntryType, InputRange, NewEntry, PermissionInfo, PermissionPolicy,
     PermissionState, PermissionStatus, Policy, Role, Seq, Session, SessionId, SessionStatus,
@@ -29,9 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::db::{args, Conn, Fail, Row, Val, R};
 use crate::writer::{self, Clock, Job};
 use crate::{
-    AnswerPermission, Answered, Begin, CreateSession, Created, Ended, Lease, Listed, Page,
-    PostMessage, Posted, Recovered, Renewal, Result, SessionPage, SessionQuery, Store, StoreError,
-    Take, TurnToRun,
+    AnswerPermission, Answered, Begin, CreateSession, Created, Due, DueStart, Ended, Lease, Listed,
+    Page, PostMessage, Posted, Recovered, Renewal, Result, SessionPage, SessionQuery, SteerBatch,
+    Store, StoreError, Take, TurnToRun,
 };
 
 /// Tunables that the store applies inside its transactions.
@@ -523,7 +523,8 @@ async fn pg_now_locked(c: &mut Conn, id: SessionId) -> R<i64> {
 
 const SESSION_COLS: &str = "id, owner, agent, policy, metadata, created_at, last_seq, consumed_seq, \
      active_turn, lease_owner, lease_epoch, lease_expires_at, idempotency_key, request_fingerprint, agent_session, \
-     waiting_count, last_gather_seq, after_gather_count, permission, open_permissions";
+     waiting_count, last_gather_seq, after_gather_count, permission, open_permissions, \
+     last_steer_seq, debounce_ms, pending_first, pending_until";
 
 const ENTRY_COLS: &str =
     "session_id, seq, kind, role, turn_id, content, status, reason, input_from, input_to, tool, permission, created_at";
@@ -553,6 +554,12 @@ pub(crate) struct SessionRow {
     permission: Option<PermissionPolicy>,
     /// Pending permission requests; written by [`track_permission`] alone.
     open_permissions: i64,
+    /// The debounce window, in ms (0: off).
+    debounce_ms: i64,
+    /// The window open now: its first message's arrival and when its turn
+    /// starts (µs), or neither.
+    pending_first: Option<i64>,
+    pending_until: Option<i64>,
 }
 
 fn corrupt(what: &str, value: &str) -> Fail {
@@ -589,11 +596,15 @@ fn session_row(r: &Row) -> R<SessionRow> {
             waiting: r.get::<i64>("waiting_count")?.max(0) as u64,
             last_gather: r.get::<Option<i64>>("last_gather_seq")?.map(|s| s as Seq),
             after_gather: r.get::<i64>("after_gather_count")?.max(0) as u64,
+            last_steer: r.get::<Option<i64>>("last_steer_seq")?.map(|s| s as Seq),
         },
         permission: permission
             .map(|p| p.parse().map_err(|_| corrupt("permission policy", &p)))
             .transpose()?,
         open_permissions: r.get("open_permissions")?,
+        debounce_ms: r.get("debounce_ms")?,
+        pending_first: r.get("pending_first")?,
+        pending_until: r.get("pending_until")?,
     })
 }
 
@@ -667,6 +678,8 @@ fn session_view(s: &SessionRow) -> R<Session> {
         turn_id: s.active_turn,
         last_seq: s.last_seq as Seq,
         queued: s.queue.waiting,
+        debounce_ms: s.debounce_ms.max(0) as u64,
+        pending_until: s.pending_until.map(Timestamp),
         created_at: Timestamp(s.created_at),
         metadata: serde_json::from_str(&s.metadata)
             .map_err(|_| corrupt("metadata", &s.metadata))?,
@@ -726,18 +739,22 @@ async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
             && old.lease_epoch == s.lease_epoch
             && old.lease_expires_at == s.lease_expires_at
             && old.agent_session == s.agent_session
+            && old.pending_until == s.pending_until
     });
     let n = if counters_only {
         c.execute(
             "UPDATE sessions SET last_seq = $2, consumed_seq = $3, waiting_count = $4, \
-             last_gather_seq = $5, after_gather_count = $6 WHERE id = $1",
+             last_gather_seq = $5, after_gather_count = $6, last_steer_seq = $7, pending_first = $8 \
+             WHERE id = $1",
             &args![
                 s.id.to_string(),
                 s.last_seq,
                 s.consumed_seq,
                 s.queue.waiting as i64,
                 s.queue.last_gather.map(|g| g as i64),
-                s.queue.after_gather as i64
+                s.queue.after_gather as i64,
+                s.queue.last_steer.map(|g| g as i64),
+                s.pending_first
             ],
         )
         .await?
@@ -745,7 +762,8 @@ async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
         c.execute(
             "UPDATE sessions SET last_seq = $2, consumed_seq = $3, active_turn = $4, lease_owner = $5, \
              lease_epoch = $6, lease_expires_at = $7, agent_session = $8, waiting_count = $9, \
-             last_gather_seq = $10, after_gather_count = $11 WHERE id = $1",
+             last_gather_seq = $10, after_gather_count = $11, last_steer_seq = $12, pending_first = $13, \
+             pending_until = $14 WHERE id = $1",
             &args![
                 s.id.to_string(),
                 s.last_seq,
@@ -757,7 +775,10 @@ async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
                 s.agent_session.clone(),
                 s.queue.waiting as i64,
                 s.queue.last_gather.map(|g| g as i64),
-                s.queue.after_gather as i64
+                s.queue.after_gather as i64,
+                s.queue.last_steer.map(|g| g as i64),
+                s.pending_first,
+                s.pending_until
             ],
         )
         .await?
@@ -1068,14 +1089,18 @@ async fn start_turn(
     .await?;
     s.active_turn = Some(id);
     s.consumed_seq = input.to as i64;
+    // A turn takes what a debounce window held back: the window is closed.
+    s.pending_first = None;
+    s.pending_until = None;
     append(c, s, now, NewEntry::turn_started(id, input), None).await
 }
 
-/// Starts the next planned turn if messages wait and none is active. Finds
-/// the first waiting message by scanning the primary key from the cursor
-/// (past the previous turn's output), never the whole queue.
+/// Starts the next planned turn if messages wait, none is active and no
+/// debounce window holds them past `now`. Finds the first waiting message by
+/// scanning the primary key from the cursor (past the previous turn's
+/// output), never the whole queue.
 async fn start_next(c: &mut Conn, s: &mut SessionRow, now: i64) -> R<Option<Entry>> {
-    if s.active_turn.is_some() {
+    if s.active_turn.is_some() || s.pending_until.is_some_and(|until| until > now) {
         return Ok(None);
     }
     let Some(next) = s.queue.next() else {
@@ -1299,21 +1324,40 @@ async fn op_create(
         queue: QueueSummary::default(),
         permission: req.permission,
         open_permissions: 0,
+        debounce_ms: i64::try_from(req.debounce_ms).unwrap_or(i64::MAX),
+        pending_first: None,
+        pending_until: None,
     };
-    c.execute("INSERT INTO sessions (id, owner, agent, policy, metadata, created_at, idempotency_key, request_fingerprint, permission) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)", &args![s.id.to_string(), &s.owner, &s.agent, s.policy.as_str(), &s.metadata, now, req.idempotency_key.clone(), s.fingerprint.clone(), s.permission.map(PermissionPolicy::as_str)])
+    c.execute("INSERT INTO sessions (id, owner, agent, policy, metadata, created_at, idempotency_key, request_fingerprint, permission, debounce_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", &args![s.id.to_string(), &s.owner, &s.agent, s.policy.as_str(), &s.metadata, now, req.idempotency_key.clone(), s.fingerprint.clone(), s.permission.map(PermissionPolicy::as_str), s.debounce_ms])
     .await?;
     let mut committed = Vec::new();
     let mut lease = None;
     if let Some(content) = &req.message {
+        // The first message is decided like any other on an idle session: a
+        // turn starts with it, or a debounce window opens.
         let turn = TurnId::new();
-        let disposition = Disposition {
-            kind: baton_core::DispositionType::Started,
-            turn_id: Some(turn),
-            position: None,
+        let Decision::Accept {
+            disposition,
+            start,
+            waits_as,
+            pending_until,
+            ..
+        } = decide(
+            None,
+            &s.queue,
+            cfg.queue_capacity as u64,
+            s.policy,
+            turn,
+            debounce_of(&s, now),
+        )
+        else {
+            return Err(
+                StoreError::Internal("an idle session refused its first message".into()).into(),
+            );
         };
         let meta = UserMeta {
-            policy: s.policy,
+            policy: waits_as,
             requested: None,
             disposition: &disposition,
             key: None,
@@ -1328,8 +1372,14 @@ async fn op_create(
         .await?;
         let seq = msg.seq;
         committed.push(msg);
-        committed.push(start_turn(c, &mut s, now, turn, InputRange { from: seq, to: seq }).await?);
-        lease = Some(claim(&mut s, &req.node, now, cfg.lease_ttl));
+        if start {
+            committed
+                .push(start_turn(c, &mut s, now, turn, InputRange { from: seq, to: seq }).await?);
+            lease = Some(claim(&mut s, &req.node, now, cfg.lease_ttl));
+        } else {
+            s.queue.push(seq, waits_as);
+            open_window(&mut s, now, pending_until);
+        }
         save_session(c, &s).await?;
     }
     Ok(Created {
@@ -1376,37 +1426,57 @@ async fn op_post(
                 lease: None,
                 cancel: None,
                 begun: None,
+                steer: None,
+                pending_until: None,
             });
         }
     }
     let mut committed = Vec::new();
     let mut lease = None;
     // Heal "something waits but no turn is active" (never left behind by
-    // this store's own transactions) before deciding, so nothing overtakes.
+    // this store's own transactions, except a debounce window, which is
+    // started here once it is due) before deciding, so nothing overtakes.
     if let Some(started) = start_next(c, &mut s, now).await? {
         committed.push(started);
         lease = try_claim(&mut s, &req.node, now, cfg.lease_ttl);
     }
     let policy = req.policy.unwrap_or(s.policy);
     let turn = TurnId::new();
-    let active = s.active_turn.map(|id| ActiveTurn { id });
-    let (disposition, start, cancel_active) =
-        match decide(active, &s.queue, cfg.queue_capacity as u64, policy, turn) {
-            Decision::Reject { turn_id } => return Err(StoreError::SessionBusy { turn_id }.into()),
-            Decision::QueueFull { capacity } => {
-                return Err(StoreError::QueueFull {
-                    capacity: capacity as usize,
-                }
-                .into())
-            }
-            Decision::Accept {
-                disposition,
-                start,
-                cancel_active,
-            } => (disposition, start, cancel_active),
-        };
-    let meta = UserMeta {
+    let active = match s.active_turn {
+        Some(id) => Some(ActiveTurn {
+            id,
+            takes_input: policy == Policy::Steer
+                && req.mid_turn_agents.contains(&s.agent)
+                && !cancel_requested(c, id).await?,
+        }),
+        None => None,
+    };
+    let decision = decide(
+        active,
+        &s.queue,
+        cfg.queue_capacity as u64,
         policy,
+        turn,
+        debounce_of(&s, now),
+    );
+    let (disposition, start, cancel_active, waits_as, pending_until) = match decision {
+        Decision::Reject { turn_id } => return Err(StoreError::SessionBusy { turn_id }.into()),
+        Decision::QueueFull { capacity } => {
+            return Err(StoreError::QueueFull {
+                capacity: capacity as usize,
+            }
+            .into())
+        }
+        Decision::Accept {
+            disposition,
+            start,
+            cancel_active,
+            waits_as,
+            pending_until,
+        } => (disposition, start, cancel_active, waits_as, pending_until),
+    };
+    let meta = UserMeta {
+        policy: waits_as,
         requested: req.policy,
         disposition: &disposition,
         key: req.idempotency_key.as_deref(),
@@ -1460,7 +1530,8 @@ async fn op_post(
             _ => lease = lease.or_else(|| try_claim(&mut s, &req.node, now, cfg.lease_ttl)),
         }
     } else {
-        s.queue.push(entry.seq, policy);
+        s.queue.push(entry.seq, waits_as);
+        open_window(&mut s, now, pending_until);
     }
     let mut cancel = None;
     if cancel_active {
@@ -1475,6 +1546,9 @@ async fn op_post(
         }
     }
     save_session(c, &s).await?;
+    let steer = (waits_as == Policy::Steer)
+        .then_some(disposition.turn_id)
+        .flatten();
     Ok(Posted {
         entry,
         disposition,
@@ -1483,7 +1557,37 @@ async fn op_post(
         lease,
         cancel,
         begun,
+        steer,
+        pending_until,
     })
+}
+
+/// The session's debounce window as `decide` needs it.
+fn debounce_of(s: &SessionRow, now: i64) -> Debounce {
+    Debounce {
+        window: s.debounce_ms.saturating_mul(1000),
+        first: s.pending_first,
+        now,
+    }
+}
+
+/// Opens (or moves) the debounce window to close at `until`.
+fn open_window(s: &mut SessionRow, now: i64, until: Option<i64>) {
+    if let Some(until) = until {
+        s.pending_first.get_or_insert(now);
+        s.pending_until = Some(until);
+    }
+}
+
+/// Whether a cancel was asked for `turn` (it will not take more input).
+async fn cancel_requested(c: &mut Conn, turn: TurnId) -> R<bool> {
+    let reason: Option<String> = c
+        .scalar(
+            "SELECT cancel_reason FROM turns WHERE id = $1",
+            &args![turn.to_string()],
+        )
+        .await?;
+    Ok(reason.is_some())
 }
 
 async fn request_cancel_turn(c: &mut Conn, turn: TurnId, reason: &str) -> R<()> {
@@ -1945,6 +2049,7 @@ impl Store for SqlStore {
                     )
                     .await?;
                 renewal.cancel = reason.map(|r| (turn, r));
+                renewal.steer = s.queue.last_steer.map(|upto| (turn, upto));
             }
             Ok(renewal)
         })
@@ -2039,6 +2144,142 @@ impl Store for SqlStore {
             save_session(c, &s).await?;
             Ok(())
         })
+    }
+
+    async fn steered_input(
+        &self,
+        lease: &Lease,
+        turn: TurnId,
+        after: Seq,
+    ) -> Result<Option<SteerBatch>> {
+        let mut c = self.reader().await?;
+        let read = async {
+            let Some(s) = fetch_session(&mut c, lease.session_id, "").await? else {
+                return Err(StoreError::StaleEpoch { epoch: lease.epoch }.into());
+            };
+            if s.lease_owner.as_deref() != Some(lease.owner.as_str())
+                || s.lease_epoch != lease.epoch
+            {
+                return Err(StoreError::StaleEpoch { epoch: lease.epoch }.into());
+            }
+            if s.active_turn != Some(turn) {
+                return Err(StoreError::TurnNotActive { turn_id: turn }.into());
+            }
+            let from = after.max(s.consumed_seq.max(0) as Seq);
+            let Some(upto) = s.queue.last_steer.filter(|l| *l > from) else {
+                return Ok(None);
+            };
+            let sql = format!(
+                "SELECT {ENTRY_COLS} FROM entries WHERE session_id = $1 AND role = 'user' AND seq > $2 AND seq <= $3 ORDER BY seq"
+            );
+            let rows = c
+                .fetch_all(&sql, &args![s.id.to_string(), from as i64, upto as i64])
+                .await?;
+            let messages = rows.iter().map(entry_row).collect::<R<Vec<_>>>()?;
+            Ok(Some(SteerBatch { upto, messages }))
+        };
+        read.await.map_err(unfail)
+    }
+
+    async fn take_input(&self, lease: &Lease, turn: TurnId, upto: Seq) -> Result<()> {
+        let (d, lease) = (self.dialect, lease.clone());
+        op!(self, Some(lease.session_id), [lease], |c, _now| {
+            let mut s = lock_fenced(c, d, &lease).await?;
+            if s.active_turn != Some(turn) {
+                // The turn ended first: its end gave the input to the next turn.
+                return Err(StoreError::TurnNotActive { turn_id: turn }.into());
+            }
+            if upto as i64 <= s.consumed_seq {
+                return Ok(());
+            }
+            if s.queue.last_steer.is_none_or(|l| upto > l) {
+                return Err(StoreError::Internal(format!(
+                    "turn {turn} cannot take messages up to {upto}: no steered message waits there"
+                ))
+                .into());
+            }
+            let row = c
+                .fetch_one(
+                    "SELECT COUNT(*) AS n, MAX(seq) AS last FROM entries WHERE session_id = $1 AND role = 'user' \
+                     AND seq > $2 AND seq <= $3",
+                    &args![s.id.to_string(), s.consumed_seq, upto as i64],
+                )
+                .await?;
+            let count: i64 = row.get("n")?;
+            let last: Option<i64> = row.get("last")?;
+            if last != Some(upto as i64) {
+                return Err(StoreError::Internal(format!(
+                    "turn {turn} cannot take messages up to {upto}: it is not a waiting message"
+                ))
+                .into());
+            }
+            let moved = c
+                .execute(
+                    "UPDATE turns SET input_to = $2 WHERE id = $1 AND status IN ('starting', 'running')",
+                    &args![turn.to_string(), upto as i64],
+                )
+                .await?;
+            if moved != 1 {
+                return Err(StoreError::TurnNotActive { turn_id: turn }.into());
+            }
+            s.queue.take(upto, count.max(0) as u64);
+            s.consumed_seq = upto as i64;
+            save_session(c, &s).await?;
+            Ok(())
+        })
+    }
+
+    async fn start_due(&self, node: &str) -> Result<Due> {
+        let now = self.now().await?;
+        let mut c = self.reader().await?;
+        let ids = async {
+            c.fetch_all(
+                "SELECT id FROM sessions WHERE pending_until IS NOT NULL AND pending_until <= $1 LIMIT 500",
+                &args![now],
+            )
+            .await?
+            .iter()
+            .map(Row::first::<String>)
+            .collect::<R<Vec<String>>>()
+        };
+        let ids = ids.await.map_err(unfail)?;
+        drop(c);
+        let mut due = Due {
+            now,
+            ..Due::default()
+        };
+        for id in ids {
+            let id = SessionId::parse(&id)
+                .map_err(|_| StoreError::Internal(format!("corrupt session id {id:?}")))?;
+            let (d, cfg, node) = (self.dialect, self.cfg.clone(), node.to_owned());
+            let started = op!(self, Some(id), [cfg, node], |c, now| {
+                let Some(mut s) = lock_session(c, d, id).await? else {
+                    return Ok(None);
+                };
+                // Another node (or a post) may have started it meanwhile, or
+                // a later message moved the window.
+                let Some(started) = start_next(c, &mut s, now).await? else {
+                    return Ok(None);
+                };
+                let lease = try_claim(&mut s, &node, now, cfg.lease_ttl);
+                save_session(c, &s).await?;
+                Ok(Some(DueStart {
+                    lease,
+                    committed: vec![started],
+                }))
+            })?;
+            due.started.extend(started);
+        }
+        let mut c = self.reader().await?;
+        let next = async {
+            c.scalar::<Option<i64>>(
+                "SELECT MIN(pending_until) FROM sessions WHERE pending_until IS NOT NULL",
+                &[],
+            )
+            .await
+        };
+        due.next = next.await.map_err(unfail)?;
+        Ok(due)
     }
 
     async fn recover(&self, node: &str, all_foreign: bool) -> Result<Vec<Recovered>> {

@@ -101,6 +101,9 @@ contract_tests!(
     permission_answers_are_exactly_once,
     recovery_closes_waiting_permission_requests,
     post_to_run_begins_the_turn_it_starts,
+    steered_input_joins_the_running_turn_or_the_next,
+    steers_race_the_end_of_turns,
+    debounce_windows_hold_a_burst,
 );
 
 // ---------------------------------------------------------------------------
@@ -157,6 +160,7 @@ async fn sqlite_reopen_keeps_every_entry_in_order() {
             message: Some("hello".to_owned()),
             permission: None,
             node: "node-1".to_owned(),
+            debounce_ms: 0,
         })
         .await
         .expect("create with a message");
@@ -188,6 +192,7 @@ async fn sqlite_reopen_keeps_every_entry_in_order() {
                 policy: None,
                 idempotency_key: Some(format!("post-{i}")),
                 node: "node-1".to_owned(),
+                mid_turn_agents: Vec::new(),
             })
             .await
             .expect("post");
@@ -217,6 +222,7 @@ async fn sqlite_reopen_keeps_every_entry_in_order() {
             policy: None,
             idempotency_key: Some("post-3".to_owned()),
             node: "node-2".to_owned(),
+            mid_turn_agents: Vec::new(),
         })
         .await
         .expect("a retry after the reopen");
@@ -315,6 +321,7 @@ fn new_session(owner: &str, policy: Policy) -> CreateSession {
         message: None,
         permission: None,
         node: "node-1".to_owned(),
+        debounce_ms: 0,
     }
 }
 
@@ -331,6 +338,7 @@ fn message(
         policy,
         idempotency_key: None,
         node: "node-1".to_owned(),
+        mid_turn_agents: Vec::new(),
     }
 }
 
