@@ -1581,7 +1581,6 @@ async fn steers_racing_the_end_of_turns_are_each_consumed_once() {
         for (_, results) in posted.iter().filter(|(s, _)| s == id) {
             for v in results {
                 let seq = seq_of(&v["entry"]);
-                let content = v["entry"]["content"].as_str().unwrap();
                 let consumer = turns
                     .iter()
                     .position(|t| {
@@ -1605,21 +1604,64 @@ async fn steers_racing_the_end_of_turns_are_each_consumed_once() {
                     Some("started" | "queued") => {}
                     other => panic!("unexpected disposition {other:?}: {v}"),
                 }
-                let want = format!("echo: {content}");
-                let seen: Vec<&Value> = turns
-                    .iter()
-                    .filter(|t| reply_lines(&entries, &t["id"]).contains(&want))
-                    .collect();
-                assert_eq!(
-                    seen.len(),
-                    1,
-                    "the agent saw seq {seq} exactly once: {seen:#?}"
-                );
-                assert_eq!(
-                    seen[0]["id"], turns[consumer]["id"],
-                    "seq {seq} was seen by a turn that did not consume it"
-                );
             }
+        }
+        // What each turn's agent saw is exactly what the turn consumed: the
+        // messages it took mid-turn each echoed on a line of their own, and
+        // (around those lines, which may split them at a word) the echoes
+        // of its first input. So every message was seen once, by the turn
+        // whose record lists it.
+        for t in &turns {
+            let started = entries
+                .iter()
+                .find(|e| e["type"] == "turn_started" && e["turn_id"] == t["id"])
+                .unwrap();
+            let (from, first_to, to) = (
+                t["input"]["from"].as_u64().unwrap(),
+                started["input"]["to"].as_u64().unwrap(),
+                t["input"]["to"].as_u64().unwrap(),
+            );
+            // The demo agent's echo leaves a `/sleep MS` directive out.
+            let echo = |e: &&Value| {
+                let content = e["content"].as_str().unwrap();
+                let text = content
+                    .strip_prefix("/sleep ")
+                    .and_then(|r| r.split_once(' '))
+                    .map_or(content, |(_, rest)| rest);
+                format!("echo: {text}")
+            };
+            let users = || entries.iter().filter(|e| is_user(e));
+            let mut lines = reply_lines(&entries, &t["id"]);
+            for taken in users().filter(|e| (first_to + 1..=to).contains(&seq_of(e))) {
+                let line = echo(&taken);
+                let at = lines.iter().position(|l| *l == line).unwrap_or_else(|| {
+                    panic!(
+                        "turn {} took {line:?} but did not echo it: {lines:?}",
+                        t["id"]
+                    )
+                });
+                lines.remove(at);
+            }
+            let words: Vec<String> = lines
+                .iter()
+                .flat_map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .collect();
+            let want: Vec<String> = users()
+                .filter(|e| (from..=first_to).contains(&seq_of(e)))
+                .flat_map(|e| {
+                    echo(&e)
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            assert_eq!(
+                words,
+                want,
+                "turn {} echoed something other than its input: {:?}",
+                t["id"],
+                reply_lines(&entries, &t["id"])
+            );
         }
     }
     assert!(
