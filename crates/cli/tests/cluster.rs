@@ -753,3 +753,108 @@ async fn concurrent_answers_on_two_nodes_store_one_decision() {
         n.shutdown().await;
     }
 }
+
+/// The lines of every assistant reply of a turn.
+fn lines_of(entries: &[Value], turn: &Value) -> Vec<String> {
+    entries
+        .iter()
+        .filter(|e| e["turn_id"] == *turn && e["role"] == "assistant")
+        .flat_map(|e| {
+            e["content"]
+                .as_str()
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Steering across nodes: a message steered on B to a turn running on A is
+/// stored by B, announced over `LISTEN/NOTIFY`, read from the database by
+/// A's worker and handed to its agent: one turn, which echoes it and whose
+/// record lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_steer_posted_on_another_node_joins_the_running_turn() {
+    let Some(schema) = database("a_steer_posted_on_another_node_joins_the_running_turn").await
+    else {
+        return;
+    };
+    let url = schema.url().to_owned();
+    // Renewals far apart: the steer must travel on the bus, not wait for
+    // one. (A long lease also bounds statements, migrations included, at a
+    // third of it.)
+    let tune = |cfg: &mut ServeConfig| {
+        cfg.lease_ms = 20_000;
+        cfg.heartbeat_ms = 6_000;
+    };
+    let (a, b) = (node_with(&url, tune).await, node_with(&url, tune).await);
+    let s = a
+        .client
+        .create_session(json!({"message": "/sleep 3000 one two three"}))
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let mut on_a = a.client.open_stream(&id, None).await;
+    on_a.until_delta().await;
+    let (status, v) = b
+        .client
+        .post(&id, "a word from node b", Some("steer"), None)
+        .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["disposition"]["type"], "steered", "{v}");
+    assert_eq!(v["disposition"]["turn_id"], s["turn_id"]);
+    let steered = v["entry"]["seq"].as_u64().unwrap();
+    b.client.wait_idle(&id).await;
+    let entries = b.client.entries(&id).await;
+    let turns = b.client.turns(&id).await;
+    assert_eq!(turns.len(), 1, "{turns:#?}");
+    assert_eq!(turns[0]["status"], "completed");
+    assert_eq!(turns[0]["input"], json!({"from": 1, "to": steered}));
+    assert!(
+        lines_of(&entries, &s["turn_id"]).contains(&"echo: a word from node b".to_owned()),
+        "{entries:#?}"
+    );
+    for n in [a, b] {
+        n.shutdown().await;
+    }
+}
+
+/// A debounce window is the database's: opened through A, which then stops,
+/// its turn is started by B's sweeper once due, with every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_debounce_window_opened_on_one_node_is_started_by_another() {
+    let Some(schema) = database("a_debounce_window_opened_on_one_node_is_started_by_another").await
+    else {
+        return;
+    };
+    let url = schema.url().to_owned();
+    // A long lease: its third bounds every statement, migrations (which
+    // wait for other schemas' migrations) included.
+    let tune = |cfg: &mut ServeConfig| {
+        cfg.lease_ms = 20_000;
+        cfg.heartbeat_ms = 6_000;
+    };
+    let a = node_with(&url, tune).await;
+    let id = a
+        .client
+        .create_session_id(json!({"debounce_ms": 600, "message": "one"}))
+        .await;
+    let (status, v) = a.client.post(&id, "two", None, None).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["disposition"]["type"], "pending", "{v}");
+    let until = v["disposition"]["until"].as_str().unwrap().to_owned();
+    a.shutdown().await;
+    let b = node_with(&url, tune).await;
+    b.client.wait_idle(&id).await;
+    let turns = b.client.turns(&id).await;
+    assert_eq!(turns.len(), 1, "{turns:#?}");
+    assert_eq!(turns[0]["input"], json!({"from": 1, "to": 2}));
+    assert!(turns[0]["started_at"].as_str().unwrap() >= until.as_str());
+    let entries = b.client.entries(&id).await;
+    check_transcript(&entries);
+    assert_eq!(
+        lines_of(&entries, &turns[0]["id"]),
+        vec!["echo: one".to_owned(), "echo: two".to_owned()]
+    );
+    b.shutdown().await;
+}
