@@ -1510,6 +1510,27 @@ async fn a_steered_message_joins_the_running_turn() {
         seq_of(reply) > steered,
         "I5: the steered entry precedes the reply"
     );
+    // The transcript replays to a model with the steered message before the
+    // reply that answers it.
+    let roles: Vec<(String, String)> = export(c, &id)
+        .await
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap_or_default().to_owned(),
+                m["content"].to_string(),
+            )
+        })
+        .collect();
+    let steer_at = roles
+        .iter()
+        .position(|(r, c)| r == "user" && c.contains("also check the tests"))
+        .unwrap_or_else(|| panic!("the steered message is exported: {roles:?}"));
+    let reply_at = roles
+        .iter()
+        .position(|(r, c)| r == "assistant" && c.contains("echo: also check the tests"))
+        .unwrap_or_else(|| panic!("the reply is exported: {roles:?}"));
+    assert!(steer_at < reply_at, "{roles:?}");
     app.stop().await;
 }
 
