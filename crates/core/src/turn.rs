@@ -154,6 +154,9 @@ pub struct TurnMachine {
     max_output: usize,
     /// Output passed the cap: nothing more of it is streamed or stored.
     overflowed: bool,
+    /// Steered input was announced before the prompt went out: it is
+    /// offered right after the prompt.
+    input_waiting: bool,
 }
 
 impl TurnMachine {
@@ -173,6 +176,7 @@ impl TurnMachine {
             thinking: false,
             max_output,
             overflowed: false,
+            input_waiting: false,
         }
     }
 
@@ -198,9 +202,17 @@ impl TurnMachine {
                 Some((status, reason)) => self.end(status, Some(reason)),
                 None => {
                     self.state = State::Running;
-                    vec![Action::SendPrompt, Action::ArmTurnDeadline]
+                    let mut actions = vec![Action::SendPrompt, Action::ArmTurnDeadline];
+                    if std::mem::take(&mut self.input_waiting) {
+                        actions.push(Action::OfferInput);
+                    }
+                    actions
                 }
             },
+            (State::Starting { .. }, Event::InputWaiting) => {
+                self.input_waiting = true;
+                Vec::new()
+            }
             (State::Starting { pending }, Event::CancelRequested { reason }) => {
                 pending.get_or_insert((TurnStatus::Cancelled, reason));
                 Vec::new()
@@ -715,7 +727,15 @@ mod tests {
             m.handle(Event::InputWaiting).is_empty(),
             "no prompt yet: nothing to hand input to"
         );
-        m.handle(Event::Started);
+        assert_eq!(
+            m.handle(Event::Started),
+            vec![
+                Action::SendPrompt,
+                Action::ArmTurnDeadline,
+                Action::OfferInput
+            ],
+            "input announced while starting is offered once the prompt is out"
+        );
         assert_eq!(m.handle(Event::InputWaiting), vec![Action::OfferInput]);
         assert_eq!(
             m.handle(Event::AgentTookInput(5)),
@@ -765,7 +785,10 @@ mod tests {
                 }
                 prompts += actions.iter().filter(|a| **a == Action::SendPrompt).count();
                 if actions.contains(&Action::OfferInput) {
-                    prop_assert!(was_running, "input offered outside a running turn");
+                    prop_assert!(
+                        was_running || (was_starting && actions.contains(&Action::SendPrompt)),
+                        "input offered outside a running turn"
+                    );
                 }
                 ended += ends(&actions);
             }
