@@ -48,8 +48,8 @@ use crate::{
 };
 
 pub use steer::{
-    debounce_windows_hold_a_burst, steered_input_joins_the_running_turn_or_the_next,
-    steers_race_the_end_of_turns,
+    debounce_windows_hold_a_burst, recovery_closes_calls_made_before_steered_input,
+    steered_input_joins_the_running_turn_or_the_next, steers_race_the_end_of_turns,
 };
 
 // ---------------------------------------------------------------------------

@@ -1627,13 +1627,13 @@ async fn op_recover_one(
     let lease = claim(&mut s, node, now, cfg.lease_ttl);
     let row = c
         .fetch_one(
-            "SELECT status, recoveries, input_to FROM turns WHERE id = $1",
+            "SELECT status, recoveries, input_from FROM turns WHERE id = $1",
             &args![turn.to_string()],
         )
         .await?;
     let status: String = row.get("status")?;
     let recoveries: i64 = row.get("recoveries")?;
-    let input_to: i64 = row.get("input_to")?;
+    let input_from: i64 = row.get("input_from")?;
     let mut committed = Vec::new();
     let end = match status.as_str() {
         "running" => Some((
@@ -1657,7 +1657,7 @@ async fn op_recover_one(
     if let Some((status, reason)) = end {
         // The vanished worker's open tool calls are closed here, in the
         // transaction that ends its turn.
-        let mut entries: Vec<NewEntry> = open_tool_calls(c, s.id, turn, input_to)
+        let mut entries: Vec<NewEntry> = open_tool_calls(c, s.id, turn, input_from)
             .await?
             .into_iter()
             .map(|id| NewEntry::tool_closed(turn, id, status, Some(&reason)))
@@ -1672,19 +1672,20 @@ async fn op_recover_one(
 }
 
 /// The tool calls `turn` stored and never answered, in call order. The
-/// turn's output lies after its last input (`input_to`): the scan starts
-/// there on the primary key.
+/// turn's output lies after its first input (`input_from`): the scan starts
+/// there on the primary key. Not after its last input: a turn that took
+/// steered input has output before it.
 async fn open_tool_calls(
     c: &mut Conn,
     session: SessionId,
     turn: TurnId,
-    input_to: i64,
+    input_from: i64,
 ) -> R<Vec<String>> {
     let rows = c
         .fetch_all(
             "SELECT kind, tool FROM entries WHERE session_id = $1 AND seq > $2 AND turn_id = $3 \
              AND kind IN ('tool_call', 'tool_result') ORDER BY seq",
-            &args![session.to_string(), input_to, turn.to_string()],
+            &args![session.to_string(), input_from, turn.to_string()],
         )
         .await?;
     let mut open: Vec<String> = Vec::new();

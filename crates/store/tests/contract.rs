@@ -104,6 +104,7 @@ contract_tests!(
     steered_input_joins_the_running_turn_or_the_next,
     steers_race_the_end_of_turns,
     debounce_windows_hold_a_burst,
+    recovery_closes_calls_made_before_steered_input,
 );
 
 // ---------------------------------------------------------------------------

@@ -8,7 +8,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_core::{DispositionType, InputRange, Policy, Seq, TurnId, TurnStatus};
+use baton_core::{
+    DispositionType, EntryType, InputRange, NewEntry, Policy, Seq, ToolInfo, TurnId, TurnStatus,
+};
 
 use super::{shared, unique, Fixture};
 use crate::{Begin, Lease, PostMessage, SharedStore, StoreConfig, StoreError, Take};
@@ -411,6 +413,69 @@ pub async fn debounce_windows_hold_a_burst<Fut: Future<Output = SharedStore>>(
     let last = turns.last().expect("the window's turn");
     assert_eq!(last.input.from, p.entry.seq);
     assert_eq!(last.input.to, p.entry.seq);
+    f.log(id).await;
+    f.cleanup().await;
+}
+
+/// A turn that took steered input and then vanished: its output from before
+/// the steered message lies before its last input, and the takeover still
+/// closes the tool call it left open there, with the turn's status, in the
+/// transaction that ends it `lost`.
+pub async fn recovery_closes_calls_made_before_steered_input<Fut: Future<Output = SharedStore>>(
+    open: impl Fn(StoreConfig) -> Fut,
+) {
+    let _g = super::exclusive().await;
+    let f = Fixture::open(open, super::base_config()).await;
+    let id = f.session(Policy::Queue).await;
+    let idle = f.post(f.steer(id, "first", true)).await;
+    let t = idle.disposition.turn_id.expect("a started turn");
+    let lease = idle.lease.clone().expect("the lease");
+    f.run(&lease, t).await;
+    f.store
+        .append_output(
+            &lease,
+            t,
+            vec![NewEntry::tool_call(
+                t,
+                ToolInfo {
+                    id: "open".to_owned(),
+                    name: Some("grep".to_owned()),
+                    arguments: None,
+                },
+            )],
+        )
+        .await
+        .expect("append_output");
+    let s = f.post(f.steer(id, "steered", true)).await;
+    assert_eq!(s.disposition.kind, DispositionType::Steered);
+    f.store
+        .take_input(&lease, t, s.entry.seq)
+        .await
+        .expect("take_input");
+
+    let all = f
+        .store
+        .recover(&super::unique("node-restarted"), true)
+        .await
+        .expect("recover");
+    let rec = super::recovered(&all, id).expect("the foreign lease is taken over");
+    let kinds: Vec<_> = rec
+        .committed
+        .iter()
+        .map(|e| (e.kind, e.tool.as_ref().map(|t| t.id.clone()), e.status))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (
+                EntryType::ToolResult,
+                Some("open".to_owned()),
+                Some(TurnStatus::Lost)
+            ),
+            (EntryType::TurnEnded, None, Some(TurnStatus::Lost)),
+        ],
+        "the call made before the steered input is closed, then the turn ends"
+    );
     f.log(id).await;
     f.cleanup().await;
 }
