@@ -3241,3 +3241,40 @@ pub async fn post_to_run_begins_the_turn_it_starts<Fut: Future<Output = SharedSt
 }
 
 mod steer;
+
+/// Names no row can hold (a NUL byte, which PostgreSQL's text refuses and
+/// SQLite keeps) find nothing on both stores, rather than failing on one:
+/// a session list filtered by such an agent is empty, and an answer to such
+/// a permission request finds no request.
+pub async fn nul_bytes_in_lookups_find_nothing<Fut: Future<Output = SharedStore>>(
+    open: impl Fn(StoreConfig) -> Fut,
+) {
+    let _g = shared().await;
+    let f = Fixture::open(open, base_config()).await;
+    let id = f.session(Policy::Queue).await;
+    let page = f
+        .store
+        .list_sessions(
+            &f.owner,
+            &crate::SessionQuery {
+                agent: Some(format!("{}\0", f.agent)),
+                ..everything(10)
+            },
+        )
+        .await
+        .expect("listing by an agent name with a NUL byte");
+    assert!(page.sessions.is_empty() && !page.more, "{page:?}");
+    expect_err!(
+        f.store
+            .answer_permission(AnswerPermission {
+                owner: f.owner.clone(),
+                session_id: id,
+                request_id: "req\0".to_owned(),
+                option_id: "a".to_owned(),
+            })
+            .await,
+        StoreError::PermissionNotFound { .. },
+        "an answer to a request id with a NUL byte"
+    );
+    f.cleanup().await;
+}

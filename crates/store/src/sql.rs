@@ -937,6 +937,13 @@ async fn permission_request(
     s: &SessionRow,
     request_id: &str,
 ) -> R<(TurnId, PermissionInfo, PermissionState, Option<Entry>)> {
+    // No request id holds a NUL byte, and PostgreSQL refuses one in text.
+    if request_id.contains('\0') {
+        return Err(StoreError::PermissionNotFound {
+            request_id: request_id.to_owned(),
+        }
+        .into());
+    }
     let row = c
         .fetch_optional(
             "SELECT turn_id, request, state, decision_seq FROM permission_requests \
@@ -1773,6 +1780,13 @@ impl Store for SqlStore {
     }
 
     async fn list_sessions(&self, owner: &str, query: &SessionQuery) -> Result<SessionPage> {
+        // No agent name holds a NUL byte, and PostgreSQL refuses one in text.
+        if query.agent.as_ref().is_some_and(|a| a.contains('\0')) {
+            return Ok(SessionPage {
+                sessions: Vec::new(),
+                more: false,
+            });
+        }
         let mut c = self.reader().await?;
         let list = async {
             // Keyset paging on (created_at, id), newest first: a page never

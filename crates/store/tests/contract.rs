@@ -105,6 +105,7 @@ contract_tests!(
     steers_race_the_end_of_turns,
     debounce_windows_hold_a_burst,
     recovery_closes_calls_made_before_steered_input,
+    nul_bytes_in_lookups_find_nothing,
 );
 
 // ---------------------------------------------------------------------------
