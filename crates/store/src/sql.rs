@@ -308,10 +308,20 @@ impl SqlStore {
             .connect(url)
             .await
             .map_err(|e| StoreError::Unavailable(format!("connecting to PostgreSQL: {e}")))?;
-        MIGRATOR
-            .run(&pool)
+        // Migrations run on a connection of their own, without the pool's
+        // timeouts: they wait on an advisory lock other starting nodes may
+        // hold, and a schema change may take longer than a third of a lease.
+        let migrating = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
             .await
-            .map_err(|e| StoreError::Internal(format!("migrating PostgreSQL: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("connecting to PostgreSQL: {e}")))?;
+        let migrated = MIGRATOR
+            .run(&migrating)
+            .await
+            .map_err(|e| StoreError::Internal(format!("migrating PostgreSQL: {e}")));
+        migrating.close().await;
+        migrated?;
         Ok(Self {
             dialect: Dialect::Postgres,
             read: pool.clone(),

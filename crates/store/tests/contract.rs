@@ -788,3 +788,60 @@ async fn postgres_a_write_that_waited_for_the_lock_is_not_stamped_earlier() {
     );
     check_log(&*store, owner, id).await;
 }
+
+/// Starting a node migrates without the pool's statement and lock timeouts:
+/// a node that starts while another holds the migrations (here: a lock on
+/// the migrations table held well past a short lease's timeouts) waits for
+/// it and starts, instead of failing with "canceling statement due to
+/// statement timeout".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_node_starting_during_a_long_migration_waits_for_it() {
+    use sqlx::Connection;
+    let Some(url) =
+        baton_store::testing::database_url("postgres_a_node_starting_during_a_long_migration")
+    else {
+        return;
+    };
+    let schema = baton_store::testing::PgSchema::create(&url).await;
+    // Migrated once; a second start reads the migrations table again.
+    drop(
+        SqlStore::open_postgres(schema.url(), base_config())
+            .await
+            .expect("first start"),
+    );
+    let mut holder = sqlx::PgConnection::connect(schema.url())
+        .await
+        .expect("a raw connection");
+    sqlx::query("BEGIN")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .expect("lock the migrations table");
+    // A 300 ms lease: statement and lock timeouts of 100 ms on the pool.
+    let cfg = StoreConfig {
+        lease_ttl: Duration::from_millis(300),
+        ..base_config()
+    };
+    let starting = tokio::spawn({
+        let url = schema.url().to_owned();
+        async move { SqlStore::open_postgres(&url, cfg).await }
+    });
+    // Held five times the statement timeout, then let go.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !starting.is_finished(),
+        "the start waits for the migrations table, it neither fails nor skips it"
+    );
+    sqlx::query("COMMIT")
+        .execute(&mut holder)
+        .await
+        .expect("commit");
+    let store = starting
+        .await
+        .expect("the start task")
+        .expect("a node starting during a long migration starts once it is done");
+    store.ping().await.expect("the started node answers");
+}
