@@ -50,7 +50,7 @@ pub struct CreateSessionBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostMessageBody {
-    /// The message; a non-empty string.
+    /// The message; a non-empty string without NUL characters.
     pub content: String,
     /// Overrides the session's policy for this message. `steer` hands it
     /// to the running turn when its agent takes input mid-turn (`steered`),
@@ -167,6 +167,13 @@ const MAX_DEBOUNCE_MS: u64 = 3_600_000;
 fn non_empty(content: &str) -> ApiResult<()> {
     if content.trim().is_empty() {
         return Err(ApiError::invalid("content must be a non-empty string"));
+    }
+    // PostgreSQL's text cannot hold one: refused before either store sees it,
+    // so both stores answer the same.
+    if content.contains('\0') {
+        return Err(ApiError::invalid(
+            "content must not contain a NUL character",
+        ));
     }
     Ok(())
 }

@@ -1112,6 +1112,23 @@ async fn bad_input_gets_4xx_json_and_writes_nothing() {
             400,
             "invalid_request",
         ),
+        // PostgreSQL's text cannot hold a NUL byte: refused on both stores.
+        (
+            "post: content with a NUL byte",
+            messages.clone(),
+            "{\"content\":\"a\\u0000b\"}".into(),
+            None,
+            400,
+            "invalid_request",
+        ),
+        (
+            "create: message with a NUL byte",
+            "/v1/sessions".into(),
+            "{\"message\":\"a\\u0000b\"}".into(),
+            None,
+            400,
+            "invalid_request",
+        ),
         (
             "post: empty content",
             messages.clone(),
