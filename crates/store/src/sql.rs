@@ -739,6 +739,20 @@ async fn lock_fenced(c: &mut Conn, d: Dialect, lease: &Lease) -> R<SessionRow> {
     }
 }
 
+/// Reads the session held under `lease` (outside a write: no lock); a
+/// stale epoch if the lease is no longer this one.
+async fn fetch_leased(c: &mut Conn, lease: &Lease) -> R<SessionRow> {
+    match fetch_session(c, lease.session_id, "").await? {
+        Some(s)
+            if s.lease_owner.as_deref() == Some(lease.owner.as_str())
+                && s.lease_epoch == lease.epoch =>
+        {
+            Ok(s)
+        }
+        _ => Err(StoreError::StaleEpoch { epoch: lease.epoch }.into()),
+    }
+}
+
 async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
     // Most posts only move the log's counters (a message queued behind a
     // running turn). When the writer remembers the row, it knows that, and
@@ -1949,14 +1963,7 @@ impl Store for SqlStore {
     async fn next_turn(&self, lease: &Lease) -> Result<Option<TurnToRun>> {
         let mut c = self.reader().await?;
         let next = async {
-            let Some(s) = fetch_session(&mut c, lease.session_id, "").await? else {
-                return Err(StoreError::StaleEpoch { epoch: lease.epoch }.into());
-            };
-            if s.lease_owner.as_deref() != Some(lease.owner.as_str())
-                || s.lease_epoch != lease.epoch
-            {
-                return Err(StoreError::StaleEpoch { epoch: lease.epoch }.into());
-            }
+            let s = fetch_leased(&mut c, lease).await?;
             Ok(starting_turn(&mut c, &s).await?.map(|(todo, _)| todo))
         };
         next.await.map_err(unfail)
@@ -2179,14 +2186,7 @@ impl Store for SqlStore {
     ) -> Result<Option<SteerBatch>> {
         let mut c = self.reader().await?;
         let read = async {
-            let Some(s) = fetch_session(&mut c, lease.session_id, "").await? else {
-                return Err(StoreError::StaleEpoch { epoch: lease.epoch }.into());
-            };
-            if s.lease_owner.as_deref() != Some(lease.owner.as_str())
-                || s.lease_epoch != lease.epoch
-            {
-                return Err(StoreError::StaleEpoch { epoch: lease.epoch }.into());
-            }
+            let s = fetch_leased(&mut c, lease).await?;
             if s.active_turn != Some(turn) {
                 return Err(StoreError::TurnNotActive { turn_id: turn }.into());
             }
