@@ -1468,7 +1468,7 @@ async fn a_steered_message_joins_the_running_turn() {
     }
 
     let s = c
-        .create_session(json!({"message": "/sleep 1500 a long answer"}))
+        .create_session(json!({"message": "/sleep 3000 a long answer"}))
         .await;
     let id = sid(&s);
     let turn = s["turn_id"].clone();
@@ -1549,7 +1549,7 @@ async fn steer_starts_an_idle_session_and_can_be_the_default() {
     assert!(entries.iter().any(|e| e["content"] == "echo: hello"));
 
     let s = c
-        .create_session(json!({"policy": "steer", "message": "/sleep 1500 first"}))
+        .create_session(json!({"policy": "steer", "message": "/sleep 3000 first"}))
         .await;
     assert_eq!(s["policy"], "steer");
     let id = sid(&s);
@@ -1713,8 +1713,10 @@ async fn a_burst_within_the_debounce_window_is_one_turn() {
         json!([]),
         "a refused create stores nothing"
     );
-    let s = c.create_session(json!({"debounce_ms": 400})).await;
-    assert_eq!(s["debounce_ms"], 400, "{s}");
+    // A window far wider than the 100 ms between posts, so a loaded
+    // machine's stall does not close it early.
+    let s = c.create_session(json!({"debounce_ms": 2000})).await;
+    assert_eq!(s["debounce_ms"], 2000, "{s}");
     let id = sid(&s);
     let mut untils = Vec::new();
     for i in 0..5 {
@@ -1755,10 +1757,10 @@ async fn a_burst_within_the_debounce_window_is_one_turn() {
 async fn a_debounce_window_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("baton.db");
-    let server = spawn_binary(&db, &["--debounce-ms", "1500"]).await;
+    let server = spawn_binary(&db, &["--debounce-ms", "3000"]).await;
     let c = server.client.clone();
     let s = c.create_session(json!({"message": "one"})).await;
-    assert_eq!(s["debounce_ms"], 1500, "the server's default: {s}");
+    assert_eq!(s["debounce_ms"], 3000, "the server's default: {s}");
     assert_eq!(s["status"], "idle", "{s}");
     let id = sid(&s);
     let (status, v) = c.post(&id, "two", None, None).await;
