@@ -286,7 +286,14 @@ async fn a_burst_is_one_transaction_and_the_bus_keeps_the_agents_order() {
 /// the turn, and the session takes its next message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_agent_is_still_cancelled() {
-    let f = engine("flood", Arc::new(Flood)).await;
+    // The output cap well above what the flood can send (2,000,000 short
+    // deltas), so a slow machine that lets the text pile up before the
+    // cancel lands still ends the turn by the cancel, not by the cap.
+    let cfg = EngineConfig {
+        max_output_bytes: 64 << 20,
+        ..EngineConfig::default()
+    };
+    let f = engine_with("flood", Arc::new(Flood), |store| Arc::new(store), cfg).await;
     let id = session(&f, "flood").await;
     let mut rx = f.engine.bus().subscribe(id);
     post(&f, id, "go").await;
