@@ -308,12 +308,9 @@ impl Engine {
                 format!("interrupted by message {}", posted.entry.seq),
             );
         }
-        match (posted.lease.clone(), early) {
-            (Some(lease), Some(events)) => {
-                self.spawn_actor_with(lease, Some(events), posted.begun.take())
-            }
-            (Some(lease), None) => self.spawn_actor(lease),
-            (None, early) => {
+        match posted.lease.clone() {
+            Some(lease) => self.spawn_actor_with(lease, early, posted.begun.take()),
+            None => {
                 drop(early);
                 self.inner.bus.prune(session);
             }

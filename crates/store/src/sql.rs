@@ -355,6 +355,26 @@ impl SqlStore {
     }
 
     /// A pooled connection for reads.
+    /// The session ids a sweep query selects, read on a reader connection
+    /// that is given back before the sweep writes.
+    async fn session_ids(&self, sql: &str, args: &[Val]) -> Result<Vec<SessionId>> {
+        let mut c = self.reader().await?;
+        let ids = async {
+            c.fetch_all(sql, args)
+                .await?
+                .iter()
+                .map(Row::first::<String>)
+                .collect::<R<Vec<String>>>()
+        };
+        let ids = ids.await.map_err(unfail)?;
+        ids.iter()
+            .map(|id| {
+                SessionId::parse(id)
+                    .map_err(|_| StoreError::Internal(format!("corrupt session id {id:?}")))
+            })
+            .collect()
+    }
+
     async fn reader(&self) -> Result<Conn> {
         Ok(Conn::Pool(self.read.acquire().await.map_err(classify)?))
     }
@@ -1277,6 +1297,16 @@ async fn starting_turn(c: &mut Conn, s: &SessionRow) -> R<Option<(TurnToRun, Opt
     Ok(Some((todo, cancel)))
 }
 
+/// Moves a `starting` turn to `running` under the lease of `epoch`.
+async fn mark_running(c: &mut Conn, turn: TurnId, epoch: baton_core::Epoch) -> R<()> {
+    c.execute(
+        "UPDATE turns SET status = 'running', epoch = $2 WHERE id = $1 AND status = 'starting'",
+        &args![turn.to_string(), epoch],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Moves the locked session's starting `turn` to `running` under `lease`,
 /// unless a cancel came first (then it stays `starting`, to be ended).
 async fn begin(
@@ -1291,11 +1321,7 @@ async fn begin(
     if let Some(reason) = cancel {
         return Ok(Begin::Cancelled(reason));
     }
-    c.execute(
-        "UPDATE turns SET status = 'running', epoch = $2 WHERE id = $1 AND status = 'starting'",
-        &args![turn.to_string(), lease.epoch],
-    )
-    .await?;
+    mark_running(c, turn, lease.epoch).await?;
     // Starting a turn proves the holder alive: extend the lease, so
     // back-to-back turns shorter than a heartbeat never let it lapse.
     s.lease_expires_at = Some(now + cfg.lease_ttl.as_micros() as i64);
@@ -1528,37 +1554,29 @@ async fn op_post(
             to: entry.seq,
         };
         committed.push(start_turn(c, &mut s, now, turn, input).await?);
-        match (&lease, run_here) {
+        if lease.is_none() {
+            lease = try_claim(&mut s, &req.node, now, cfg.lease_ttl);
             // The turn is this message's alone and this node takes the lease
             // now: begin it here (as `begin` would, with no cancel possible
             // yet), so the worker need not commit a `take_turn` first.
-            (None, true) => {
-                let claimed = try_claim(&mut s, &req.node, now, cfg.lease_ttl);
-                if let Some(l) = &claimed {
-                    c.execute(
-                        "UPDATE turns SET status = 'running', epoch = $2 WHERE id = $1 AND status = 'starting'",
-                        &args![turn.to_string(), l.epoch],
-                    )
-                    .await?;
-                    begun = Some(TurnToRun {
-                        turn: Turn {
-                            id: turn,
-                            session_id: s.id,
-                            status: TurnStatus::Running,
-                            input,
-                            started_at: Timestamp(now),
-                            ended_at: None,
-                            reason: None,
-                        },
-                        agent: s.agent.clone(),
-                        inputs: vec![entry.clone()],
-                        agent_session: s.agent_session.clone(),
-                        permission: s.permission,
-                    });
-                }
-                lease = claimed;
+            if let (true, Some(l)) = (run_here, &lease) {
+                mark_running(c, turn, l.epoch).await?;
+                begun = Some(TurnToRun {
+                    turn: Turn {
+                        id: turn,
+                        session_id: s.id,
+                        status: TurnStatus::Running,
+                        input,
+                        started_at: Timestamp(now),
+                        ended_at: None,
+                        reason: None,
+                    },
+                    agent: s.agent.clone(),
+                    inputs: vec![entry.clone()],
+                    agent_session: s.agent_session.clone(),
+                    permission: s.permission,
+                });
             }
-            _ => lease = lease.or_else(|| try_claim(&mut s, &req.node, now, cfg.lease_ttl)),
         }
     } else {
         s.queue.push(entry.seq, waits_as);
@@ -2256,26 +2274,17 @@ impl Store for SqlStore {
 
     async fn start_due(&self, node: &str) -> Result<Due> {
         let now = self.now().await?;
-        let mut c = self.reader().await?;
-        let ids = async {
-            c.fetch_all(
+        let ids = self
+            .session_ids(
                 "SELECT id FROM sessions WHERE pending_until IS NOT NULL AND pending_until <= $1 LIMIT 500",
                 &args![now],
             )
-            .await?
-            .iter()
-            .map(Row::first::<String>)
-            .collect::<R<Vec<String>>>()
-        };
-        let ids = ids.await.map_err(unfail)?;
-        drop(c);
+            .await?;
         let mut due = Due {
             now,
             ..Due::default()
         };
         for id in ids {
-            let id = SessionId::parse(&id)
-                .map_err(|_| StoreError::Internal(format!("corrupt session id {id:?}")))?;
             let (d, cfg, node) = (self.dialect, self.cfg.clone(), node.to_owned());
             let started = op!(self, Some(id), [cfg, node], |c, now| {
                 let Some(mut s) = lock_session(c, d, id).await? else {
@@ -2309,24 +2318,15 @@ impl Store for SqlStore {
 
     async fn recover(&self, node: &str, all_foreign: bool) -> Result<Vec<Recovered>> {
         let now = self.now().await?;
-        let mut c = self.reader().await?;
-        let ids = async {
-            c.fetch_all(
+        let ids = self
+            .session_ids(
                 "SELECT id FROM sessions WHERE active_turn IS NOT NULL \
                  AND (lease_owner IS NULL OR lease_expires_at < $1 OR ($2 = 1 AND lease_owner <> $3)) LIMIT 500",
                 &args![now, i64::from(all_foreign), node],
             )
-            .await?
-            .iter()
-            .map(Row::first::<String>)
-            .collect::<R<Vec<String>>>()
-        };
-        let ids = ids.await.map_err(unfail)?;
-        drop(c);
+            .await?;
         let mut out = Vec::new();
         for id in ids {
-            let id = SessionId::parse(&id)
-                .map_err(|_| StoreError::Internal(format!("corrupt session id {id:?}")))?;
             let (d, cfg, node) = (self.dialect, self.cfg.clone(), node.to_owned());
             let got = op!(self, Some(id), [cfg, node], |c, now| op_recover_one(
                 c,
