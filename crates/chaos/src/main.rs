@@ -1,0 +1,3 @@
+//! The `baton-chaos` binary.
+
+fn main() {}
