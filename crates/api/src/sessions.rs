@@ -162,7 +162,7 @@ pub struct Cancelled {
 
 /// The longest debounce window a session may set (an hour): a turn held
 /// back longer than 10 of these is not a burst.
-const MAX_DEBOUNCE_MS: u64 = 3_600_000;
+pub const MAX_DEBOUNCE_MS: u64 = 3_600_000;
 
 fn non_empty(content: &str) -> ApiResult<()> {
     if content.trim().is_empty() {

@@ -1660,6 +1660,7 @@ async fn pg_delta(args: PgDeltaArgs, url: String, server: PgServer) -> anyhow::R
         // The file is never opened: the database URL wins.
         let mut cfg = ServeConfig::embedded("unused.db");
         cfg.database_url = Some(url.clone());
+        cfg.db = None;
         cfg.demo_word_delay_ms = args.delta_ms;
         cfg.queue_capacity = turns + 10;
         cfg

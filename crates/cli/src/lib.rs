@@ -23,7 +23,7 @@ use baton_engine::{Bus, Engine, EngineConfig};
 use baton_store::{SharedStore, SqlStore, StoreConfig};
 use tokio::net::TcpListener;
 
-pub use config::ServeConfig;
+pub use config::{ServeConfig, StoreTarget};
 
 /// A built server, listening but not yet serving.
 pub struct App {
@@ -34,33 +34,40 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the store, recovers, binds; ready to serve.
+    /// Checks the configuration, binds, opens the store, recovers; ready
+    /// to serve. Nothing is created on disk before every setting was
+    /// checked and the address bound.
     pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Self> {
+        let config::Validated { target, acp } = cfg
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let addr = listener.local_addr().context("reading the bound address")?;
         let store_cfg = StoreConfig {
             lease_ttl: cfg.lease_ttl(),
             queue_capacity: cfg.queue_capacity,
             ..StoreConfig::default()
         };
-        let target = cfg.store_target();
-        let sql = SqlStore::open(&target, store_cfg)
-            .await
-            .with_context(|| format!("opening the store at {}", cfg.store_display()))?;
+        let sql = match &target {
+            StoreTarget::File(path) => SqlStore::open_sqlite(path, store_cfg).await,
+            StoreTarget::Postgres(url) => SqlStore::open_postgres(url, store_cfg).await,
+        }
+        .with_context(|| format!("opening the store ({target})"))?;
+        tracing::info!(store = %target, "store opened");
         let sole_owner = sql.is_embedded();
         let store: SharedStore = Arc::new(sql);
         let mut agents = Agents::with_demo(DemoAgent {
             word_delay: std::time::Duration::from_millis(cfg.demo_word_delay_ms),
             ..DemoAgent::default()
         });
-        for acp in cfg.acp_agents().map_err(|e| anyhow::anyhow!(e))? {
+        for acp in acp {
+            tracing::info!(agent = %acp.name, kind = "acp", command = ?acp.command, "agent configured");
             let name = acp.name.clone();
             agents.insert(name, Arc::new(baton_agent::AcpDriver::new(acp)));
         }
-        if !cfg.default_agent.is_empty() && agents.get(&cfg.default_agent).is_none() {
-            anyhow::bail!(
-                "--default-agent {:?} is not a configured agent",
-                cfg.default_agent
-            );
-        }
+        tracing::info!(agent = "demo", kind = "demo", "agent configured");
         let engine_cfg = EngineConfig {
             cancel_drain: cfg.cancel_drain(),
             turn_timeout: cfg.turn_timeout(),
@@ -73,18 +80,16 @@ impl App {
             permission_timeout: std::time::Duration::from_millis(cfg.permission_timeout_ms),
             ..EngineConfig::default()
         };
-        let bus = match &cfg.database_url {
+        let bus = match &target {
             // Several nodes may share the database: fan out across them.
-            Some(url) if !sole_owner => baton_engine::pg_bus::connect(url, &engine_cfg.node)
-                .await
-                .context("connecting the cross-node bus (LISTEN/NOTIFY)")?,
+            StoreTarget::Postgres(url) if !sole_owner => {
+                baton_engine::pg_bus::connect(url, &engine_cfg.node)
+                    .await
+                    .context("connecting the cross-node bus (LISTEN/NOTIFY)")?
+            }
             _ => Bus::default(),
         };
         let engine = Engine::new(store, bus, std::mem::take(&mut agents), engine_cfg);
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("binding {}", cfg.listen))?;
-        let addr = listener.local_addr().context("reading the bound address")?;
         engine
             .start()
             .await
@@ -100,6 +105,15 @@ impl App {
             }),
             metrics: Arc::new(Metrics::default()),
         };
+        if cfg.tokens.is_empty() {
+            tracing::info!(auth = "none", "no tokens: every request is owner local");
+        } else {
+            let mut owners: Vec<&str> = cfg.tokens.iter().map(|(o, _)| o.as_str()).collect();
+            owners.sort_unstable();
+            owners.dedup();
+            tracing::info!(auth = "bearer", owners = ?owners, "bearer tokens required");
+        }
+        tracing::info!(%addr, default_agent = %cfg.default_agent, policy = %cfg.policy, "listening");
         Ok(Self {
             listener,
             addr,

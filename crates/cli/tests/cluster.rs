@@ -36,6 +36,7 @@ async fn node(url: &str) -> Node {
 async fn node_with(url: &str, tune: impl FnOnce(&mut ServeConfig)) -> Node {
     let mut cfg = ServeConfig::embedded("unused.db");
     cfg.database_url = Some(url.to_owned());
+    cfg.db = None;
     cfg.demo_word_delay_ms = 1;
     cfg.queue_capacity = 10_000;
     cfg.lease_ms = 2_000;

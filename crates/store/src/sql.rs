@@ -139,6 +139,69 @@ pub fn pg_timeouts(lease: Duration) -> PgTimeouts {
     }
 }
 
+/// Connects to PostgreSQL once, within `patience`, and names what went
+/// wrong if it cannot: an unknown host, a refused connection, no answer,
+/// credentials refused, a missing database. Messages never hold the URL
+/// (its password); they name host, port, user and database.
+async fn pg_probe(url: &str, patience: Duration) -> Result<()> {
+    use sqlx::postgres::{PgConnectOptions, PgConnection};
+    let opts: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
+        StoreError::Unavailable(format!("reading the PostgreSQL URL: {e}"))
+    })?;
+    let host = opts.get_host().to_owned();
+    let port = opts.get_port();
+    let user = opts.get_username().to_owned();
+    let database = opts.get_database().unwrap_or(&user).to_owned();
+    let at = format!("{host}:{port}");
+    let ms = patience.as_millis();
+    // A host starting with `/` is a Unix socket directory: nothing to resolve.
+    if !host.starts_with('/') {
+        match tokio::time::timeout(patience, tokio::net::lookup_host((host.as_str(), port))).await {
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "resolving the PostgreSQL host {host:?} took more than {ms} ms"
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "unknown PostgreSQL host {host:?}: {e}"
+                )))
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    match tokio::time::timeout(patience, PgConnection::connect_with(&opts)).await {
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "PostgreSQL at {at} did not answer within {ms} ms"
+        ))),
+        Ok(Ok(conn)) => {
+            if let Err(e) = conn.close().await {
+                tracing::debug!(error = %e, "closing the probing connection");
+            }
+            Ok(())
+        }
+        Ok(Err(e)) => Err(StoreError::Unavailable(match &e {
+            sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                format!("connection refused by {at}: is PostgreSQL running there?")
+            }
+            sqlx::Error::Io(io) => format!("cannot reach PostgreSQL at {at}: {io}"),
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("28P01") => format!(
+                    "PostgreSQL at {at} refused the credentials of user {user:?} (password authentication failed)"
+                ),
+                Some("28000") => {
+                    format!("PostgreSQL at {at} refused user {user:?}: {}", db.message())
+                }
+                Some("3D000") => {
+                    format!("database {database:?} does not exist on PostgreSQL at {at}")
+                }
+                _ => format!("PostgreSQL at {at} refused the connection: {}", db.message()),
+            },
+            other => format!("connecting to PostgreSQL at {at}: {other}"),
+        })),
+    }
+}
+
 /// How long a health check waits for the embedded writer.
 const WRITER_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -286,6 +349,9 @@ impl SqlStore {
         // its lease is still its own; a lock or a transaction a vanished
         // client left behind is released by the server.
         let t = pg_timeouts(cfg.lease_ttl);
+        // One plain connection first: the pool retries a refused connection
+        // until its timeout and then says only "pool timed out".
+        pg_probe(url, t.acquire).await?;
         let set = format!(
             "SET statement_timeout = {}; SET lock_timeout = {}; SET idle_in_transaction_session_timeout = {}",
             t.statement.as_millis(),
