@@ -67,7 +67,8 @@ async fn run() -> anyhow::Result<()> {
             })
             .await
         }
-        Command::Chat(args) => baton_cli::chat::run(args).await,
+        // The chat's exit status says how its last turn ended.
+        Command::Chat(args) => std::process::exit(baton_cli::chat::run(args).await.into()),
         Command::Bench(args) => baton_cli::bench::run(args).await,
     }
 }

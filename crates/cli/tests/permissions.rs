@@ -463,7 +463,7 @@ async fn a_restart_while_waiting_loses_the_turn_and_closes_the_request() {
 }
 
 /// `baton chat` shows a waiting request with its options and sends the
-/// one typed.
+/// one typed; with piped input, the line after the request answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_shows_a_request_and_sends_the_choice() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -472,28 +472,40 @@ async fn chat_shows_a_request_and_sends_the_choice() {
         .args(["chat", "--url", &app.client.base])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut stdin = chat.stdin.take().unwrap();
-    let mut lines = BufReader::new(chat.stdout.take().unwrap()).lines();
+    // Statuses come on stderr, replies on stdout: read both, in one order.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let forward = |name: &'static str, pipe: Box<dyn tokio::io::AsyncRead + Unpin + Send>| {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send((name, line));
+            }
+        });
+    };
+    forward("stdout", Box::new(chat.stdout.take().unwrap()));
+    forward("stderr", Box::new(chat.stderr.take().unwrap()));
+    drop(tx);
     let mut until = async |want: &str| {
         let mut seen = Vec::new();
         loop {
-            let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            let (name, line) = tokio::time::timeout(PATIENCE, rx.recv())
                 .await
                 .unwrap_or_else(|_| panic!("no {want:?} in {seen:#?}"))
-                .unwrap()
                 .unwrap_or_else(|| panic!("chat ended; no {want:?} in {seen:#?}"));
             if line.contains(want) {
-                return seen;
+                return (name, seen);
             }
             seen.push(line);
         }
     };
     stdin.write_all(b"/ask hi\n").await.unwrap();
-    let shown = until("answer with /answer N").await;
+    let (_, shown) = until("answer with /answer N").await;
     assert!(
         shown
             .iter()
@@ -508,7 +520,8 @@ async fn chat_shows_a_request_and_sends_the_choice() {
     );
     stdin.write_all(b"/answer 2\n").await.unwrap();
     until("[permission: allow-always (by user:local)]").await;
-    until("echo: hi (permission: allow-always)").await;
+    let (stream, _) = until("echo: hi (permission: allow-always)").await;
+    assert_eq!(stream, "stdout", "the reply is the output");
     stdin.write_all(b"/quit\n").await.unwrap();
     let exit = tokio::time::timeout(PATIENCE, chat.wait())
         .await
