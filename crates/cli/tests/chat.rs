@@ -496,3 +496,23 @@ async fn piped_chat_reports_a_turn_lost_to_a_server_restart() {
     assert!(!stderr.contains("Caused by"), "{stderr}");
     assert!(second.terminate().await);
 }
+
+/// The piped chat's exit status for a turn that timed out (5), and the
+/// status line of one forced off because its agent ignored the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piped_chat_exits_with_timed_out_and_says_when_a_stop_was_forced() {
+    let app = spawn_app(|cfg| {
+        cfg.turn_timeout_ms = 300;
+        cfg.cancel_drain_ms = 50;
+    })
+    .await;
+    let url = app.client.base.clone();
+    let (code, _, stderr) = piped(&["--url", &url], "/hang too long\n").await;
+    assert_eq!(code, 5, "{stderr}");
+    assert!(stderr.contains("[turn timed out"), "{stderr}");
+
+    let (code, _, stderr) = piped(&["--url", &url], "/stubborn deaf\n").await;
+    assert_eq!(code, 5, "{stderr}");
+    assert!(stderr.contains("[turn timed out (forced): "), "{stderr}");
+    app.stop().await;
+}

@@ -216,7 +216,8 @@ fn ended_text(status: &str, reason: &str) -> String {
     let status_text = status.replace('_', " ");
     match (status, reason) {
         ("completed", _) => "turn completed".to_owned(),
-        ("cancelled", r) if r.contains("forced") => format!("turn cancelled (forced): {r}"),
+        // A turn whose agent ignored the cancel (or the timeout) is forced off.
+        (_, r) if r.contains("forced") => format!("turn {status_text} (forced): {r}"),
         (_, "") => format!("turn {status_text}"),
         (_, r) => format!("turn {status_text}: {r}"),
     }

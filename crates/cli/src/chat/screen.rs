@@ -9,6 +9,12 @@
 //! alone). Without a terminal, replies go to stdout and everything else to
 //! stderr, one line at a time.
 //!
+//! A known limit of the editor (rustyline 18, upstream issue
+//! kkawakam/rustyline#976): once an external printer exists, bytes that
+//! arrive in one read outside a bracketed paste (an input method's commit,
+//! keys sent by a script) are taken one per input event, so the rest show
+//! at the next key. Typing and bracketed pastes are not affected.
+//!
 //! Agent and user text is shown as text: control characters (escape
 //! sequences included) are replaced, so an agent cannot move the cursor or
 //! recolour the terminal.
