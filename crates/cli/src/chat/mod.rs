@@ -214,6 +214,11 @@ fn pick(waiting: &Waiting, arg: &str) -> Result<(String, String), String> {
 /// How a turn's end is said.
 fn ended_text(status: &str, reason: &str) -> String {
     let status_text = status.replace('_', " ");
+    // Some reasons repeat the status ("lost: the worker …").
+    let reason = reason
+        .strip_prefix(status)
+        .and_then(|r| r.strip_prefix(": "))
+        .unwrap_or(reason);
     match (status, reason) {
         ("completed", _) => "turn completed".to_owned(),
         // A turn whose agent ignored the cancel (or the timeout) is forced off.
@@ -865,6 +870,10 @@ mod tests {
             "turn cancelled (forced): cancelled by user; forced: the agent did not stop within the drain deadline"
         );
         assert_eq!(ended_text("timed_out", ""), "turn timed out");
+        assert_eq!(
+            ended_text("lost", "lost: the worker vanished"),
+            "turn lost: the worker vanished"
+        );
     }
 
     #[test]
