@@ -6,6 +6,7 @@
 //! Ownership is checked on every session route; another owner's session is
 //! answered exactly like a missing one (I10).
 
+pub mod ai_sdk;
 pub mod error;
 pub mod export;
 pub mod extract;
@@ -69,10 +70,11 @@ pub struct AppState {
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::post_message,
         sessions::entries, sessions::turns, sessions::cancel, sessions::permissions,
         sessions::answer_permission, stream::stream, export::export, agents, healthz,
-        metrics::render, openapi
+        metrics::render, openapi, ai_sdk::chat, ai_sdk::resume, ai_sdk::stop, ai_sdk::messages
     ),
     components(schemas(baton_core::Entry, baton_core::Session, sessions::ListedSession, baton_core::PermissionInfo,
-        baton_core::PermissionOptionInfo, baton_core::PermissionPolicy, baton_core::PermissionStatus, baton_core::Turn, baton_core::Disposition, baton_core::Policy)),
+        baton_core::PermissionOptionInfo, baton_core::PermissionPolicy, baton_core::PermissionStatus, baton_core::Turn, baton_core::Disposition, baton_core::Policy,
+        ai_sdk::ChatRequest, ai_sdk::Stopped, ai_sdk::Transcript)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -171,6 +173,10 @@ pub fn router(state: AppState) -> Router {
             post(sessions::answer_permission),
         )
         .route("/v1/sessions/{id}/export", get(export::export))
+        .route("/v1/ai-sdk/chat", post(ai_sdk::chat))
+        .route("/v1/ai-sdk/chat/{id}/stream", get(ai_sdk::resume))
+        .route("/v1/ai-sdk/chat/{id}/stop", post(ai_sdk::stop))
+        .route("/v1/ai-sdk/chat/{id}/messages", get(ai_sdk::messages))
         .route("/v1/agents", get(agents))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::render))

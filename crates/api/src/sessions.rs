@@ -164,7 +164,7 @@ pub struct Cancelled {
 /// back longer than 10 of these is not a burst.
 pub const MAX_DEBOUNCE_MS: u64 = 3_600_000;
 
-fn non_empty(content: &str) -> ApiResult<()> {
+pub(crate) fn non_empty(content: &str) -> ApiResult<()> {
     if content.trim().is_empty() {
         return Err(ApiError::invalid("content must be a non-empty string"));
     }

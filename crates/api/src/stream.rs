@@ -222,6 +222,7 @@ async fn follow(
                 turn_id,
                 epoch,
                 text,
+                ..
             }) => {
                 if cur.deltas.admit(turn_id, epoch).is_err() {
                     continue;
@@ -240,7 +241,13 @@ async fn follow(
                     cur.catch_up(&store, id, Some(seq)).await?;
                 }
             }
-            Ok(BusEvent::Cancel { .. } | BusEvent::Steer { .. } | BusEvent::Released) => {}
+            Ok(
+                BusEvent::Cancel { .. }
+                | BusEvent::Steer { .. }
+                | BusEvent::Released
+                | BusEvent::TextWanted { .. }
+                | BusEvent::TextSoFar { .. },
+            ) => {}
             Err(broadcast::error::RecvError::Lagged(_)) => cur.catch_up(&store, id, None).await?,
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         }

@@ -1897,6 +1897,8 @@ async fn delta_round(
                 turn_id: stop_turn,
                 epoch: 0,
                 text: String::new(),
+                run: 0,
+                offset: 0,
             },
         );
     }

@@ -151,6 +151,12 @@ pub struct TurnMachine {
     run: String,
     /// Whether `run` is thought rather than text.
     thinking: bool,
+    /// How many assistant messages this turn has asked to store (runs of
+    /// text and whole messages): the current run of text, once stored, is
+    /// message number `messages + 1`. Deltas carry that number, so a reader
+    /// that has seen the turn's first `messages` assistant messages knows
+    /// which deltas are already part of them.
+    messages: u32,
     max_output: usize,
     /// Output passed the cap: nothing more of it is streamed or stored.
     overflowed: bool,
@@ -174,6 +180,7 @@ impl TurnMachine {
             open_tools: Vec::new(),
             run: String::new(),
             thinking: false,
+            messages: 0,
             max_output,
             overflowed: false,
             input_waiting: false,
@@ -183,6 +190,13 @@ impl TurnMachine {
     /// Whether the machine has ended or abandoned the turn.
     pub fn is_ended(&self) -> bool {
         self.state == State::Ended
+    }
+
+    /// The run of text being streamed, if any: its number among the turn's
+    /// assistant messages (from 1) and its text so far. A delta just
+    /// published is the end of this text.
+    pub fn text_run(&self) -> Option<(u32, &str)> {
+        (!self.thinking && !self.run.is_empty()).then(|| (self.messages + 1, self.run.as_str()))
     }
 
     /// Whether a cancel is under way (the agent was told to stop).
@@ -348,6 +362,7 @@ impl TurnMachine {
         let entry = if std::mem::take(&mut self.thinking) {
             NewEntry::thought(self.turn, text)
         } else {
+            self.messages += 1;
             NewEntry::assistant_message(self.turn, text)
         };
         vec![Action::Append(Box::new(entry))]
@@ -355,7 +370,10 @@ impl TurnMachine {
 
     fn record(&mut self, out: AgentOutput) -> NewEntry {
         match out {
-            AgentOutput::Message(text) => NewEntry::assistant_message(self.turn, text),
+            AgentOutput::Message(text) => {
+                self.messages += 1;
+                NewEntry::assistant_message(self.turn, text)
+            }
             AgentOutput::System(text) => NewEntry::system_message(self.turn, text),
             AgentOutput::ToolCall(tool) => {
                 self.open_tools.push(tool.id.clone());
@@ -519,6 +537,30 @@ mod tests {
                 _ => Vec::new(),
             })
             .collect()
+    }
+
+    /// A run of text is numbered by the assistant message it becomes: a
+    /// whole message or an earlier run counts, a thought does not.
+    #[test]
+    fn a_run_of_text_is_numbered_by_the_assistant_message_it_becomes() {
+        let t = TurnId::new();
+        let mut m = TurnMachine::new(t);
+        m.handle(Event::Started);
+        assert_eq!(m.text_run(), None);
+        m.handle(Event::AgentThought("hmm".into()));
+        assert_eq!(m.text_run(), None, "a thought is not text");
+        m.handle(Event::AgentDelta("Let me ".into()));
+        m.handle(Event::AgentDelta("look.".into()));
+        assert_eq!(m.text_run(), Some((1, "Let me look.")));
+        m.handle(Event::AgentOutput(AgentOutput::ToolCall(ToolInfo {
+            id: "c1".into(),
+            name: None,
+            arguments: None,
+        })));
+        assert_eq!(m.text_run(), None, "the run was stored as message 1");
+        m.handle(Event::AgentOutput(AgentOutput::Message("whole".into())));
+        m.handle(Event::AgentDelta("Found".into()));
+        assert_eq!(m.text_run(), Some((3, "Found")));
     }
 
     #[test]

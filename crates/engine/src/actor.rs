@@ -592,12 +592,19 @@ async fn run_turn(
                             pending.push_front(Event::LeaseLost);
                             continue;
                         }
+                        // The delta is the end of the machine's current run:
+                        // readers place it by run and offset.
+                        let (run, offset) = machine.text_run().map_or((0, 0), |(run, so_far)| {
+                            (run, so_far.len().saturating_sub(text.len()) as u64)
+                        });
                         inner.bus.publish(
                             lease.session_id,
                             BusEvent::Delta {
                                 turn_id,
                                 epoch: lease.epoch,
                                 text,
+                                run,
+                                offset,
                             },
                         );
                     }
@@ -756,6 +763,25 @@ async fn run_turn(
                     continue;
                 }
                 Ok(BusEvent::Steer { turn_id: t }) if t == turn_id && takes_input => Event::InputWaiting,
+                Ok(BusEvent::TextWanted { turn_id: t }) if t == turn_id => {
+                    // A reader resuming this turn gets the run streamed so
+                    // far; the deltas after it follow on the bus in order.
+                    if let Some((run, so_far)) = machine.text_run() {
+                        if clock.holds() && !machine.is_ended() {
+                            inner.bus.publish(
+                                lease.session_id,
+                                BusEvent::TextSoFar {
+                                    turn_id,
+                                    epoch: lease.epoch,
+                                    run,
+                                    offset: 0,
+                                    text: so_far.to_owned(),
+                                },
+                            );
+                        }
+                    }
+                    continue;
+                }
                 Ok(_) => continue,
                 // Missed announcements are caught by the next heartbeat,
                 // which reads the durable cancel request.

@@ -29,6 +29,27 @@ pub enum BusEvent {
         #[serde(default)]
         epoch: baton_core::Epoch,
         text: String,
+        /// Which of the turn's assistant messages this text will be part
+        /// of once stored (from 1; see `TurnMachine::text_run`).
+        #[serde(default)]
+        run: u32,
+        /// Where `text` starts in that run, in bytes.
+        #[serde(default)]
+        offset: u64,
+    },
+    /// Someone resuming a turn's stream asks the worker running it for the
+    /// run of text streamed so far (deltas are not stored, so only the
+    /// worker has it).
+    TextWanted { turn_id: TurnId },
+    /// The worker's answer to `TextWanted`: the current run of text from
+    /// `offset` (0, or more when the relay split it). Plain streams ignore
+    /// it: their clients already have, or never need, that text.
+    TextSoFar {
+        turn_id: TurnId,
+        epoch: baton_core::Epoch,
+        run: u32,
+        offset: u64,
+        text: String,
     },
     /// An entry was committed; fetch it from the store (used across nodes
     /// when the entry is too large to travel on the bus).

@@ -76,23 +76,40 @@ impl Relay for PgRelay {
                 turn_id,
                 epoch,
                 text,
+                run,
+                offset,
             } if text.len() >= MAX_PAYLOAD => {
-                // Split at char boundaries; the pieces concatenate to the whole.
-                let mut rest = text.as_str();
-                while !rest.is_empty() {
-                    let mut cut = rest.len().min(MAX_PAYLOAD / 2);
-                    while !rest.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
+                for (at, piece) in pieces(text) {
                     self.send(
                         session,
                         BusEvent::Delta {
                             turn_id: *turn_id,
                             epoch: *epoch,
-                            text: rest[..cut].to_owned(),
+                            text: piece.to_owned(),
+                            run: *run,
+                            offset: offset + at as u64,
                         },
                     );
-                    rest = &rest[cut..];
+                }
+            }
+            BusEvent::TextSoFar {
+                turn_id,
+                epoch,
+                run,
+                offset,
+                text,
+            } if text.len() >= MAX_PAYLOAD => {
+                for (at, piece) in pieces(text) {
+                    self.send(
+                        session,
+                        BusEvent::TextSoFar {
+                            turn_id: *turn_id,
+                            epoch: *epoch,
+                            run: *run,
+                            offset: offset + at as u64,
+                            text: piece.to_owned(),
+                        },
+                    );
                 }
             }
             BusEvent::Cancel { turn_id, reason } if reason.len() >= MAX_PAYLOAD => {
@@ -108,6 +125,22 @@ impl Relay for PgRelay {
             _ => self.send(session, event.clone()),
         }
     }
+}
+
+/// `text` cut at char boundaries into pieces that fit a notification, each
+/// with its byte offset in `text`; the pieces concatenate to the whole.
+fn pieces(text: &str) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < text.len() {
+        let mut cut = (at + MAX_PAYLOAD / 2).min(text.len());
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.push((at, &text[at..cut]));
+        at = cut;
+    }
+    out
 }
 
 /// A bus whose events also reach, and come from, every other node on the

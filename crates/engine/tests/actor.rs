@@ -408,6 +408,9 @@ impl Store for FaultyStore {
     async fn session(&self, owner: &str, id: SessionId) -> StoreResult<Session> {
         self.store.session(owner, id).await
     }
+    async fn session_by_key(&self, owner: &str, key: &str) -> StoreResult<Option<Session>> {
+        self.store.session_by_key(owner, key).await
+    }
     async fn list_sessions(&self, owner: &str, query: &SessionQuery) -> StoreResult<SessionPage> {
         self.store.list_sessions(owner, query).await
     }

@@ -19,6 +19,7 @@ async fn events_published_on_one_node_reach_another_in_order() {
     let mut on_a = a.subscribe(session);
     let turn_id = TurnId::new();
     let big = "x".repeat(20_000);
+    let mut sent = 0u64;
     for text in ["one", "two", big.as_str(), "three"] {
         a.publish(
             session,
@@ -26,8 +27,11 @@ async fn events_published_on_one_node_reach_another_in_order() {
                 turn_id,
                 epoch: 1,
                 text: text.to_owned(),
+                run: 1,
+                offset: sent,
             },
         );
+        sent += text.len() as u64;
     }
     let mut got = String::new();
     while got.len() < 3 + 3 + 20_000 + 5 {
@@ -35,19 +39,51 @@ async fn events_published_on_one_node_reach_another_in_order() {
             .await
             .expect("B heard nothing")
             .unwrap();
-        let BusEvent::Delta { text, .. } = ev else {
+        let BusEvent::Delta {
+            text, run, offset, ..
+        } = ev
+        else {
             panic!("unexpected {ev:?}")
         };
+        // A split delta's pieces say where each starts in the run.
+        assert_eq!((run, offset), (1, got.len() as u64));
         got.push_str(&text);
     }
     assert_eq!(got, format!("onetwo{big}three"));
+    // The run so far, sent to a resuming reader, is split the same way.
+    a.publish(
+        session,
+        BusEvent::TextSoFar {
+            turn_id,
+            epoch: 1,
+            run: 1,
+            offset: 0,
+            text: got.clone(),
+        },
+    );
+    let mut so_far = String::new();
+    while so_far.len() < got.len() {
+        let ev = tokio::time::timeout(Duration::from_secs(10), on_b.recv())
+            .await
+            .expect("B heard nothing")
+            .unwrap();
+        let BusEvent::TextSoFar { text, offset, .. } = ev else {
+            panic!("unexpected {ev:?}")
+        };
+        assert_eq!(offset, so_far.len() as u64);
+        so_far.push_str(&text);
+    }
+    assert_eq!(so_far, got);
     // A delivered its own events locally, once each, not again via PostgreSQL.
     let mut local = 0;
     while let Ok(ev) = on_a.try_recv() {
-        assert!(matches!(ev, BusEvent::Delta { .. }));
+        assert!(matches!(
+            ev,
+            BusEvent::Delta { .. } | BusEvent::TextSoFar { .. }
+        ));
         local += 1;
     }
-    assert_eq!(local, 4);
+    assert_eq!(local, 5);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         on_a.try_recv().is_err(),

@@ -985,6 +985,26 @@ pub async fn concurrent_creates_return_one_session<Fut: Future<Output = SharedSt
     assert_ne!(theirs.session.id, id);
     assert_eq!(theirs.session.owner, g.owner);
 
+    // A session is found by its owner and key, and by nobody else.
+    let found = f
+        .store
+        .session_by_key(&f.owner, &key)
+        .await
+        .expect("by key");
+    assert_eq!(found.map(|s| s.id), Some(id));
+    let found = g
+        .store
+        .session_by_key(&g.owner, &key)
+        .await
+        .expect("by key");
+    assert_eq!(found.map(|s| s.id), Some(theirs.session.id));
+    let none = f
+        .store
+        .session_by_key(&f.owner, &unique("never-used"))
+        .await
+        .expect("by key");
+    assert!(none.is_none(), "an unused key names no session");
+
     let a = f.session(Policy::Queue).await;
     let b = f.session(Policy::Queue).await;
     assert_ne!(a, b, "creates without a key are independent");

@@ -341,6 +341,8 @@ pub trait Store: Send + Sync + 'static {
     async fn create_session(&self, req: CreateSession) -> Result<Created>;
     /// The owner's session, or `NotFound` (I10).
     async fn session(&self, owner: &str, id: SessionId) -> Result<Session>;
+    /// The owner's session created with this idempotency key, if any.
+    async fn session_by_key(&self, owner: &str, key: &str) -> Result<Option<Session>>;
     /// A page of the owner's sessions, newest first.
     async fn list_sessions(&self, owner: &str, query: &SessionQuery) -> Result<SessionPage>;
     /// All the owner's sessions, oldest first (paging through

@@ -1887,6 +1887,21 @@ impl Store for SqlStore {
         get.await.map_err(unfail)
     }
 
+    async fn session_by_key(&self, owner: &str, key: &str) -> Result<Option<Session>> {
+        let mut c = self.reader().await?;
+        let get = async {
+            let sql = format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE owner = $1 AND idempotency_key = $2"
+            );
+            let row = c.fetch_optional(&sql, &args![owner, key]).await?;
+            match row {
+                Some(row) => Ok(Some(session_view(&session_row(&row)?)?)),
+                None => Ok(None),
+            }
+        };
+        get.await.map_err(unfail)
+    }
+
     async fn list_sessions(&self, owner: &str, query: &SessionQuery) -> Result<SessionPage> {
         // No agent name holds a NUL byte, and PostgreSQL refuses one in text.
         if query.agent.as_ref().is_some_and(|a| a.contains('\0')) {
