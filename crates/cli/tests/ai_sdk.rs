@@ -785,6 +785,7 @@ async fn pg_node(
 ) {
     let mut cfg = baton_cli::ServeConfig::embedded("unused.db");
     cfg.database_url = Some(url.to_owned());
+    cfg.db = None;
     cfg.demo_word_delay_ms = 1;
     cfg.shutdown_grace_ms = 0;
     let app = baton_cli::App::build(&cfg).await.expect("building a node");
