@@ -143,6 +143,7 @@ impl From<StoreError> for ApiError {
             }
             e @ (StoreError::StaleEpoch { .. }
             | StoreError::TurnNotActive { .. }
+            | StoreError::InvariantBreach { .. }
             | StoreError::Internal(_)) => {
                 tracing::error!(error = %e, "internal error");
                 Self::new(

@@ -1,5 +1,6 @@
 //! Prometheus metrics: request counts and latencies by route, message
-//! dispositions, open streams, and live actors (read at scrape time).
+//! dispositions, open streams, and live actors and the store's invariant
+//! breaches (read at scrape time).
 
 use std::time::Instant;
 
@@ -30,6 +31,11 @@ struct AgentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConstraintLabels {
+    constraint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DispositionLabels {
     disposition: String,
 }
@@ -43,6 +49,7 @@ pub struct Metrics {
     streams: Gauge,
     actors: Gauge,
     late: Family<AgentLabels, Counter>,
+    breaches: Family<ConstraintLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -82,8 +89,15 @@ impl Default for Metrics {
             "Agent updates dropped because no prompt of a live turn was in flight",
             late.clone(),
         );
+        let breaches = Family::<ConstraintLabels, Counter>::default();
+        registry.register(
+            "invariant_breaches",
+            "Schema backstops that fired (a unique index the store never violates), by constraint",
+            breaches.clone(),
+        );
         Self {
             registry,
+            breaches,
             requests,
             latency,
             messages,
@@ -162,6 +176,13 @@ pub async fn render(State(state): State<AppState>) -> Response {
             agent: name.to_owned(),
         });
         let total = agent.late_updates();
+        counter.inc_by(total.saturating_sub(counter.get()));
+    }
+    for (constraint, total) in state.engine.store().invariant_breaches() {
+        let counter = state
+            .metrics
+            .breaches
+            .get_or_create(&ConstraintLabels { constraint });
         counter.inc_by(total.saturating_sub(counter.get()));
     }
     let mut out = String::new();

@@ -460,7 +460,7 @@ pub async fn entries(
     }))
 }
 
-/// The session's turns, oldest first.
+/// The session's turns in the order of their input (the order they ran in).
 #[utoipa::path(get, path = "/v1/sessions/{id}/turns", params(("id" = String, Path)),
     responses((status = 200, body = TurnList), (status = 404, body = ErrorBody)))]
 pub async fn turns(

@@ -82,11 +82,13 @@ impl App {
         };
         let bus = match &target {
             // Several nodes may share the database: fan out across them.
-            StoreTarget::Postgres(url) if !sole_owner => {
-                baton_engine::pg_bus::connect(url, &engine_cfg.node)
-                    .await
-                    .context("connecting the cross-node bus (LISTEN/NOTIFY)")?
-            }
+            StoreTarget::Postgres(url) if !sole_owner => baton_engine::pg_bus::connect(
+                url,
+                &engine_cfg.node,
+                baton_store::pg_timeouts(engine_cfg.lease_ttl),
+            )
+            .await
+            .context("connecting the cross-node bus (LISTEN/NOTIFY)")?,
             _ => Bus::default(),
         };
         let engine = Engine::new(store, bus, std::mem::take(&mut agents), engine_cfg);

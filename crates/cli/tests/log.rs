@@ -1773,3 +1773,53 @@ async fn the_inspector_is_served_with_a_strict_content_security_policy() {
     let (status, body) = c.send(c.req(Method::GET, "/v1/sessions")).await;
     assert_error("no token", status, &body, 401, "unauthorized");
 }
+
+/// A schema backstop firing is an invariant breach, not contention: a row
+/// planted at the seq the session's counter gives next makes the post
+/// answer `500 internal` at once, `baton_invariant_breaches_total` counts it
+/// once under the constraint's name, and nothing of the post is stored;
+/// once the row is gone, posting works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backstop_firing_is_a_counted_500() {
+    let app = common::spawn_app(|_| {}).await;
+    let c = app.client.clone();
+    let id = c.create_session_id(json!({"message": "hi"})).await;
+    let idle = c.wait_idle(&id).await;
+    let next = idle["last_seq"].as_u64().unwrap() + 1;
+
+    sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}", app.db.display());
+    let mut raw_db = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let plant = format!(
+        "PRAGMA busy_timeout = 10000; INSERT INTO entries (session_id, seq, kind, role, content, created_at) \
+         VALUES ('{id}', {next}, 'message', 'assistant', 'planted', 0)"
+    );
+    sqlx::raw_sql(&plant).execute(&mut raw_db).await.unwrap();
+
+    let (status, body) = c.post(&id, "refused", None, None).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["error"]["code"], "internal", "{body}");
+    let (_, _, metrics) = raw(c.req(Method::GET, "/metrics")).await;
+    let text = String::from_utf8(metrics).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "baton_invariant_breaches_total{constraint=\"entries_pkey\"} 1"),
+        "counted once under its constraint: {text}"
+    );
+    let (_, s) = c.session(&id).await;
+    assert_eq!(
+        s["last_seq"].as_u64(),
+        Some(next - 1),
+        "nothing stored: {s}"
+    );
+
+    let drop_it = format!("DELETE FROM entries WHERE session_id = '{id}' AND seq = {next}");
+    sqlx::raw_sql(&drop_it).execute(&mut raw_db).await.unwrap();
+    let (status, body) = c.post(&id, "accepted", None, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["entry"]["seq"].as_u64(), Some(next), "{body}");
+    c.wait_idle(&id).await;
+    app.stop().await;
+}

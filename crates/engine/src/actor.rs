@@ -103,13 +103,14 @@ pub(crate) async fn run(
                     .map(Some)
             }
             Ok(Take::Released) => break,
-            // The active turn is one this actor lost track of: the pause
-            // keeps this from spinning until the lease lapses and the
-            // sweeper ends that turn `lost`.
+            // The active turn is one this actor lost track of: nothing here
+            // can run it, so the actor stops without renewing. The lease
+            // lapses and the sweeper (of any node) ends that turn `lost`
+            // and hands the queue on; asking again meanwhile would only
+            // spin write transactions.
             Ok(Take::Busy) => {
-                clock.renewed(asked);
-                sleep(Duration::from_millis(20)).await;
-                Ok(None)
+                tracing::warn!(%session, "the session's running turn is not this worker's; leaving it to lapse");
+                break;
             }
             Err(e) => Err(e),
         };

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::SessionId;
+use baton_store::PgTimeouts;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnection, PgListener};
 use sqlx::Connection;
@@ -143,10 +144,21 @@ fn pieces(text: &str) -> Vec<(usize, &str)> {
     out
 }
 
+/// The connection notifications are sent on, with the same bounded waits
+/// as the store's (`waits`, below the lease): a database that stops
+/// answering fails a `pg_notify` instead of holding the sender forever.
+pub async fn notifier(url: &str, waits: PgTimeouts) -> Result<PgConnection, sqlx::Error> {
+    let mut conn = PgConnection::connect(url).await?;
+    for set in waits.statements() {
+        sqlx::query(&set).execute(&mut conn).await?;
+    }
+    Ok(conn)
+}
+
 /// A bus whose events also reach, and come from, every other node on the
 /// database at `url`. `node` names this node (its own events are not
-/// delivered twice).
-pub async fn connect(url: &str, node: &str) -> Result<Bus, sqlx::Error> {
+/// delivered twice); `waits` bound every statement of the sender.
+pub async fn connect(url: &str, node: &str, waits: PgTimeouts) -> Result<Bus, sqlx::Error> {
     let (tx, rx) = mpsc::channel(8192);
     let bus = Bus::with_relay(Arc::new(PgRelay {
         node: node.to_owned(),
@@ -154,13 +166,18 @@ pub async fn connect(url: &str, node: &str) -> Result<Bus, sqlx::Error> {
     }));
     let mut listener = PgListener::connect(url).await?;
     listener.listen(CHANNEL).await?;
-    let conn = PgConnection::connect(url).await?;
-    tokio::spawn(send_loop(url.to_owned(), conn, rx));
+    let conn = notifier(url, waits).await?;
+    tokio::spawn(send_loop(url.to_owned(), waits, conn, rx));
     tokio::spawn(listen_loop(listener, bus.clone(), node.to_owned()));
     Ok(bus)
 }
 
-async fn send_loop(url: String, mut conn: PgConnection, mut rx: mpsc::Receiver<String>) {
+async fn send_loop(
+    url: String,
+    waits: PgTimeouts,
+    mut conn: PgConnection,
+    mut rx: mpsc::Receiver<String>,
+) {
     while let Some(payload) = rx.recv().await {
         let sent = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)
@@ -172,7 +189,7 @@ async fn send_loop(url: String, mut conn: PgConnection, mut rx: mpsc::Receiver<S
             let mut wait = Duration::from_millis(100);
             conn = loop {
                 tokio::time::sleep(wait).await;
-                match PgConnection::connect(&url).await {
+                match notifier(&url, waits).await {
                     Ok(c) => break c,
                     Err(e) => {
                         tracing::warn!(error = %e, "cross-node bus: reconnect failed");

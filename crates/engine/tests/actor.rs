@@ -6,7 +6,7 @@
 //! order they were produced, whatever ends the turn, with exports every
 //! model API accepts.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -365,6 +365,11 @@ struct FaultyStore {
     no_closing: Arc<AtomicBool>,
     /// Once set, recording steered input a turn took fails.
     refuse_takes: Arc<AtomicBool>,
+    /// While set, `take_turn` answers `Busy` (a running turn that is not
+    /// the asking worker's).
+    busy_takes: Arc<AtomicBool>,
+    /// How many times `take_turn` was asked.
+    takes: Arc<AtomicUsize>,
 }
 
 impl FaultyStore {
@@ -382,6 +387,8 @@ impl FaultyStore {
             no_sweeps: Arc::default(),
             no_closing: Arc::default(),
             refuse_takes: Arc::default(),
+            busy_takes: Arc::default(),
+            takes: Arc::default(),
         }
     }
 }
@@ -473,6 +480,10 @@ impl Store for FaultyStore {
             .await
     }
     async fn take_turn(&self, lease: &Lease) -> StoreResult<Take> {
+        self.takes.fetch_add(1, Ordering::SeqCst);
+        if self.busy_takes.load(Ordering::SeqCst) {
+            return Ok(Take::Busy);
+        }
         self.store.take_turn(lease).await
     }
     async fn renew_lease(&self, lease: &Lease) -> StoreResult<Renewal> {
@@ -550,6 +561,41 @@ impl Store for FaultyStore {
         }
         self.store.recover(node, all_foreign).await
     }
+}
+
+/// A worker told `Busy` by `take_turn` (the session's turn is running and
+/// it is not this worker's) stops after that one ask: no loop of write
+/// transactions while the lease lapses for the sweeper to end that turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_answer_stops_the_worker_instead_of_asking_again() {
+    let takes = Arc::new(AtomicUsize::new(0));
+    let counted = takes.clone();
+    let f = engine_on("echo", Arc::new(Echo), move |store| {
+        let mut faulty = FaultyStore::new(store);
+        faulty.busy_takes = Arc::new(AtomicBool::new(true));
+        faulty.takes = counted;
+        Arc::new(faulty)
+    })
+    .await;
+    let id = session(&f, "echo").await;
+    let mut rx = f.engine.bus().subscribe(id);
+    // The post begins its turn; the worker asks for the next one after it.
+    post(&f, id, "hello").await;
+    until_turn_ended(&mut rx).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.engine.active_actors() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker kept asking after Busy: {} asks",
+            takes.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        takes.load(Ordering::SeqCst),
+        1,
+        "one ask, then the worker stops"
+    );
 }
 
 /// A reply the store keeps refusing, arriving with the agent's stop (so it

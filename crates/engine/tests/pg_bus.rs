@@ -12,8 +12,9 @@ async fn events_published_on_one_node_reach_another_in_order() {
     let Some(url) = baton_store::testing::database_url("the cross-node bus") else {
         return;
     };
-    let a = pg_bus::connect(&url, "node-a").await.unwrap();
-    let b = pg_bus::connect(&url, "node-b").await.unwrap();
+    let waits = baton_store::pg_timeouts(Duration::from_secs(10));
+    let a = pg_bus::connect(&url, "node-a", waits).await.unwrap();
+    let b = pg_bus::connect(&url, "node-b", waits).await.unwrap();
     let session = SessionId::new();
     let mut on_b = b.subscribe(session);
     let mut on_a = a.subscribe(session);
@@ -89,4 +90,33 @@ async fn events_published_on_one_node_reach_another_in_order() {
         on_a.try_recv().is_err(),
         "A's own notifications must not come back"
     );
+}
+
+/// The connection that sends notifications waits no longer than the
+/// store's connections do: below the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notifier_waits_below_the_lease() {
+    let Some(url) = baton_store::testing::database_url("the bus's notifier") else {
+        return;
+    };
+    let lease = Duration::from_secs(9);
+    let waits = baton_store::pg_timeouts(lease);
+    let mut conn = pg_bus::notifier(&url, waits).await.unwrap();
+    for (setting, want) in [
+        ("statement_timeout", waits.statement),
+        ("lock_timeout", waits.statement),
+        (
+            "idle_in_transaction_session_timeout",
+            waits.idle_in_transaction,
+        ),
+    ] {
+        let ms: String = sqlx::query_scalar(&format!(
+            "SELECT setting FROM pg_settings WHERE name = '{setting}'"
+        ))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(ms, want.as_millis().to_string(), "{setting}");
+        assert!(want < lease, "{setting} ends before the lease");
+    }
 }

@@ -74,6 +74,12 @@ pub enum StoreError {
     /// The request was already answered otherwise, or closed.
     #[error("permission request {:?} is already {}", .0.request_id, .0.state.as_str())]
     PermissionClosed(Box<PermissionStatus>),
+    /// A backstop of the schema fired: a unique index the store's own
+    /// transactions never violate (the `(session_id, seq)` key, the
+    /// one-active-turn index, …). Not contention, so never retried: a bug,
+    /// or a row written behind the store's back.
+    #[error("invariant breach: {detail} (constraint {constraint})")]
+    InvariantBreach { constraint: String, detail: String },
     /// Anything else, with context.
     #[error("store error: {0}")]
     Internal(String),
@@ -331,6 +337,12 @@ pub struct Ended {
 pub trait Store: Send + Sync + 'static {
     /// Checks that the database answers.
     async fn ping(&self) -> Result<()>;
+    /// How many times each schema backstop fired
+    /// ([`StoreError::InvariantBreach`]), by constraint name, since the
+    /// store was opened.
+    fn invariant_breaches(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
     /// Returns once every write sent before it has committed (the embedded
     /// writer's last batch is on disk); used at shutdown.
     async fn flush(&self) -> Result<()> {
@@ -384,7 +396,9 @@ pub trait Store: Send + Sync + 'static {
     /// Entries with `seq > after`, at most `limit`, in order. No owner check:
     /// callers check ownership first.
     async fn entries(&self, id: SessionId, after: Seq, limit: u32) -> Result<Page>;
-    /// The session's turns, oldest first.
+    /// The session's turns in the order of their input (the seq of the
+    /// first message each consumes), which is the order they ran in,
+    /// whatever the clocks that stamped them said.
     async fn turns(&self, id: SessionId) -> Result<Vec<Turn>>;
     /// Asks the active turn to cancel — with `only`, only if that is the
     /// active turn; returns the turn asked, or `None` when nothing was

@@ -92,13 +92,38 @@ pub struct SqlStore {
     exec: Exec,
     cfg: Arc<StoreConfig>,
     clock: Arc<Clock>,
+    /// How often each backstop fired, by constraint.
+    breaches: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
     // Held for the store's lifetime: the embedded store is owned by one process.
     _lock: Option<std::fs::File>,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The unique indexes two concurrent first uses of one idempotency key
+/// collide on: the loser's retry finds the winner's row. Every other unique
+/// index is a backstop that the store's transactions (the session row
+/// locked) never trip.
+const IDEMPOTENCY_INDEXES: [&str; 2] = ["entries_idempotency", "sessions_owner_idempotency"];
+
+/// The constraint a PostgreSQL unique violation (23505) names.
+fn pg_unique_violation(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+            Some(db.constraint().unwrap_or("unknown").to_owned())
+        }
+        _ => None,
+    }
+}
+
+fn breach(constraint: String, detail: String) -> StoreError {
+    StoreError::InvariantBreach { constraint, detail }
+}
+
 fn classify(e: sqlx::Error) -> StoreError {
+    if let Some(constraint) = pg_unique_violation(&e) {
+        return breach(constraint, e.to_string());
+    }
     match &e {
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
@@ -114,10 +139,14 @@ fn classify(e: sqlx::Error) -> StoreError {
 }
 
 /// Whether PostgreSQL asks for the transaction to be tried again: a
-/// serialization failure, a deadlock, or a unique violation from a concurrent
-/// insert of the same idempotency key (the retry then finds the winner's row).
+/// serialization failure, a deadlock, or a unique violation of an
+/// idempotency index from a concurrent insert of the same key (the retry
+/// then finds the winner's row). Any other unique violation is a breach.
 fn retryable(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01" | "23505")))
+    if let Some(constraint) = pg_unique_violation(e) {
+        return IDEMPOTENCY_INDEXES.contains(&constraint.as_str());
+    }
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
 }
 
 /// The waits a PostgreSQL connection allows, from the lease's length.
@@ -202,6 +231,27 @@ async fn pg_probe(url: &str, patience: Duration) -> Result<()> {
     }
 }
 
+impl PgTimeouts {
+    /// The statements that set these waits on a PostgreSQL connection: a
+    /// statement and a lock wait end after `statement`, a transaction left
+    /// idle is ended by the server after `idle_in_transaction`.
+    pub fn settings(&self) -> String {
+        self.statements().join("; ")
+    }
+
+    /// [`PgTimeouts::settings`], one statement at a time.
+    pub fn statements(&self) -> [String; 3] {
+        [
+            format!("SET statement_timeout = {}", self.statement.as_millis()),
+            format!("SET lock_timeout = {}", self.statement.as_millis()),
+            format!(
+                "SET idle_in_transaction_session_timeout = {}",
+                self.idle_in_transaction.as_millis()
+            ),
+        ]
+    }
+}
+
 /// How long a health check waits for the embedded writer.
 const WRITER_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -229,8 +279,43 @@ fn after_failure(f: Fail, attempt: u32) -> std::result::Result<Duration, StoreEr
     }
 }
 
+/// The constraint an SQLite unique violation names, spelled as PostgreSQL
+/// names it (SQLite reports the columns, not the index).
+fn lite_unique_violation(e: &rusqlite::Error) -> Option<String> {
+    use rusqlite::ffi;
+    let rusqlite::Error::SqliteFailure(f, message) = e else {
+        return None;
+    };
+    if !matches!(
+        f.extended_code,
+        ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    ) {
+        return None;
+    }
+    let columns = message
+        .as_deref()
+        .and_then(|m| m.strip_prefix("UNIQUE constraint failed: "))
+        .unwrap_or("unknown");
+    let name = match columns {
+        "entries.session_id, entries.seq" => "entries_pkey",
+        "entries.session_id, entries.idempotency_key" => "entries_idempotency",
+        "sessions.id" => "sessions_pkey",
+        "sessions.owner, sessions.idempotency_key" => "sessions_owner_idempotency",
+        "turns.id" => "turns_pkey",
+        "turns.session_id" => "turns_one_active",
+        "permission_requests.session_id, permission_requests.request_id" => {
+            "permission_requests_pkey"
+        }
+        other => other,
+    };
+    Some(name.to_owned())
+}
+
 fn classify_lite(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode as C;
+    if let Some(constraint) = lite_unique_violation(&e) {
+        return breach(constraint, e.to_string());
+    }
     match e.sqlite_error_code() {
         Some(
             C::DatabaseBusy
@@ -336,6 +421,7 @@ impl SqlStore {
             exec: Exec::Sqlite(tx),
             cfg: Arc::new(cfg),
             clock,
+            breaches: Arc::default(),
             _lock: Some(lock),
         })
     }
@@ -352,12 +438,7 @@ impl SqlStore {
         // One plain connection first: the pool retries a refused connection
         // until its timeout and then says only "pool timed out".
         pg_probe(url, t.acquire).await?;
-        let set = format!(
-            "SET statement_timeout = {}; SET lock_timeout = {}; SET idle_in_transaction_session_timeout = {}",
-            t.statement.as_millis(),
-            t.statement.as_millis(),
-            t.idle_in_transaction.as_millis()
-        );
+        let set = t.settings();
         let pool = AnyPoolOptions::new()
             .max_connections(cfg.max_connections)
             .acquire_timeout(t.acquire)
@@ -394,6 +475,7 @@ impl SqlStore {
             exec: Exec::Postgres(pool),
             cfg: Arc::new(cfg),
             clock: Arc::new(Clock::default()),
+            breaches: Arc::default(),
             _lock: None,
         })
     }
@@ -445,6 +527,20 @@ impl SqlStore {
         Ok(Conn::Pool(self.read.acquire().await.map_err(classify)?))
     }
 
+    /// Logs and counts a backstop that fired; every other result passes.
+    fn watch<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(StoreError::InvariantBreach { constraint, detail }) = &result {
+            tracing::error!(
+                constraint,
+                detail,
+                "invariant breach: a schema backstop fired"
+            );
+            let mut counts = self.breaches.lock().unwrap_or_else(|p| p.into_inner());
+            *counts.entry(constraint.clone()).or_default() += 1;
+        }
+        result
+    }
+
     /// Runs `f` as one write transaction and returns its result once committed.
     ///
     /// `f` gets the transaction's time. On PostgreSQL, when the transaction
@@ -453,6 +549,15 @@ impl SqlStore {
     /// entries or turn times earlier than the one it waited for (the embedded
     /// store's single writer has a monotonic clock).
     async fn write<T, F>(&self, lock: Option<SessionId>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'c> Fn(&'c mut Conn, i64) -> BoxFuture<'c, R<T>> + Send + Sync + 'static,
+    {
+        let result = self.run_write(lock, f).await;
+        self.watch(result)
+    }
+
+    async fn run_write<T, F>(&self, lock: Option<SessionId>, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: for<'c> Fn(&'c mut Conn, i64) -> BoxFuture<'c, R<T>> + Send + Sync + 'static,
@@ -1838,6 +1943,11 @@ macro_rules! op {
 
 #[async_trait]
 impl Store for SqlStore {
+    fn invariant_breaches(&self) -> Vec<(String, u64)> {
+        let counts = self.breaches.lock().unwrap_or_else(|p| p.into_inner());
+        counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
     async fn ping(&self) -> Result<()> {
         let mut c = self.reader().await?;
         c.execute("SELECT 1", &[])
@@ -2030,9 +2140,8 @@ impl Store for SqlStore {
     }
 
     async fn turns(&self, id: SessionId) -> Result<Vec<Turn>> {
-        let sql = format!(
-            "SELECT {TURN_COLS} FROM turns WHERE session_id = $1 ORDER BY started_at, input_from"
-        );
+        let sql =
+            format!("SELECT {TURN_COLS} FROM turns WHERE session_id = $1 ORDER BY input_from");
         let mut c = self.reader().await?;
         let list = async {
             let rows = c.fetch_all(&sql, &args![id.to_string()]).await?;
@@ -2433,9 +2542,10 @@ mod tests {
 
     use super::*;
 
-    /// A database error with a given SQLSTATE, as PostgreSQL reports it.
+    /// A database error with a given SQLSTATE (and, for a unique
+    /// violation, the constraint), as PostgreSQL reports it.
     #[derive(Debug)]
-    struct Sqlstate(&'static str);
+    struct Sqlstate(&'static str, Option<&'static str>);
 
     impl std::fmt::Display for Sqlstate {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -2464,26 +2574,71 @@ mod tests {
         fn kind(&self) -> sqlx::error::ErrorKind {
             sqlx::error::ErrorKind::Other
         }
+        fn constraint(&self) -> Option<&str> {
+            self.1
+        }
     }
 
     fn db(code: &'static str) -> Fail {
-        Fail::Db(sqlx::Error::Database(Box::new(Sqlstate(code))))
+        Fail::Db(sqlx::Error::Database(Box::new(Sqlstate(code, None))))
+    }
+
+    fn unique(constraint: &'static str) -> Fail {
+        Fail::Db(sqlx::Error::Database(Box::new(Sqlstate(
+            "23505",
+            Some(constraint),
+        ))))
     }
 
     #[test]
     fn conflicts_are_tried_again_then_reported_as_unavailable() {
         // Serialization failure, deadlock, a concurrent insert of one key.
-        for code in ["40001", "40P01", "23505"] {
+        let conflicts = || {
+            [
+                db("40001"),
+                db("40P01"),
+                unique("entries_idempotency"),
+                unique("sessions_owner_idempotency"),
+            ]
+        };
+        for (i, code) in conflicts().iter().enumerate() {
+            let code = format!("{i}: {}", fail_text(code));
             for attempt in 1..PG_TRIES {
-                let pause = after_failure(db(code), attempt)
-                    .unwrap_or_else(|e| panic!("{code} on try {attempt} is tried again: {e:?}"));
+                let pause =
+                    after_failure(conflicts().into_iter().nth(i).expect("a conflict"), attempt)
+                        .unwrap_or_else(|e| {
+                            panic!("{code} on try {attempt} is tried again: {e:?}")
+                        });
                 assert!(pause <= Duration::from_millis(5 * u64::from(attempt)));
             }
-            match after_failure(db(code), PG_TRIES) {
+            match after_failure(
+                conflicts().into_iter().nth(i).expect("a conflict"),
+                PG_TRIES,
+            ) {
                 Err(StoreError::Unavailable(why)) => {
                     assert!(why.contains("after 20 tries"), "{why}")
                 }
                 other => panic!("{code} after every try: {other:?}"),
+            }
+        }
+    }
+
+    fn fail_text(f: &Fail) -> String {
+        match f {
+            Fail::Db(e) => e.to_string(),
+            Fail::Store(e) => e.to_string(),
+            Fail::Lite(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn backstops_are_breaches_at_once_never_tried_again() {
+        for constraint in ["entries_pkey", "turns_one_active", "sessions_pkey"] {
+            match after_failure(unique(constraint), 1) {
+                Err(StoreError::InvariantBreach { constraint: c, .. }) => {
+                    assert_eq!(c, constraint)
+                }
+                other => panic!("{constraint} on the first try: {other:?}"),
             }
         }
     }
