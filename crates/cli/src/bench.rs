@@ -12,8 +12,11 @@
 //!   session with a turn in flight (mid-turn) and for an idle session.
 //! - `baton bench pg-append` — the same as `append` on the PostgreSQL store,
 //!   with the appends spread over many sessions and all on one hot session,
-//!   beside a pgbench-style baseline: single-row `INSERT` transactions through
-//!   sqlx's Postgres pool, same database, same writer counts.
+//!   beside two baselines through sqlx's Postgres pool, same database, same
+//!   writer counts: pgbench-style single-row `INSERT` transactions, and the
+//!   naive counter-row append (`UPDATE … RETURNING` of a per-session counter
+//!   row, then the `INSERT`, one transaction per append) on the same layout
+//!   of sessions. `--json` prints one object per measurement.
 //! - `baton bench pg-delta` — cross-node delta latency: two nodes on one
 //!   database, a turn running on node B, its deltas timed from B's local bus
 //!   to a client's SSE stream on node A (through `LISTEN/NOTIFY`), beside the
@@ -123,6 +126,10 @@ pub struct PgAppendArgs {
     /// min(writers, this).
     #[arg(long, default_value_t = 64)]
     pub max_connections: u32,
+    /// Print one JSON object per measurement (writer count and layout) on
+    /// stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `baton bench pg-delta` flags.
@@ -1334,8 +1341,27 @@ fn check_pg_append(args: &PgAppendArgs) -> anyhow::Result<()> {
 struct PgRow {
     writers: usize,
     base: Run,
-    /// (layout, sessions, run, deepest queue)
-    layouts: Vec<(&'static str, usize, Run, u64)>,
+    /// (layout, sessions, store run, deepest queue, counter-row baseline)
+    layouts: Vec<(&'static str, usize, Run, u64, Run)>,
+}
+
+/// A run as `--json` prints it.
+fn run_json(r: &Run) -> Value {
+    json!({
+        "rate": r.rate(),
+        "p50_ms": r.lat.p50.as_secs_f64() * 1000.0,
+        "p99_ms": r.lat.p99.as_secs_f64() * 1000.0,
+        "ok": r.ok,
+        "errors": r.errors,
+    })
+}
+
+fn over(a: f64, b: f64) -> Value {
+    if b > 0.0 {
+        json!(a / b)
+    } else {
+        Value::Null
+    }
 }
 
 async fn pg_append(args: PgAppendArgs, url: String, server: PgServer) -> anyhow::Result<()> {
@@ -1345,29 +1371,43 @@ async fn pg_append(args: PgAppendArgs, url: String, server: PgServer) -> anyhow:
         max_connections: args.max_connections,
         ..StoreConfig::default()
     };
-    println!("baton bench pg-append");
-    println!("  server: {}", server.version);
-    println!("  settings: {}", server.settings);
-    println!(
-        "  scratch database {} ({}s per measurement; per writer count: baseline, then the store spread, then the store hot)",
+    // With --json, stdout carries only the objects; the description goes
+    // to stderr.
+    let say = |line: String| {
+        if args.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    say("baton bench pg-append".into());
+    say(format!("  server: {}", server.version));
+    say(format!("  settings: {}", server.settings));
+    say(format!(
+        "  scratch database {} ({}s per measurement; per writer count: insert baseline, then per layout the store and the counter-row baseline)",
         scratch_db_name(),
         args.seconds
-    );
-    println!(
+    ));
+    say(format!(
         "  store: SqlStore::open_postgres (pool of {}), Store::post_message, policy queue, capacity 100,000,000",
         args.max_connections
-    );
-    println!(
+    ));
+    say(format!(
         "         spread: {} fresh sessions per run (writer w's k-th post goes to session (w + k*writers) mod {}); hot: 1 fresh session",
         args.sessions, args.sessions
+    ));
+    say(
+        "         each session's first post starts a turn nobody runs, so later posts queue".into(),
     );
-    println!("         each session's first post starts a turn nobody runs, so later posts queue");
-    println!(
-        "  baseline: sqlx PgPool of min(writers, {}) connections, one single-row INSERT per transaction (autocommit) \
+    say(format!(
+        "  insert baseline: sqlx PgPool of min(writers, {}) connections, one single-row INSERT per transaction (autocommit) \
          into a fresh table (session_id TEXT, seq BIGINT, kind TEXT, content TEXT, created_at BIGINT, PRIMARY KEY (session_id, seq))",
         args.max_connections
-    );
-    println!();
+    ));
+    say("  counter baseline: the same pool and table plus a counter row per session; per append one transaction: \
+         UPDATE counter SET last_seq = last_seq + 1 WHERE session_id = $1 RETURNING last_seq, then the INSERT at that seq, \
+         the sessions laid out as the store's".into());
+    say(String::new());
 
     let mut rows = Vec::new();
     for &w in &args.writers {
@@ -1384,15 +1424,21 @@ async fn pg_append(args: PgAppendArgs, url: String, server: PgServer) -> anyhow:
                 .await
                 .context("opening the PostgreSQL store")?,
         );
-        let mut layouts = Vec::new();
+        let mut runs = Vec::new();
         for (layout, n) in [("spread", args.sessions), ("hot", 1)] {
             eprintln!("  [{w} writers] store, {layout} ({n} session(s))…");
             let ids = create_sessions(&store, n, args.max_connections as usize).await?;
             let (run, depth) = post_load(&store, &ids, w, window).await?;
-            layouts.push((layout, n, run, depth));
+            runs.push((layout, n, run, depth));
         }
         drop(store);
         wait_for_disconnects(&url).await?;
+        let mut layouts = Vec::new();
+        for (layout, n, run, depth) in runs {
+            eprintln!("  [{w} writers] counter baseline, {layout} ({n} session(s))…");
+            let counter = run_pg_counter_baseline(&url, w, conns, n, window).await?;
+            layouts.push((layout, n, run, depth, counter));
+        }
         rows.push(PgRow {
             writers: w,
             base,
@@ -1405,29 +1451,53 @@ async fn pg_append(args: PgAppendArgs, url: String, server: PgServer) -> anyhow:
         .find(|r| r.writers == 1)
         .map(|r| r.base.rate())
         .unwrap_or(0.0);
+    if args.json {
+        for r in &rows {
+            for (layout, n, s, depth, counter) in &r.layouts {
+                let line = json!({
+                    "writers": r.writers,
+                    "layout": layout,
+                    "sessions": n,
+                    "store": run_json(s),
+                    "deepest_queue": depth,
+                    "insert_baseline": run_json(&r.base),
+                    "counter_baseline": run_json(counter),
+                    "store_over_insert": over(s.rate(), r.base.rate()),
+                    "store_over_counter": over(s.rate(), counter.rate()),
+                    "seconds": args.seconds,
+                });
+                println!("{line}");
+            }
+        }
+        return Ok(());
+    }
     println!(
-        "{:>7} | {:>13} | {:>11} {:>10} {:>10} | {:>11} {:>10} {:>10} | {:>10} {:>12}",
+        "{:>7} | {:>13} | {:>11} {:>10} {:>10} | {:>11} {:>10} {:>10} | {:>11} {:>10} {:>10} | {:>10} {:>12} {:>13}",
         "writers",
         "layout",
         "store ap/s",
         "p50",
         "p99",
-        "base ap/s",
+        "insert ap/s",
         "p50",
         "p99",
-        "store/base",
-        "store/base@1"
+        "counter ap/s",
+        "p50",
+        "p99",
+        "store/ins",
+        "store/ins@1",
+        "store/counter"
     );
-    println!("{}", "-".repeat(121));
+    println!("{}", "-".repeat(170));
     for r in &rows {
-        for (layout, n, s, _) in &r.layouts {
+        for (layout, n, s, _, counter) in &r.layouts {
             let label = if *n == 1 {
                 "1 hot session".to_owned()
             } else {
                 format!("{layout} {n}")
             };
             println!(
-                "{:>7} | {:>13} | {:>11.0} {:>10} {:>10} | {:>11.0} {:>10} {:>10} | {:>10} {:>12}",
+                "{:>7} | {:>13} | {:>11.0} {:>10} {:>10} | {:>11.0} {:>10} {:>10} | {:>11.0} {:>10} {:>10} | {:>10} {:>12} {:>13}",
                 r.writers,
                 label,
                 s.rate(),
@@ -1436,8 +1506,12 @@ async fn pg_append(args: PgAppendArgs, url: String, server: PgServer) -> anyhow:
                 r.base.rate(),
                 ms(r.base.lat.p50),
                 ms(r.base.lat.p99),
+                counter.rate(),
+                ms(counter.lat.p50),
+                ms(counter.lat.p99),
                 ratio(s.rate(), r.base.rate()),
                 ratio(s.rate(), base1),
+                ratio(s.rate(), counter.rate()),
             );
         }
     }
@@ -1456,7 +1530,7 @@ async fn pg_append(args: PgAppendArgs, url: String, server: PgServer) -> anyhow:
         if let Some(e) = &b.first_error {
             println!("        first baseline error: {e}");
         }
-        for (layout, n, s, depth) in &r.layouts {
+        for (layout, n, s, depth, counter) in &r.layouts {
             println!(
                 "        store {layout}: {} appends in {:.2}s over {n} sessions, deepest queue {depth}, drift {:.2}, errors {}",
                 s.ok,
@@ -1466,6 +1540,16 @@ async fn pg_append(args: PgAppendArgs, url: String, server: PgServer) -> anyhow:
             );
             if let Some(e) = &s.first_error {
                 println!("        first store error ({layout}): {e}");
+            }
+            println!(
+                "        counter baseline {layout}: {} appends in {:.2}s, drift {:.2}, errors {}",
+                counter.ok,
+                counter.elapsed.as_secs_f64(),
+                counter.drift,
+                counter.errors
+            );
+            if let Some(e) = &counter.first_error {
+                println!("        first counter baseline error ({layout}): {e}");
             }
         }
     }
@@ -1594,6 +1678,122 @@ async fn pg_baseline_load(
     let mut logs = Vec::with_capacity(writers);
     for t in tasks {
         logs.push(t.await.context("a baseline writer panicked")?);
+    }
+    Ok(summarize(logs, start.elapsed(), window))
+}
+
+/// The naive counter-row baseline: `writers` tasks share a `PgPool` of
+/// `conns` connections and each loops over appends to `sessions` sessions
+/// laid out as the store's load lays them out (writer w's k-th append goes
+/// to session `(w + k·writers) mod sessions`), each append one transaction:
+/// bump the session's counter row (`UPDATE … RETURNING`), insert the entry
+/// at that seq, commit. Fresh tables, dropped afterwards.
+async fn run_pg_counter_baseline(
+    url: &str,
+    writers: usize,
+    conns: u32,
+    sessions: usize,
+    window: Duration,
+) -> anyhow::Result<Run> {
+    use sqlx::postgres::PgPoolOptions;
+
+    let pool = PgPoolOptions::new()
+        .max_connections(conns)
+        .acquire_timeout(PATIENCE)
+        .connect(url)
+        .await
+        .context("connecting the counter baseline's pool")?;
+    sqlx::raw_sql(
+        "DROP TABLE IF EXISTS bench_counter_entries; DROP TABLE IF EXISTS bench_counter; \
+         CREATE TABLE bench_counter (session_id TEXT PRIMARY KEY, last_seq BIGINT NOT NULL); \
+         CREATE TABLE bench_counter_entries (session_id TEXT NOT NULL, seq BIGINT NOT NULL, kind TEXT NOT NULL, \
+         content TEXT NOT NULL, created_at BIGINT NOT NULL, PRIMARY KEY (session_id, seq))",
+    )
+    .execute(&pool)
+    .await
+    .context("creating the counter baseline's tables")?;
+    let ids: Vec<String> = (0..sessions)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    sqlx::query("INSERT INTO bench_counter (session_id, last_seq) SELECT unnest($1::text[]), 0")
+        .bind(&ids)
+        .execute(&pool)
+        .await
+        .context("creating the counter rows")?;
+    let result = pg_counter_load(&pool, writers, conns, Arc::new(ids), window).await;
+    let dropped = sqlx::raw_sql("DROP TABLE bench_counter_entries; DROP TABLE bench_counter")
+        .execute(&pool)
+        .await
+        .context("dropping the counter baseline's tables");
+    pool.close().await;
+    let run = result?;
+    dropped?;
+    Ok(run)
+}
+
+async fn pg_counter_load(
+    pool: &sqlx::PgPool,
+    writers: usize,
+    conns: u32,
+    ids: Arc<Vec<String>>,
+    window: Duration,
+) -> anyhow::Result<Run> {
+    let held = futures_util::future::try_join_all((0..conns).map(|_| pool.acquire()))
+        .await
+        .context("opening the counter baseline's connections")?;
+    drop(held);
+    let start = Instant::now();
+    let deadline = start + window;
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let (pool, ids) = (pool.clone(), ids.clone());
+            tokio::spawn(async move {
+                let mut log = WriterLog::default();
+                let mut k = 0usize;
+                while Instant::now() < deadline {
+                    let session = &ids[(w + k * writers) % ids.len()];
+                    let t0 = Instant::now();
+                    let r: Result<(), sqlx::Error> = async {
+                        let mut tx = pool.begin().await?;
+                        let seq: i64 = sqlx::query_scalar(
+                            "UPDATE bench_counter SET last_seq = last_seq + 1 WHERE session_id = $1 RETURNING last_seq",
+                        )
+                        .bind(session)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        sqlx::query(
+                            "INSERT INTO bench_counter_entries (session_id, seq, kind, content, created_at) \
+                             VALUES ($1, $2, 'message', $3, $4)",
+                        )
+                        .bind(session)
+                        .bind(seq)
+                        .bind(format!("bench message {w}/{k}"))
+                        .bind(t0.duration_since(start).as_micros() as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                        tx.commit().await
+                    }
+                    .await;
+                    let t1 = Instant::now();
+                    match r {
+                        Ok(()) => {
+                            log.lat.push(t1 - t0);
+                            log.done_at.push(t1 - start);
+                        }
+                        Err(e) => {
+                            log.errors += 1;
+                            log.first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                    k += 1;
+                }
+                log
+            })
+        })
+        .collect();
+    let mut logs = Vec::with_capacity(writers);
+    for t in tasks {
+        logs.push(t.await.context("a counter baseline writer panicked")?);
     }
     Ok(summarize(logs, start.elapsed(), window))
 }
