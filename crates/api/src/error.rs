@@ -30,9 +30,11 @@ pub struct ErrorBody {
 /// What went wrong.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// `invalid_request`, `unauthorized`, `not_found`, `session_busy`,
-    /// `idempotency_conflict`, `permission_closed`, `payload_too_large`,
-    /// `queue_full`, `unavailable` or `internal`.
+    /// `invalid_request`, `unauthorized`, `not_found`, `method_not_allowed`,
+    /// `request_timeout`, `session_busy`, `idempotency_conflict`,
+    /// `permission_closed`, `payload_too_large`, `header_too_large`,
+    /// `uri_too_long`, `too_many_connections`, `queue_full`, `unavailable` or
+    /// `internal`.
     pub code: &'static str,
     pub message: String,
     /// With `session_busy`: the running turn.
@@ -68,6 +70,27 @@ impl ApiError {
     /// `404 not_found`: the same for a missing session and another owner's.
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such session")
+    }
+
+    /// `408 request_timeout`: the body did not arrive in time.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                limit.as_millis()
+            ),
+        )
+    }
+
+    /// `503 unavailable`: the server is shutting down.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the server is shutting down; retry on another node or later",
+        )
     }
 
     /// `413 payload_too_large`.
@@ -166,7 +189,14 @@ impl IntoResponse for ApiError {
                 permission: self.permission,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 

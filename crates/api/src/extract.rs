@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::body::BodyDataStream;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap};
 use baton_core::SessionId;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
@@ -54,10 +54,13 @@ impl Auth {
         let header = headers
             .get(axum::http::header::AUTHORIZATION)
             .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let token = header
             .to_str()
             .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start_matches(' '))
             .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <token>"))?;
         // Compare against every secret without stopping early, so timing
         // does not reveal which prefix matched.
@@ -85,7 +88,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        match read_json(req, state).await? {
+        match read_json(req, state, true).await? {
             Some(v) => Ok(JsonBody(v)),
             None => Err(ApiError::invalid(
                 "the body is empty; expected a JSON object",
@@ -101,44 +104,137 @@ impl<T: DeserializeOwned> FromRequest<AppState> for MaybeJsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        read_json(req, state).await.map(MaybeJsonBody)
+        read_json(req, state, false).await.map(MaybeJsonBody)
     }
+}
+
+/// Whether the request says it carries a body.
+fn declares_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
+/// `application/json`, with parameters allowed, compared without case.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("");
+    essence.trim().eq_ignore_ascii_case("application/json")
 }
 
 async fn read_json<T: DeserializeOwned>(
     req: Request,
     state: &AppState,
+    required: bool,
 ) -> Result<Option<T>, ApiError> {
-    let content_type = req
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
+    let headers = req.headers();
+    match headers.get(header::CONTENT_TYPE) {
+        Some(v) => {
+            let ct = v.to_str().unwrap_or("");
+            if !is_json(ct) {
+                return Err(ApiError::invalid(format!(
+                    "Content-Type must be application/json, not {:?}",
+                    String::from_utf8_lossy(v.as_bytes())
+                )));
+            }
+        }
+        // An optional body left out needs no type; a body does.
+        None if required || declares_body(headers) => {
+            return Err(ApiError::invalid(
+                "Content-Type must be application/json (it is missing)",
+            ))
+        }
+        None => return Ok(None),
+    }
+    let limit = state.cfg.max_body;
+    // A declared length over the limit is refused before a byte of the body
+    // is read: hyper sends `100 Continue` only once the body is polled, so a
+    // client that asked for it gets the 413 instead.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !content_type.is_empty() && !content_type.starts_with("application/json") {
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(len) = declared.filter(|&len| len > limit as u64) {
+        let expects = headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !expects && len <= DRAIN_MAX_BYTES as u64 {
+            drain(req.into_body().into_data_stream()).await;
+        }
+        return Err(ApiError::too_large(limit));
+    }
+    // Read here (not with axum's `Bytes`) so an undeclared (chunked) body is
+    // judged on the bytes read, and drained before the `413`.
+    let mut body = req.into_body().into_data_stream();
+    let read = async {
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
+            if bytes.len() + chunk.len() > limit {
+                drain(body).await;
+                return Err(ApiError::too_large(limit));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    };
+    // A body still arriving when the server has stopped its turns is not
+    // waited for: shutdown never hangs on a half-sent request.
+    let mut closed = state.engine.shutdown_signal();
+    let bytes = tokio::select! {
+        read = tokio::time::timeout(state.cfg.body_timeout, read) => {
+            read.map_err(|_| ApiError::body_timeout(state.cfg.body_timeout))??
+        }
+        _ = closed.wait_for(|c| *c) => return Err(ApiError::shutting_down()),
+    };
+    if bytes.is_empty() {
+        return if required {
+            Err(ApiError::invalid(
+                "the body is empty; expected a JSON object",
+            ))
+        } else {
+            Ok(None)
+        };
+    }
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
+    // serde would read an array as a struct, field by field.
+    if !value.is_object() {
+        return Err(ApiError::invalid("the body must be a JSON object"));
+    }
+    if let Some(path) = nul_at(&value, String::new()) {
         return Err(ApiError::invalid(format!(
-            "Content-Type must be application/json, not {content_type:?}"
+            "text must not contain a NUL character (U+0000); found at {path}"
         )));
     }
-    // Read here (not with axum's `Bytes`) so an oversized body is judged
-    // on the bytes read, chunked or not, and drained before the `413`.
-    let limit = state.cfg.max_body;
-    let mut body = req.into_body().into_data_stream();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
-        if bytes.len() + chunk.len() > limit {
-            drain(body).await;
-            return Err(ApiError::too_large(limit));
-        }
-        bytes.extend_from_slice(&chunk);
-    }
-    if bytes.is_empty() {
-        return Ok(None);
-    }
-    serde_json::from_slice(&bytes)
+    serde_json::from_value(value)
         .map(Some)
-        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+        .map_err(|e| ApiError::invalid(format!("invalid body: {e}")))
+}
+
+/// Where a NUL character sits in a JSON value (a key or a string), if
+/// anywhere. One rule on both stores: PostgreSQL's `text` and `jsonb` cannot
+/// hold one, so no body that has one is accepted.
+fn nul_at(value: &serde_json::Value, path: String) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) if s.contains('\0') => {
+            Some(if path.is_empty() { "/".into() } else { path })
+        }
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_at(v, format!("{path}/{i}"))),
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| {
+            if k.contains('\0') {
+                Some(format!("{path}/{}", k.replace('\0', "\\u0000")))
+            } else {
+                nul_at(v, format!("{path}/{k}"))
+            }
+        }),
+        _ => None,
+    }
 }
 
 /// How much of a refused (oversized) body is still read and discarded, and

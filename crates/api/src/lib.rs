@@ -32,8 +32,12 @@ pub use metrics::Metrics;
 /// API settings.
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
-    /// The largest request body accepted, in bytes (judged on bytes read).
+    /// The largest request body accepted, in bytes: a declared length over
+    /// it is refused before the body is read, an undeclared one on the
+    /// bytes read.
     pub max_body: usize,
+    /// How long a request body may take to arrive in full (`408` past it).
+    pub body_timeout: std::time::Duration,
     /// The agent of a session created without one.
     pub default_agent: String,
     /// The policy of a session created without one.
@@ -46,6 +50,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             max_body: 256 * 1024,
+            body_timeout: std::time::Duration::from_secs(30),
             default_agent: "demo".into(),
             default_policy: Policy::Queue,
             default_debounce_ms: 0,
@@ -146,7 +151,7 @@ async fn fallback() -> error::ApiError {
 async fn method_not_allowed() -> error::ApiError {
     error::ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
-        code: "invalid_request",
+        code: "method_not_allowed",
         message: "method not allowed on this route".into(),
         turn_id: None,
         permission: None,

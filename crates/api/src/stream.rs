@@ -59,7 +59,18 @@ pub async fn stream(
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let id = session_id(&id)?;
     let session = state.engine.session(&owner, id).await?;
-    let after = match headers.get("last-event-id") {
+    // Repeated headers are one list (RFC 9110 §5.3): the same id twice is
+    // that id; two different ones say nothing a resume can use.
+    let mut ids = headers.get_all("last-event-id").iter();
+    let first = ids.next();
+    if let Some(first) = first {
+        if ids.any(|v| v.as_bytes().trim_ascii() != first.as_bytes().trim_ascii()) {
+            return Err(ApiError::invalid(
+                "Last-Event-ID is given twice with different values",
+            ));
+        }
+    }
+    let after = match first {
         Some(v) => {
             let v = v
                 .to_str()

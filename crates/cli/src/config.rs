@@ -68,6 +68,23 @@ pub struct ServeConfig {
     /// Largest request body, in bytes.
     #[arg(long, env = "BATON_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive in full; past it the
+    /// request is answered `408 request_timeout`.
+    #[arg(long, env = "BATON_BODY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub body_timeout_ms: u64,
+    /// How long a request's head (request line and headers) may take to
+    /// arrive in full, also while a kept-alive connection waits for its next
+    /// request; past it the connection is closed.
+    #[arg(long, env = "BATON_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// How long a connection with no request in flight may stay silent
+    /// before it is closed (a live stream is never idle).
+    #[arg(long, env = "BATON_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+    /// The most connections held open at once (streams included); past it a
+    /// new connection is answered `503 too_many_connections` and closed.
+    #[arg(long, env = "BATON_MAX_CONNECTIONS", default_value_t = 1_024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     /// An ACP agent as NAME=COMMAND (repeatable; the command is split like a
     /// shell would; env BATON_ACP, a `;`-separated list, read when no --acp
     /// is given).
@@ -184,6 +201,10 @@ impl ServeConfig {
             sweep_ms: 2_000,
             queue_capacity: 1_000,
             max_body_bytes: 256 * 1024,
+            body_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 1_024,
             demo_word_delay_ms: 20,
             log_format: LogFormat::Text,
             acp: Vec::new(),
@@ -379,6 +400,14 @@ impl ServeConfig {
     }
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_millis(self.sweep_ms)
+    }
+    /// The HTTP connection limits.
+    pub fn limits(&self) -> crate::serve::Limits {
+        crate::serve::Limits {
+            header_timeout: Duration::from_millis(self.header_timeout_ms.max(1)),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms.max(1)),
+            max_connections: self.max_connections.max(1) as usize,
+        }
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod bench_acp;
 pub mod chat;
 pub mod config;
+pub mod serve;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,8 +23,13 @@ use baton_api::{ApiConfig, AppState, Auth, Metrics};
 use baton_engine::{Bus, Engine, EngineConfig};
 use baton_store::{SharedStore, SqlStore, StoreConfig};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 pub use config::{ServeConfig, StoreTarget};
+
+/// How long requests still in flight may go on once the engine has stopped
+/// at shutdown (a stream sends the last entries and ends well within it).
+const REQUEST_DRAIN: Duration = Duration::from_secs(5);
 
 /// A built server, listening but not yet serving.
 pub struct App {
@@ -31,6 +37,7 @@ pub struct App {
     addr: SocketAddr,
     engine: Engine,
     state: AppState,
+    limits: serve::Limits,
 }
 
 impl App {
@@ -101,6 +108,7 @@ impl App {
             auth: Arc::new(Auth::new(cfg.tokens.iter().cloned())),
             cfg: Arc::new(ApiConfig {
                 max_body: cfg.max_body_bytes,
+                body_timeout: Duration::from_millis(cfg.body_timeout_ms.max(1)),
                 default_agent: cfg.default_agent.clone(),
                 default_policy: cfg.policy,
                 default_debounce_ms: cfg.debounce_ms,
@@ -121,6 +129,7 @@ impl App {
             addr,
             engine,
             state,
+            limits: cfg.limits(),
         })
     }
 
@@ -151,22 +160,31 @@ impl App {
     ) -> anyhow::Result<()> {
         let engine = self.engine.clone();
         let router = baton_api::router(self.state);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-        });
-        let server = tokio::spawn(async move { server.await });
+        let stop = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let mut server = tokio::spawn(serve::serve(
+            self.listener,
+            router,
+            self.limits,
+            stop.clone(),
+            kill.clone(),
+        ));
         signal.await;
         tracing::info!("shutting down: no new connections");
-        let _ = stop_tx.send(());
+        // Connections with nothing in flight (idle, or a request still
+        // half-sent) close now; the others finish their response.
+        stop.cancel();
         // Lets running turns finish within the grace, then cancels the
-        // rest; ends streams once the turns are over. In-flight requests
-        // finish meanwhile.
+        // rest; ends streams once the turns are over.
         engine.shutdown_with(force).await;
-        server
-            .await
-            .context("the HTTP server task panicked")?
-            .context("serving HTTP")?;
+        match tokio::time::timeout(REQUEST_DRAIN, &mut server).await {
+            Ok(joined) => joined.context("the HTTP server task panicked")?,
+            Err(_) => {
+                tracing::warn!("closing connections whose request did not finish in time");
+                kill.cancel();
+                server.await.context("the HTTP server task panicked")?;
+            }
+        }
         // An actor a late request spawned releases its lease at once.
         engine.wait_idle(Duration::from_secs(2)).await;
         if let Err(e) = engine.store().flush().await {
