@@ -127,6 +127,44 @@ pub struct Transcript {
     pub messages: Vec<Value>,
 }
 
+/// The chat named by the path's `{id}`: a malformed name is a `400`; a
+/// session id the caller does not own a `404` from the lookup.
+pub struct ChatPath(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ChatPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::invalid(e.body_text()))?;
+        chat_name(&raw)?;
+        Ok(ChatPath(raw))
+    }
+}
+
+impl crate::answers::Answers for ChatPath {
+    fn answers() -> std::collections::BTreeMap<u16, std::collections::BTreeSet<&'static str>> {
+        crate::answers::map(&[(400, "invalid_request"), (404, "not_found")])
+    }
+}
+
+/// A chat message: a session id the caller does not own is a `404`; the
+/// post can meet a busy session, a reused message id or a full queue.
+impl crate::answers::Answers for ChatRequest {
+    fn answers() -> std::collections::BTreeMap<u16, std::collections::BTreeSet<&'static str>> {
+        crate::answers::map(&[
+            (404, "not_found"),
+            (409, "session_busy"),
+            (409, "idempotency_conflict"),
+            (429, "queue_full"),
+        ])
+    }
+}
+
 /// Checks a chat id: a session id, or a name of safe characters.
 fn chat_name(raw: &str) -> ApiResult<()> {
     let ok = !raw.is_empty()
@@ -268,7 +306,7 @@ fn ui_stream(rx: mpsc::Receiver<Result<Event, Infallible>>) -> Response {
 
 /// Send a user message; the answer is the UI message stream of the turn
 /// that consumes it.
-#[utoipa::path(post, path = "/v1/ai-sdk/chat", request_body = ChatRequest,
+#[utoipa::path(post, path = "/v1/ai-sdk/chat", operation_id = "aiSdkChat", request_body = ChatRequest,
     responses((status = 200, description = "text/event-stream, `x-vercel-ai-ui-message-stream: v1`: `data: <chunk>` lines (a transient `data-baton-disposition`, then `start` with the turn id as `messageId`, `start-step`, text, reasoning and tool chunks, `finish-step`, `message-metadata` with the turn's status and seq range, `finish`, `abort` or `error`), then `data: [DONE]`"),
         (status = 400, description = "Malformed body, `regenerate-message`, a last message that is not a user message with text parts, or an unknown agent", body = ErrorBody),
         (status = 401, body = ErrorBody),
@@ -345,7 +383,7 @@ pub async fn chat(
 }
 
 /// Resume: the running turn's stream, replayed from its `start`, then live.
-#[utoipa::path(get, path = "/v1/ai-sdk/chat/{id}/stream", params(("id" = String, Path, description = "The chat id")),
+#[utoipa::path(get, path = "/v1/ai-sdk/chat/{id}/stream", operation_id = "aiSdkResume", params(("id" = String, Path, description = "The chat id")),
     responses((status = 200, description = "The running turn's UI message stream from its `start`, then live (as for `POST /v1/ai-sdk/chat`, without the disposition)"),
         (status = 204, description = "No turn is running"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -354,7 +392,7 @@ pub async fn chat(
 pub async fn resume(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(chat): Path<String>,
+    ChatPath(chat): ChatPath,
 ) -> ApiResult<Response> {
     let Some(session) = find_chat(&state, &owner, &chat).await? else {
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -377,7 +415,7 @@ pub async fn resume(
 }
 
 /// Cancel the chat's running turn (closing a stream never does).
-#[utoipa::path(post, path = "/v1/ai-sdk/chat/{id}/stop", params(("id" = String, Path, description = "The chat id")),
+#[utoipa::path(post, path = "/v1/ai-sdk/chat/{id}/stop", operation_id = "aiSdkStop", params(("id" = String, Path, description = "The chat id")),
     responses((status = 202, description = "A cancel was requested for this turn", body = Stopped),
         (status = 200, description = "No turn was running", body = Stopped),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -386,7 +424,7 @@ pub async fn resume(
 pub async fn stop(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(chat): Path<String>,
+    ChatPath(chat): ChatPath,
 ) -> ApiResult<Response> {
     let turn_id = match find_chat(&state, &owner, &chat).await? {
         Some(s) => state.engine.cancel(&owner, s.id, None).await?,
@@ -401,7 +439,7 @@ pub async fn stop(
 }
 
 /// The transcript as `UIMessage`s, for the app to load.
-#[utoipa::path(get, path = "/v1/ai-sdk/chat/{id}/messages", params(("id" = String, Path, description = "The chat id")),
+#[utoipa::path(get, path = "/v1/ai-sdk/chat/{id}/messages", operation_id = "aiSdkMessages", params(("id" = String, Path, description = "The chat id")),
     responses((status = 200, body = Transcript),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, description = "A session id the caller does not own", body = ErrorBody),
@@ -409,7 +447,7 @@ pub async fn stop(
 pub async fn messages(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(chat): Path<String>,
+    ChatPath(chat): ChatPath,
 ) -> ApiResult<Json<Transcript>> {
     let Some(session) = find_chat(&state, &owner, &chat).await? else {
         return Ok(Json(Transcript {

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::Json;
 use baton_core::export::{self, Options};
 use serde::Serialize;
@@ -14,7 +14,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{query_u64, session_id, Owner};
+use crate::extract::{query_u64, Owner, SessionPath};
 use crate::AppState;
 
 /// The exported transcript.
@@ -44,7 +44,7 @@ fn flag(q: &HashMap<String, String>, name: &str) -> ApiResult<bool> {
 }
 
 /// Export the transcript for a model API.
-#[utoipa::path(get, path = "/v1/sessions/{id}/export",
+#[utoipa::path(get, path = "/v1/sessions/{id}/export", operation_id = "exportSession",
     params(
         ("id" = String, Path),
         ("format" = Option<String>, Query, description = "`openai` (default): Chat Completions `messages`; `anthropic`: a Messages API request's `{system, messages}`"),
@@ -57,10 +57,9 @@ fn flag(q: &HashMap<String, String>, name: &str) -> ApiResult<bool> {
 pub async fn export(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Export>> {
-    let id = session_id(&id)?;
     let anthropic = match q.get("format").map(String::as_str) {
         Some("openai") | None => false,
         Some("anthropic") => true,

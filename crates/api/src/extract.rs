@@ -2,19 +2,118 @@
 //! token, JSON bodies (size judged on the bytes actually read), path ids,
 //! strict query integers and the `Idempotency-Key` header.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use axum::body::BodyDataStream;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use baton_core::SessionId;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
+use crate::answers::{map, Answers};
 use crate::error::ApiError;
 use crate::AppState;
+
+impl Answers for Owner {
+    fn answers() -> BTreeMap<u16, BTreeSet<&'static str>> {
+        map(&[(401, "unauthorized")])
+    }
+}
+
+/// The session named by the path's `{id}`: malformed is a `400`; missing
+/// (or another owner's) a `404` from the handler's lookup.
+pub struct SessionPath(pub SessionId);
+
+impl<S: Send + Sync> FromRequestParts<S> for SessionPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::invalid(e.body_text()))?;
+        session_id(&raw).map(SessionPath)
+    }
+}
+
+impl Answers for SessionPath {
+    fn answers() -> BTreeMap<u16, BTreeSet<&'static str>> {
+        map(&[(400, "invalid_request"), (404, "not_found")])
+    }
+}
+
+/// A session's permission request: `{id}` and `{request_id}`.
+pub struct PermissionPath(pub SessionId, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PermissionPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path((raw, request_id)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::invalid(e.body_text()))?;
+        Ok(PermissionPath(session_id(&raw)?, request_id))
+    }
+}
+
+impl Answers for PermissionPath {
+    fn answers() -> BTreeMap<u16, BTreeSet<&'static str>> {
+        map(&[(400, "invalid_request"), (404, "not_found")])
+    }
+}
+
+/// The `Idempotency-Key` header: malformed is a `400`; reused with another
+/// request a `409`.
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        idempotency_key(&parts.headers).map(IdempotencyKey)
+    }
+}
+
+impl Answers for IdempotencyKey {
+    fn answers() -> BTreeMap<u16, BTreeSet<&'static str>> {
+        map(&[(400, "invalid_request"), (409, "idempotency_conflict")])
+    }
+}
+
+/// Other headers a handler reads itself.
+impl Answers for HeaderMap {
+    fn answers() -> BTreeMap<u16, BTreeSet<&'static str>> {
+        map(&[(400, "invalid_request")])
+    }
+}
+
+/// What reading a JSON body can answer, and what the body's request can.
+fn body_answers<T: Answers>() -> BTreeMap<u16, BTreeSet<&'static str>> {
+    let mut out = map(&[
+        (400, "invalid_request"),
+        (408, "request_timeout"),
+        (413, "payload_too_large"),
+        (503, "unavailable"),
+    ]);
+    for (status, codes) in T::answers() {
+        out.entry(status).or_default().extend(codes);
+    }
+    out
+}
+
+impl<T: Answers> Answers for JsonBody<T> {
+    fn answers() -> BTreeMap<u16, BTreeSet<&'static str>> {
+        body_answers::<T>()
+    }
+}
+
+impl<T: Answers> Answers for MaybeJsonBody<T> {
+    fn answers() -> BTreeMap<u16, BTreeSet<&'static str>> {
+        body_answers::<T>()
+    }
+}
 
 /// The authenticated owner of the request.
 #[derive(Clone, Debug)]

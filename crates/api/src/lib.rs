@@ -7,6 +7,8 @@
 //! answered exactly like a missing one (I10).
 
 pub mod ai_sdk;
+pub mod answers;
+pub mod document;
 pub mod error;
 pub mod export;
 pub mod extract;
@@ -15,17 +17,18 @@ pub mod metrics;
 pub mod sessions;
 pub mod stream;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::MethodRouter;
 use axum::{Json, Router};
 use baton_core::Policy;
 use baton_engine::Engine;
 use utoipa::OpenApi;
 
+pub use document::document;
 pub use extract::Auth;
 pub use metrics::Metrics;
 
@@ -70,14 +73,14 @@ pub struct AppState {
 /// The API document, generated from the handlers and types.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Baton", description = "A session runtime for AI agents: ordered logs, one turn at a time, busy policies, resumable streams."),
+    info(title = "Baton", description = "A session runtime for AI agents: ordered logs, one turn at a time, busy policies, resumable streams.\n\nEvery error is a JSON body `{\"error\": {\"code\", \"message\"}}`. Besides the answers each operation lists, the server answers requests it cannot route or parse itself, with the same body: `400 invalid_request` (a malformed request line or header, a duplicate `Content-Length`), `404 not_found` (no such route), `405 method_not_allowed`, `414 uri_too_long`, `431 header_too_large`, and `503 too_many_connections` past its connection cap. Bodies are JSON objects sent as `application/json`; no text in them may hold a NUL character (U+0000)."),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::delete, sessions::post_message,
         sessions::entries, sessions::turns, sessions::cancel, sessions::permissions,
         sessions::answer_permission, stream::stream, export::export, agents, healthz,
         metrics::render, openapi, ai_sdk::chat, ai_sdk::resume, ai_sdk::stop, ai_sdk::messages
     ),
-    components(schemas(baton_core::Entry, baton_core::Session, sessions::ListedSession, baton_core::PermissionInfo,
+    components(schemas(AgentList, AgentInfo, Health, error::ErrorBody, baton_core::Entry, baton_core::Session, sessions::ListedSession, baton_core::PermissionInfo,
         baton_core::PermissionOptionInfo, baton_core::PermissionPolicy, baton_core::PermissionStatus, baton_core::Turn, baton_core::Disposition, baton_core::Policy,
         ai_sdk::ChatRequest, ai_sdk::Stopped, ai_sdk::Transcript)),
     modifiers(&BearerAuth)
@@ -101,9 +104,37 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// `GET /v1/agents`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct AgentList {
+    pub agents: Vec<AgentInfo>,
+}
+
+/// A configured agent.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct AgentInfo {
+    pub name: String,
+    /// `demo` or `acp`.
+    pub kind: String,
+    /// Whether a running turn takes more input (`steer` joins it).
+    pub mid_turn_input: bool,
+    /// ACP: the command line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// ACP: the agent process's status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub process: Option<serde_json::Value>,
+    /// ACP: the capabilities from `initialize`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub capabilities: Option<serde_json::Value>,
+}
+
 /// The configured agents.
-#[utoipa::path(get, path = "/v1/agents", responses((status = 200, description = "`{agents: [{name, kind, mid_turn_input, command?, process?, capabilities?}]}`: the configured agents, whether a running turn takes more input (`steer` joins it), their capabilities from `initialize`, and process status")))]
-async fn agents(State(state): State<AppState>, _owner: extract::Owner) -> impl IntoResponse {
+#[utoipa::path(get, path = "/v1/agents", operation_id = "listAgents",
+    responses((status = 200, description = "The configured agents, whether a running turn takes more input, their capabilities from `initialize`, and process status", body = AgentList)))]
+async fn agents(State(state): State<AppState>, _owner: extract::Owner) -> Json<serde_json::Value> {
     let agents: Vec<_> = state
         .engine
         .agents()
@@ -119,23 +150,31 @@ async fn agents(State(state): State<AppState>, _owner: extract::Owner) -> impl I
     Json(serde_json::json!({ "agents": agents }))
 }
 
-/// Liveness and store reachability.
-#[utoipa::path(get, path = "/healthz", security(()), responses((status = 200), (status = 503, body = error::ErrorBody)))]
-async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    match state.engine.store().ping().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(serde_json::json!({"status": "ok", "node": state.engine.node()})),
-        )
-            .into_response(),
-        Err(e) => error::ApiError::from(e).into_response(),
-    }
+/// `GET /healthz`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// This node's id.
+    pub node: String,
 }
 
-/// This API document.
-#[utoipa::path(get, path = "/openapi.json", security(()), responses((status = 200, description = "The OpenAPI document")))]
-async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+/// Liveness and store reachability.
+#[utoipa::path(get, path = "/healthz", operation_id = "getHealth",
+    responses((status = 200, description = "The store answers", body = Health)))]
+async fn healthz(State(state): State<AppState>) -> error::ApiResult<Json<Health>> {
+    state.engine.store().ping().await?;
+    Ok(Json(Health {
+        status: "ok".into(),
+        node: state.engine.node().to_owned(),
+    }))
+}
+
+/// This API document (OpenAPI 3.1).
+#[utoipa::path(get, path = "/openapi.json", operation_id = "getOpenApi",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+async fn openapi() -> Json<serde_json::Value> {
+    Json(document())
 }
 
 async fn fallback() -> error::ApiError {
@@ -158,34 +197,58 @@ async fn method_not_allowed() -> error::ApiError {
     }
 }
 
+/// One API route: its method, its path, and what its handler can answer
+/// (derived from the handler's signature, see [`answers`]).
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub answers: BTreeMap<u16, BTreeSet<&'static str>>,
+}
+
+/// Declares the API's routes once: [`routes`] lists them, and the router is
+/// built from the same list, so the two cannot differ.
+macro_rules! api_routes {
+    ($($path:literal => { $($method:ident $handler:path),+ })*) => {
+        /// Every API route (the inspector's pages aside).
+        pub fn routes() -> Vec<Route> {
+            vec![$($(Route {
+                method: stringify!($method),
+                path: $path,
+                answers: answers::of(&$handler),
+            },)+)*]
+        }
+
+        fn api_router() -> Router<AppState> {
+            Router::new()$(.route($path, MethodRouter::new()$(.$method($handler))+))*
+        }
+    };
+}
+
+api_routes! {
+    "/v1/sessions" => { post sessions::create, get sessions::list }
+    "/v1/sessions/{id}" => { get sessions::get, delete sessions::delete }
+    "/v1/sessions/{id}/messages" => { post sessions::post_message }
+    "/v1/sessions/{id}/entries" => { get sessions::entries }
+    "/v1/sessions/{id}/stream" => { get stream::stream }
+    "/v1/sessions/{id}/cancel" => { post sessions::cancel }
+    "/v1/sessions/{id}/turns" => { get sessions::turns }
+    "/v1/sessions/{id}/permissions" => { get sessions::permissions }
+    "/v1/sessions/{id}/permissions/{request_id}" => { post sessions::answer_permission }
+    "/v1/sessions/{id}/export" => { get export::export }
+    "/v1/ai-sdk/chat" => { post ai_sdk::chat }
+    "/v1/ai-sdk/chat/{id}/stream" => { get ai_sdk::resume }
+    "/v1/ai-sdk/chat/{id}/stop" => { post ai_sdk::stop }
+    "/v1/ai-sdk/chat/{id}/messages" => { get ai_sdk::messages }
+    "/v1/agents" => { get agents }
+    "/healthz" => { get healthz }
+    "/metrics" => { get metrics::render }
+    "/openapi.json" => { get openapi }
+}
+
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let max_body = state.cfg.max_body;
-    Router::new()
-        .route("/v1/sessions", post(sessions::create).get(sessions::list))
-        .route(
-            "/v1/sessions/{id}",
-            get(sessions::get).delete(sessions::delete),
-        )
-        .route("/v1/sessions/{id}/messages", post(sessions::post_message))
-        .route("/v1/sessions/{id}/entries", get(sessions::entries))
-        .route("/v1/sessions/{id}/stream", get(stream::stream))
-        .route("/v1/sessions/{id}/cancel", post(sessions::cancel))
-        .route("/v1/sessions/{id}/turns", get(sessions::turns))
-        .route("/v1/sessions/{id}/permissions", get(sessions::permissions))
-        .route(
-            "/v1/sessions/{id}/permissions/{request_id}",
-            post(sessions::answer_permission),
-        )
-        .route("/v1/sessions/{id}/export", get(export::export))
-        .route("/v1/ai-sdk/chat", post(ai_sdk::chat))
-        .route("/v1/ai-sdk/chat/{id}/stream", get(ai_sdk::resume))
-        .route("/v1/ai-sdk/chat/{id}/stop", post(ai_sdk::stop))
-        .route("/v1/ai-sdk/chat/{id}/messages", get(ai_sdk::messages))
-        .route("/v1/agents", get(agents))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics::render))
-        .route("/openapi.json", get(openapi))
+    api_router()
         .merge(inspector::routes())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)

@@ -165,7 +165,8 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
 }
 
 /// Prometheus metrics (text exposition format).
-#[utoipa::path(get, path = "/metrics", security(()), responses((status = 200, description = "Prometheus text")))]
+#[utoipa::path(get, path = "/metrics", operation_id = "getMetrics",
+    responses((status = 200, description = "The metrics in the OpenMetrics text format", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String)))]
 pub async fn render(State(state): State<AppState>) -> Response {
     state
         .metrics
@@ -186,15 +187,17 @@ pub async fn render(State(state): State<AppState>) -> Response {
         counter.inc_by(total.saturating_sub(counter.get()));
     }
     let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &state.metrics.registry) {
-        Ok(()) => (
-            [(
-                CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        )
-            .into_response(),
-        Err(e) => crate::error::ApiError::invalid(format!("encoding metrics: {e}")).into_response(),
+    // Writing to a String cannot fail; a metric that cannot be encoded is
+    // logged and left out.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.metrics.registry) {
+        tracing::error!(error = %e, "encoding metrics");
     }
+    (
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }

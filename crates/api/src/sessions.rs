@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use baton_core::{
@@ -13,8 +13,11 @@ use baton_store::{AnswerPermission, CreateSession, ListCursor, PostMessage, Sess
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::answers::{map, Answers};
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{idempotency_key, query_u64, session_id, JsonBody, MaybeJsonBody, Owner};
+use crate::extract::{
+    query_u64, IdempotencyKey, JsonBody, MaybeJsonBody, Owner, PermissionPath, SessionPath,
+};
 use crate::AppState;
 
 /// `POST /v1/sessions` body.
@@ -179,17 +182,16 @@ pub(crate) fn non_empty(content: &str) -> ApiResult<()> {
 }
 
 /// Create a session.
-#[utoipa::path(post, path = "/v1/sessions", request_body = CreateSessionBody,
+#[utoipa::path(post, path = "/v1/sessions", operation_id = "createSession", request_body = CreateSessionBody,
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes the create idempotent per owner")),
     responses((status = 201, body = Session), (status = 200, description = "An idempotent retry", body = Session),
         (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(body): JsonBody<CreateSessionBody>,
 ) -> ApiResult<Response> {
-    let key = idempotency_key(&headers)?;
     let agent = body
         .agent
         .clone()
@@ -241,7 +243,7 @@ pub async fn create(
 }
 
 /// List the caller's sessions, newest first, one page at a time.
-#[utoipa::path(get, path = "/v1/sessions",
+#[utoipa::path(get, path = "/v1/sessions", operation_id = "listSessions",
     params(("limit" = Option<u32>, Query, description = "1 to 1000, default 100"),
         ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page"),
         ("status" = Option<String>, Query, description = "`idle` or `running`: only sessions in that status"),
@@ -300,28 +302,26 @@ pub async fn list(
 }
 
 /// Get a session, with its running turn's pending permission requests.
-#[utoipa::path(get, path = "/v1/sessions/{id}", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/sessions/{id}", operation_id = "getSession", params(("id" = String, Path)),
     responses((status = 200, body = Session), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
 ) -> ApiResult<Json<Session>> {
-    let id = session_id(&id)?;
     Ok(Json(
         state.engine.session_with_permissions(&owner, id).await?,
     ))
 }
 
 /// The permission requests waiting for an answer.
-#[utoipa::path(get, path = "/v1/sessions/{id}/permissions", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/sessions/{id}/permissions", operation_id = "listPermissions", params(("id" = String, Path)),
     responses((status = 200, body = PermissionList), (status = 404, body = ErrorBody)))]
 pub async fn permissions(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
 ) -> ApiResult<Json<PermissionList>> {
-    let id = session_id(&id)?;
     let permissions = state.engine.permissions(&owner, id).await?;
     Ok(Json(PermissionList { permissions }))
 }
@@ -331,7 +331,7 @@ pub async fn permissions(
 /// other answer after the first, or one after the request was closed (timed
 /// out, its turn cancelled or ended), is `409 permission_closed` with the
 /// request's state.
-#[utoipa::path(post, path = "/v1/sessions/{id}/permissions/{request_id}", request_body = AnswerBody,
+#[utoipa::path(post, path = "/v1/sessions/{id}/permissions/{request_id}", operation_id = "answerPermission", request_body = AnswerBody,
     params(("id" = String, Path), ("request_id" = String, Path)),
     responses((status = 201, body = PermissionAnswered), (status = 200, description = "An identical retry: the original decision", body = PermissionAnswered),
         (status = 400, description = "Malformed body or an option the request does not offer", body = ErrorBody),
@@ -340,18 +340,9 @@ pub async fn permissions(
 pub async fn answer_permission(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path((id, request_id)): Path<(String, String)>,
-    JsonBody(body): JsonBody<serde_json::Value>,
+    PermissionPath(id, request_id): PermissionPath,
+    JsonBody(body): JsonBody<AnswerBody>,
 ) -> ApiResult<Response> {
-    let id = session_id(&id)?;
-    // An object only: serde would also read `["allow"]` as the struct.
-    if !body.is_object() {
-        return Err(ApiError::invalid(
-            "the body must be a JSON object: {\"option_id\": …}",
-        ));
-    }
-    let body: AnswerBody = serde_json::from_value(body)
-        .map_err(|e| ApiError::invalid(format!("invalid body: {e}")))?;
     if body.option_id.is_empty() {
         return Err(ApiError::invalid("option_id must be a non-empty string"));
     }
@@ -376,20 +367,19 @@ pub async fn answer_permission(
 }
 
 /// Cancel the session's turn, then delete it and all its entries.
-#[utoipa::path(delete, path = "/v1/sessions/{id}", params(("id" = String, Path)),
+#[utoipa::path(delete, path = "/v1/sessions/{id}", operation_id = "deleteSession", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
 ) -> ApiResult<StatusCode> {
-    let id = session_id(&id)?;
     state.engine.delete(&owner, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Post a user message; its disposition says what happened to it.
-#[utoipa::path(post, path = "/v1/sessions/{id}/messages", request_body = PostMessageBody,
+#[utoipa::path(post, path = "/v1/sessions/{id}/messages", operation_id = "postMessage", request_body = PostMessageBody,
     params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Makes the post idempotent per session")),
     responses((status = 201, body = Posted), (status = 200, description = "An idempotent retry", body = Posted),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
@@ -397,12 +387,10 @@ pub async fn delete(
 pub async fn post_message(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    SessionPath(id): SessionPath,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(body): JsonBody<PostMessageBody>,
 ) -> ApiResult<Response> {
-    let id = session_id(&id)?;
-    let key = idempotency_key(&headers)?;
     non_empty(&body.content)?;
     let posted = state
         .engine
@@ -433,16 +421,15 @@ pub async fn post_message(
 }
 
 /// Read a session's entries in seq order.
-#[utoipa::path(get, path = "/v1/sessions/{id}/entries",
+#[utoipa::path(get, path = "/v1/sessions/{id}/entries", operation_id = "listEntries",
     params(("id" = String, Path), ("after" = Option<u64>, Query), ("limit" = Option<u32>, Query, description = "1 to 1000, default 100")),
     responses((status = 200, body = EntryPage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn entries(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<EntryPage>> {
-    let id = session_id(&id)?;
     let after = query_u64(&q, "after")?.unwrap_or(0);
     let limit = query_u64(&q, "limit")?.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -461,14 +448,13 @@ pub async fn entries(
 }
 
 /// The session's turns in the order of their input (the order they ran in).
-#[utoipa::path(get, path = "/v1/sessions/{id}/turns", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/sessions/{id}/turns", operation_id = "listTurns", params(("id" = String, Path)),
     responses((status = 200, body = TurnList), (status = 404, body = ErrorBody)))]
 pub async fn turns(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
 ) -> ApiResult<Json<TurnList>> {
-    let id = session_id(&id)?;
     state.engine.session(&owner, id).await?;
     let turns = state.engine.store().turns(id).await?;
     Ok(Json(TurnList { turns }))
@@ -476,7 +462,7 @@ pub async fn turns(
 
 /// Cancel the running (or starting) turn, if any; with `{"turn_id": …}`,
 /// only that turn.
-#[utoipa::path(post, path = "/v1/sessions/{id}/cancel", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/sessions/{id}/cancel", operation_id = "cancelTurn", params(("id" = String, Path)),
     request_body(content = Option<CancelBody>, description = "Optional: which turn to cancel"),
     responses((status = 202, description = "A cancel was requested", body = Cancelled),
         (status = 200, description = "Nothing cancelled: the session is idle, or the named turn is not the active one (`active_turn_id` says which is)", body = Cancelled),
@@ -484,10 +470,9 @@ pub async fn turns(
 pub async fn cancel(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
     MaybeJsonBody(body): MaybeJsonBody<CancelBody>,
 ) -> ApiResult<Response> {
-    let id = session_id(&id)?;
     let only = body.and_then(|b| b.turn_id);
     let turn_id = state.engine.cancel(&owner, id, only).await?;
     if turn_id.is_some() {
@@ -516,4 +501,31 @@ pub async fn cancel(
         }),
     )
         .into_response())
+}
+
+/// What a request body can provoke beyond being malformed.
+impl Answers for CreateSessionBody {
+    fn answers() -> std::collections::BTreeMap<u16, std::collections::BTreeSet<&'static str>> {
+        map(&[])
+    }
+}
+
+impl Answers for PostMessageBody {
+    fn answers() -> std::collections::BTreeMap<u16, std::collections::BTreeSet<&'static str>> {
+        // Policy `reject` while a turn runs; the session's queue is full.
+        map(&[(409, "session_busy"), (429, "queue_full")])
+    }
+}
+
+impl Answers for AnswerBody {
+    fn answers() -> std::collections::BTreeMap<u16, std::collections::BTreeSet<&'static str>> {
+        // Answered otherwise already, or closed.
+        map(&[(409, "permission_closed")])
+    }
+}
+
+impl Answers for CancelBody {
+    fn answers() -> std::collections::BTreeMap<u16, std::collections::BTreeSet<&'static str>> {
+        map(&[])
+    }
 }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use baton_core::late::DeltaFilter;
@@ -28,7 +28,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{parse_u64, session_id, Owner};
+use crate::extract::{parse_u64, Owner, SessionPath};
 use crate::AppState;
 
 /// How many entries one store read fetches while catching up.
@@ -45,19 +45,18 @@ struct Delta<'a> {
 }
 
 /// Follow a session live, resuming after `Last-Event-ID` or `?after=N`.
-#[utoipa::path(get, path = "/v1/sessions/{id}/stream",
+#[utoipa::path(get, path = "/v1/sessions/{id}/stream", operation_id = "streamSession",
     params(("id" = String, Path), ("after" = Option<u64>, Query, description = "Resume after this seq"),
         ("Last-Event-ID" = Option<String>, Header, description = "Wins over ?after")),
-    responses((status = 200, description = "text/event-stream: `entry` events with id = seq, `delta` events without id"),
+    responses((status = 200, description = "The session's entries from the resume point on, then live: `entry` events with id = seq, `delta` events without id", content_type = "text/event-stream", body = String),
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn stream(
     State(state): State<AppState>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    let id = session_id(&id)?;
     let session = state.engine.session(&owner, id).await?;
     // Repeated headers are one list (RFC 9110 §5.3): the same id twice is
     // that id; two different ones say nothing a resume can use.
