@@ -30,7 +30,10 @@ struct Server {
 async fn server(pg: Option<&PgSchema>, tune: impl FnOnce(&mut ServeConfig)) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = ServeConfig::embedded(dir.path().join("baton.db").to_string_lossy());
-    cfg.database_url = pg.map(|s| s.url().to_owned());
+    if let Some(schema) = pg {
+        cfg.database_url = Some(schema.url().to_owned());
+        cfg.db = None;
+    }
     cfg.demo_word_delay_ms = 1;
     cfg.shutdown_grace_ms = 0;
     tune(&mut cfg);
