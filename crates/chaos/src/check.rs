@@ -16,7 +16,9 @@
 //!   times; each ends exactly once; nothing of a turn after its end; its
 //!   first input precedes its start and it takes no input after its end.
 //! - **Dispositions:** a `started` message is its turn's first input; a
-//!   `steered` one is in its turn's input.
+//!   `steered` one is in its turn's input, or in the next turn's when the
+//!   turn ended before taking it; an `interrupting` one is in the input of
+//!   the turn after the one it cancelled.
 //! - **Streams (I9, I8):** each connection received exactly the stored log
 //!   from its cursor, and no delta of a turn whose end it had passed.
 //! - **Isolation (I10):** every probe of another owner's session, or of a
@@ -398,29 +400,40 @@ fn check_session(s: &SessionHistory, r: &mut Report) {
         ));
     }
 
-    // The runtime did what each disposition said.
+    // The runtime did what each disposition said. A steered message the
+    // turn ended without taking is handed to the next turn; an interrupting
+    // one runs in the turn after the one it cancels.
+    let next_turn: HashMap<&str, &str> = order.windows(2).map(|w| (w[0], w[1])).collect();
+    let holds = |t: &str, seq: u64| {
+        input_of
+            .get(t)
+            .is_some_and(|i| i.from <= seq && seq <= i.to)
+    };
     for m in &s.messages {
-        for a in &m.acks {
-            let Some(t) = a.turn_id.as_deref() else {
-                continue;
-            };
-            let ok = match a.disposition.as_str() {
-                "started" => input_of.get(t).is_some_and(|i| i.from == a.seq),
-                "steered" => input_of
-                    .get(t)
-                    .is_some_and(|i| i.from <= a.seq && a.seq <= i.to),
-                _ => true,
-            };
-            if !ok {
-                v.dispositions += 1;
-                details.push(format!(
-                    "message {:?} at seq {} was {} with turn {t}, which took {:?}",
-                    m.key,
-                    a.seq,
-                    a.disposition,
-                    input_of.get(t)
-                ));
-            }
+        let Some(a) = m.acks.first() else {
+            continue;
+        };
+        let Some(t) = a.turn_id.as_deref() else {
+            continue;
+        };
+        let after = next_turn.get(t).copied();
+        let ok = match a.disposition.as_str() {
+            "started" => input_of.get(t).is_some_and(|i| i.from == a.seq),
+            "steered" => holds(t, a.seq) || after.is_some_and(|n| holds(n, a.seq)),
+            "interrupting" => after.is_some_and(|n| holds(n, a.seq)),
+            _ => true,
+        };
+        // Before quiescence the turn that will take it may not exist yet.
+        if !ok && (s.quiesced || input_of.contains_key(t) && after.is_some()) {
+            v.dispositions += 1;
+            details.push(format!(
+                "message {:?} at seq {} was {} with turn {t}, which took {:?} (next turn: {:?})",
+                m.key,
+                a.seq,
+                a.disposition,
+                input_of.get(t),
+                after.and_then(|n| input_of.get(n)),
+            ));
         }
     }
 

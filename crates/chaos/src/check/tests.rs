@@ -383,6 +383,60 @@ fn a_disposition_not_carried_out_is_flagged() {
     flags(s, |v| v.dispositions, 1);
 }
 
+/// m1 starts t1; m2 arrives while it runs, with `disposition` naming t1;
+/// t2 takes m2.
+fn handed_on(disposition: &str) -> SessionHistory {
+    let log = vec![
+        user(1, "m1"),
+        started(2, "t1", 1, 1),
+        user(3, "m2"),
+        ended(4, "t1"),
+        started(5, "t2", 3, 3),
+        ended(6, "t2"),
+    ];
+    SessionHistory {
+        id: "s".into(),
+        quiesced: true,
+        turns: vec![record("t1", 1, 1, 1, 2), record("t2", 3, 3, 2, 3)],
+        messages: vec![
+            message("m1", 1, "queue", "started", Some("t1")),
+            message("m2", 3, "interrupt", disposition, Some("t1")),
+        ],
+        log,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn interrupting_and_untaken_steered_messages_run_in_the_next_turn() {
+    assert_eq!(verdict(handed_on("interrupting")).violations.total(), 0);
+    let mut steered = handed_on("steered");
+    steered.messages[1].policy = "steer".into();
+    assert_eq!(verdict(steered).violations.total(), 0);
+}
+
+#[test]
+fn an_interrupting_message_that_did_not_run_next_is_flagged() {
+    // m2 interrupted t1 but t2 ran m1's queue-mate first; m2 only in t3.
+    let mut s = handed_on("interrupting");
+    s.log.truncate(3);
+    s.log.extend([
+        user(4, "m3"),
+        ended(5, "t1"),
+        started(6, "t2", 4, 4),
+        ended(7, "t2"),
+        started(8, "t3", 3, 3),
+        ended(9, "t3"),
+    ]);
+    s.turns = vec![
+        record("t1", 1, 1, 1, 2),
+        record("t2", 4, 4, 2, 3),
+        record("t3", 3, 3, 3, 4),
+    ];
+    s.messages.push(message("m3", 4, "queue", "queued", None));
+    flags(s, |v| v.dispositions, 1);
+}
+
 #[test]
 fn a_stream_that_skipped_an_entry_is_flagged() {
     let mut s = good();
