@@ -131,7 +131,16 @@ fn classify(e: sqlx::Error) -> StoreError {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("57P01") => {
+        // The server shutting down, or one of the waits this store sets
+        // (`statement_timeout`, `lock_timeout`, the idle transaction
+        // timeout) running out: the database cannot answer in time, which a
+        // client may retry (503), not a fault of the request (500).
+        sqlx::Error::Database(db)
+            if matches!(
+                db.code().as_deref(),
+                Some("57P01" | "57014" | "55P03" | "25P03")
+            ) || db.code().is_some_and(|c| c.starts_with("08")) =>
+        {
             StoreError::Unavailable(e.to_string())
         }
         _ => StoreError::Internal(e.to_string()),
@@ -2639,6 +2648,20 @@ mod tests {
                     assert_eq!(c, constraint)
                 }
                 other => panic!("{constraint} on the first try: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_database_that_cannot_answer_in_time_is_unavailable() {
+        // Statement timeout, lock timeout, idle transaction timeout, a
+        // connection failure: each is a wait this store set running out, or
+        // the link going, under load or a partition. They were `Internal`
+        // (HTTP 500); the chaos run on a PostgreSQL cluster found them.
+        for code in ["57014", "55P03", "25P03", "08006", "57P01"] {
+            match after_failure(db(code), 1) {
+                Err(StoreError::Unavailable(_)) => {}
+                other => panic!("{code}: {other:?}"),
             }
         }
     }
