@@ -5,8 +5,11 @@
 //! live events, dropping any entry already sent (`seq <= last`) and filling
 //! any hole (`seq > last + 1`, or a lagged receiver) from the store. Every
 //! entry on the bus is committed, and so is everything before it, so the
-//! store can always fill the hole. Deltas carry no id and are dropped once
-//! their turn's `turn_ended` has been sent, or when they come from a worker
+//! store can always fill the hole. Deltas carry no id and go out only for a
+//! turn the stream knows to be running (the session's turn when it opened,
+//! or one whose `turn_started` it sent, until its `turn_ended`): a stream
+//! resumed past a turn's end drops that turn's late deltas from another
+//! node's bus. They are also dropped when they come from a worker
 //! whose lease epoch is older than one already seen (I8; the rule lives in
 //! `baton_core::late::DeltaFilter`). At shutdown a stream ends only once the
 //! node's turns have ended, after sending what they stored last.
@@ -100,7 +103,7 @@ pub async fn stream(
         // Streams end when the server has stopped its turns, so graceful
         // shutdown does not wait on them; clients resume elsewhere with
         // Last-Event-ID.
-        if let Err(e) = follow(store, id, after, live, &tx, closed).await {
+        if let Err(e) = follow(store, id, after, session.turn_id, live, &tx, closed).await {
             tracing::debug!(session = %id, error = %e, "stream ended");
         }
         bus.prune(id);
@@ -187,6 +190,7 @@ async fn follow(
     store: SharedStore,
     id: SessionId,
     after: Seq,
+    active: Option<TurnId>,
     mut live: broadcast::Receiver<BusEvent>,
     tx: &mpsc::Sender<Result<Event, Infallible>>,
     mut closed: tokio::sync::watch::Receiver<bool>,
@@ -194,7 +198,10 @@ async fn follow(
     let mut cur = Cursor {
         tx,
         last: after,
-        deltas: DeltaFilter::default(),
+        // The session's turn when it was read, before subscribing: a turn
+        // that ended before then ended at or before `after`, and none of
+        // its deltas may follow (I8).
+        deltas: DeltaFilter::opened(active),
     };
     cur.catch_up(&store, id, None).await?;
     // The bus is a hint across nodes (notifications can be dropped while a

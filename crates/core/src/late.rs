@@ -13,9 +13,11 @@
 //! - **the turn** (`turn::TurnMachine`): once the machine has ended or
 //!   abandoned the turn, every further event is dropped
 //!   ([`LateReason::TurnEnded`]);
-//! - **the stream** ([`DeltaFilter`]): a delta of a turn whose `turn_ended`
-//!   the subscriber has seen, or of a worker whose lease epoch is older than
-//!   one already seen on the session (a fenced worker), is not delivered.
+//! - **the stream** ([`DeltaFilter`]): only deltas of a turn the subscriber
+//!   knows to be running are delivered (the active turn when it opened, or
+//!   one whose `turn_started` it delivered, until its `turn_ended`), and not
+//!   from a worker whose lease epoch is older than one already seen on the
+//!   session (a fenced worker).
 //!
 //! What is guaranteed: nothing of a turn is stored after its terminal entry
 //! (the store's epoch and active-turn check is the backstop), no delta of an
@@ -26,7 +28,7 @@
 //! prompt is already on its way — is covered by a quiet window (the ACP
 //! driver's `quiet_after_answer`); that is the only timing rule.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 
 use crate::{Entry, EntryType, Epoch, TurnId};
 
@@ -97,38 +99,47 @@ impl PromptGate {
     }
 }
 
-/// How many ended turns a stream remembers (older ones ended long before
-/// anything it could still receive).
-const ENDED_MEMORY: usize = 64;
-
-/// A stream's view of which deltas it may still deliver.
+/// A stream's view of which deltas it may still deliver: those of the turns
+/// it knows to be running. It knows a turn runs from the session's active
+/// turn when the stream opened, or from the turn's `turn_started` it
+/// delivered; it stops at the turn's `turn_ended`. A delta of any other turn
+/// is late: that turn ended at or before the stream's cursor (a stream
+/// resumed past a turn's end never sees that end, yet the turn's last
+/// deltas may still be on their way from another node).
 #[derive(Debug, Default)]
 pub struct DeltaFilter {
     epoch: Epoch,
-    ended: HashSet<TurnId>,
-    order: VecDeque<TurnId>,
+    running: HashSet<TurnId>,
 }
 
 impl DeltaFilter {
+    /// A stream opened while `active` was the session's running turn.
+    pub fn opened(active: Option<TurnId>) -> Self {
+        Self {
+            epoch: Epoch::default(),
+            running: active.into_iter().collect(),
+        }
+    }
+
     /// Notes a stored entry the stream delivered.
     pub fn entry(&mut self, e: &Entry) {
-        if e.kind == EntryType::TurnEnded {
-            if let Some(t) = e.turn_id {
-                if self.ended.insert(t) {
-                    self.order.push_back(t);
-                    if self.order.len() > ENDED_MEMORY {
-                        if let Some(old) = self.order.pop_front() {
-                            self.ended.remove(&old);
-                        }
-                    }
-                }
+        let Some(t) = e.turn_id else {
+            return;
+        };
+        match e.kind {
+            EntryType::TurnStarted => {
+                self.running.insert(t);
             }
+            EntryType::TurnEnded => {
+                self.running.remove(&t);
+            }
+            _ => {}
         }
     }
 
     /// Whether a delta of `turn` from a worker holding `epoch` may go out.
     pub fn admit(&mut self, turn: TurnId, epoch: Epoch) -> Result<(), LateReason> {
-        if self.ended.contains(&turn) {
+        if !self.running.contains(&turn) {
             return Err(LateReason::TurnEnded);
         }
         if epoch < self.epoch {
@@ -142,7 +153,7 @@ impl DeltaFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{NewEntry, SessionId, Timestamp, TurnStatus};
+    use crate::{InputRange, NewEntry, SessionId, Timestamp, TurnStatus};
 
     #[test]
     fn a_gate_admits_its_prompt_until_the_cancel() {
@@ -158,16 +169,37 @@ mod tests {
     #[test]
     fn a_stream_drops_deltas_of_ended_turns_and_older_epochs() {
         let (a, b) = (TurnId::new(), TurnId::new());
-        let mut f = DeltaFilter::default();
+        let session = SessionId::new();
+        let mut f = DeltaFilter::opened(Some(a));
         assert_eq!(f.admit(a, 2), Ok(()));
         assert_eq!(f.admit(a, 1), Err(LateReason::StaleEpoch));
         let ended = NewEntry::turn_ended(a, TurnStatus::Completed, None).committed(
-            SessionId::new(),
+            session,
             3,
             Timestamp(0),
         );
         f.entry(&ended);
         assert_eq!(f.admit(a, 2), Err(LateReason::TurnEnded));
+        let started = NewEntry::turn_started(b, InputRange { from: 4, to: 4 }).committed(
+            session,
+            5,
+            Timestamp(0),
+        );
+        f.entry(&started);
         assert_eq!(f.admit(b, 2), Ok(()));
+    }
+
+    #[test]
+    fn a_stream_resumed_past_a_turns_end_drops_its_late_deltas() {
+        // Resumed after the turn's `turn_ended` (the session idle, or on to
+        // its next turn): the stream never delivers that end, but the
+        // turn's last deltas may still arrive from another node's bus.
+        // They were streamed; the chaos run on a PostgreSQL cluster found it.
+        let (ended, next) = (TurnId::new(), TurnId::new());
+        let mut idle = DeltaFilter::opened(None);
+        assert_eq!(idle.admit(ended, 1), Err(LateReason::TurnEnded));
+        let mut busy = DeltaFilter::opened(Some(next));
+        assert_eq!(busy.admit(ended, 1), Err(LateReason::TurnEnded));
+        assert_eq!(busy.admit(next, 2), Ok(()));
     }
 }
