@@ -346,3 +346,22 @@ async fn verify_cmd(a: VerifyArgs) -> anyhow::Result<bool> {
     }
     Ok(report.violations.total() == 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::split_pg_url;
+
+    #[test]
+    fn a_database_url_is_pointed_at_the_proxy() -> anyhow::Result<()> {
+        let (up, via) = split_pg_url("postgres://postgres:pw@db.local:6543/test?sslmode=disable")?;
+        assert_eq!(up, "db.local:6543");
+        assert_eq!(
+            via(7000),
+            "postgres://postgres:pw@127.0.0.1:7000/test?sslmode=disable"
+        );
+        let (up, via) = split_pg_url("postgres://127.0.0.1/test")?;
+        assert_eq!(up, "127.0.0.1:5432");
+        assert_eq!(via(1), "postgres://127.0.0.1:1/test");
+        Ok(())
+    }
+}

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -147,6 +147,8 @@ impl Node {
 pub struct Proxy {
     pub port: u16,
     cut: Arc<AtomicBool>,
+    /// Connections accepted while cut off and held unanswered.
+    held: Arc<AtomicUsize>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
 }
@@ -160,15 +162,18 @@ impl Proxy {
         let port = listener.local_addr().context("proxy address")?.port();
         let cut = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let held: Arc<AtomicUsize> = Arc::default();
+        let (cut2, conns2, held2) = (cut.clone(), conns.clone(), held.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let cut = cut2.clone();
+                let held = held2.clone();
                 let upstream = upstream.clone();
                 let task = tokio::spawn(async move {
                     // Cut off: the connection is held unanswered, as
                     // behind a partition, until the cut ends; then dropped.
                     if cut.load(Ordering::SeqCst) {
+                        held.fetch_add(1, Ordering::SeqCst);
                         while cut.load(Ordering::SeqCst) {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
@@ -187,6 +192,7 @@ impl Proxy {
         Ok(Self {
             port,
             cut,
+            held,
             conns,
             accept,
         })
@@ -199,6 +205,11 @@ impl Proxy {
         for h in live.iter() {
             h.abort();
         }
+    }
+
+    /// How many connections were held while cut off, so far.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
     }
 
     /// Lets the node reach the database again.
@@ -214,5 +225,62 @@ impl Drop for Proxy {
         for h in live.iter() {
             h.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn echo_server() -> anyhow::Result<String> {
+        let up = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = up.local_addr()?.to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = up.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        Ok(addr)
+    }
+
+    async fn ping(s: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+        s.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await?;
+        Ok(buf.to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_cut_drops_open_connections_and_holds_new_ones_until_healed() -> anyhow::Result<()> {
+        let proxy = Proxy::start(echo_server().await?).await?;
+        let mut open = TcpStream::connect(("127.0.0.1", proxy.port)).await?;
+        assert_eq!(ping(&mut open).await?, b"ping");
+
+        proxy.cut();
+        let mut buf = [0u8; 4];
+        let after_cut = open.read(&mut buf).await;
+        assert!(
+            matches!(after_cut, Ok(0) | Err(_)),
+            "an open connection is dropped: {after_cut:?}"
+        );
+
+        // A new connection is accepted but goes nowhere while cut off.
+        let mut held = TcpStream::connect(("127.0.0.1", proxy.port)).await?;
+        held.write_all(b"ping").await?;
+        while proxy.held() == 0 {
+            tokio::task::yield_now().await;
+        }
+        proxy.heal();
+        let n = held.read(&mut buf).await.unwrap_or(0);
+        assert_eq!(n, 0, "a held connection never reached the database");
+
+        let mut again = TcpStream::connect(("127.0.0.1", proxy.port)).await?;
+        assert_eq!(ping(&mut again).await?, b"ping", "healed");
+        Ok(())
     }
 }
