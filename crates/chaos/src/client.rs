@@ -41,22 +41,38 @@ impl Ops {
 /// What one request got: a status and a JSON body, or no answer at all.
 #[derive(Clone, Debug)]
 pub enum Outcome {
-    Answer { status: u16, body: Value },
-    NoAnswer(String),
+    Answer {
+        status: u16,
+        body: Value,
+    },
+    /// No answer: `unreachable` (never connected, so nothing was sent) or
+    /// not (sent, and the fate of the request is unknown).
+    NoAnswer {
+        unreachable: bool,
+        why: String,
+    },
 }
 
 impl Outcome {
     pub fn label(&self) -> String {
         match self {
-            Self::Answer { status, .. } => status.to_string(),
-            Self::NoAnswer(_) => "error".into(),
+            // A refusal names its code: `409 session_busy` and `409
+            // idempotency_conflict` mean different things.
+            Self::Answer { status, body } => match body["error"]["code"].as_str() {
+                Some(code) if *status >= 400 => format!("{status} {code}"),
+                _ => status.to_string(),
+            },
+            Self::NoAnswer {
+                unreachable: true, ..
+            } => "unreachable".into(),
+            Self::NoAnswer { .. } => "no answer".into(),
         }
     }
 
     pub fn status(&self) -> Option<u16> {
         match self {
             Self::Answer { status, .. } => Some(*status),
-            Self::NoAnswer(_) => None,
+            Self::NoAnswer { .. } => None,
         }
     }
 }
@@ -136,10 +152,16 @@ impl Api {
                             Value::String(String::from_utf8_lossy(&bytes).into_owned())
                         }),
                     },
-                    Err(e) => Outcome::NoAnswer(format!("reading the body: {e}")),
+                    Err(e) => Outcome::NoAnswer {
+                        unreachable: false,
+                        why: format!("reading the body: {e}"),
+                    },
                 }
             }
-            Err(e) => Outcome::NoAnswer(e.to_string()),
+            Err(e) => Outcome::NoAnswer {
+                unreachable: e.is_connect(),
+                why: e.to_string(),
+            },
         };
         self.ops.count(kind, &outcome.label());
         outcome
@@ -206,8 +228,17 @@ impl Api {
         };
         let resp = match tokio::time::timeout(Duration::from_secs(5), rb.send()).await {
             Ok(Ok(resp)) => resp,
-            Ok(Err(_)) | Err(_) => {
-                self.ops.count("stream", "error");
+            Ok(Err(e)) => {
+                let why = if e.is_connect() {
+                    "unreachable"
+                } else {
+                    "no answer"
+                };
+                self.ops.count("stream", why);
+                return None;
+            }
+            Err(_) => {
+                self.ops.count("stream", "no answer");
                 return None;
             }
         };

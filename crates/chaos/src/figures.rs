@@ -73,7 +73,8 @@ pub struct Figures {
     /// Sessions that never came to rest (a turn that never ended, a queue
     /// never drained): must be zero.
     pub sessions_not_quiesced: usize,
-    /// Requests by kind, then by status (`error`: no answer).
+    /// Requests by kind, then by status (`unreachable`: never connected, so
+    /// nothing was sent; `no answer`: sent, fate unknown).
     pub operations: BTreeMap<String, BTreeMap<String, u64>>,
     pub faults: BTreeMap<String, u64>,
     pub acknowledged: u64,
@@ -112,7 +113,9 @@ impl Figures {
         }
         let internal_errors = operations
             .values()
-            .map(|by| by.get("500").copied().unwrap_or(0))
+            .flat_map(|by| by.iter())
+            .filter(|(status, _)| status.starts_with("500"))
+            .map(|(_, n)| n)
             .sum();
         let acknowledged = history
             .sessions

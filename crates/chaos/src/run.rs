@@ -493,28 +493,64 @@ async fn delete(
             return Ok(());
         }
     }
+    // A DELETE that got no answer may have been carried out: it is tried
+    // again (a second delete of a deleted session is `404`) until answered.
     let path = format!("/v1/sessions/{id}");
-    if let Outcome::Answer { status: 204, .. } = shared
-        .api
-        .call("delete", rng.usize(..), Method::DELETE, &path, None, None)
-        .await
-    {
-        lock(&shared.slots)[slot].deleted = true;
-        shared.faults.count("session_deleted");
-        let got = shared
+    let mut gone = false;
+    let mut confirmed = false;
+    for attempt in 0..50u64 {
+        match shared
             .api
-            .call("get_deleted", rng.usize(..), Method::GET, &path, None, None)
-            .await;
-        if let Some(got) = got.status() {
-            lock(&shared.probes).push(Probe {
-                what: format!("GET deleted session {id}"),
-                expected: 404,
-                got,
-            });
+            .call("delete", rng.usize(..), Method::DELETE, &path, None, None)
+            .await
+        {
+            Outcome::Answer { status: 204, .. } => {
+                gone = true;
+                confirmed = true;
+                break;
+            }
+            // Deleted by another client, or by an unanswered attempt.
+            Outcome::Answer { status: 404, .. } => {
+                gone = true;
+                break;
+            }
+            Outcome::Answer { status, .. } if status < 500 => break,
+            _ => {
+                // Unknown: if it never gets an answer, the session is no
+                // longer checked rather than wrongly counted as lost.
+                gone = true;
+                tokio::time::sleep(Duration::from_millis(50 + 50 * attempt.min(10))).await;
+            }
         }
-        let i = lock(&shared.slots).len();
-        create_slot(shared, rng, i).await?;
     }
+    if !gone {
+        return Ok(());
+    }
+    lock(&shared.slots)[slot].deleted = true;
+    if confirmed {
+        shared.faults.count("session_deleted");
+        // An unavailable node says nothing about the session: ask another.
+        for _ in 0..50 {
+            match shared
+                .api
+                .call("get_deleted", rng.usize(..), Method::GET, &path, None, None)
+                .await
+                .status()
+            {
+                Some(503) | None => tokio::time::sleep(Duration::from_millis(100)).await,
+                Some(got) => {
+                    lock(&shared.probes).push(Probe {
+                        what: format!("GET deleted session {id}"),
+                        expected: 404,
+                        got,
+                    });
+                    break;
+                }
+            }
+        }
+    }
+    let i = lock(&shared.slots).len();
+    create_slot(shared, rng, i).await?;
     Ok(())
 }
 
