@@ -123,7 +123,10 @@ impl From<StoreError> for ApiError {
             StoreError::QueueFull { capacity } => Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "queue_full",
-                format!("the session already has {capacity} messages waiting"),
+                format!(
+                    "the session already has {capacity} {} waiting",
+                    if capacity == 1 { "message" } else { "messages" }
+                ),
             ),
             StoreError::Unavailable(why) => {
                 tracing::warn!(error = %why, "store unavailable");

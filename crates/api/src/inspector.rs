@@ -1,5 +1,7 @@
 //! The web inspector: a browser UI to watch and drive sessions, served at
-//! `/` (the sessions list) and `/sessions/{id}` (one session).
+//! `/` (the sessions list) and `/sessions/{id}` (one session). Its header
+//! links to the API document; `/` asked for JSON only answers an index of
+//! the server's documents.
 //!
 //! Its files (plain HTML, CSS and JavaScript modules under
 //! `crates/api/inspector/`) are compiled into the binary: nothing is built,
@@ -81,7 +83,7 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
 /// The inspector's routes.
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/", get(shell))
+        .route("/", get(root))
         .route("/sessions/{id}", get(shell))
         .route("/assets/{file}", get(asset))
 }
@@ -106,6 +108,27 @@ fn hardened(mut resp: Response, content_type: &'static str) -> Response {
     // new server from running an old script.
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
+}
+
+/// The inspector's page; a client that asks for JSON and not HTML at `/`
+/// gets a small index pointing to the API document instead.
+async fn root(state: State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if accept.contains("application/json") && !accept.contains("text/html") {
+        return axum::Json(serde_json::json!({
+            "name": "baton",
+            "api": "/openapi.json",
+            "inspector": "/",
+            "health": "/healthz",
+            "metrics": "/metrics",
+        }))
+        .into_response();
+    }
+    shell(state).await
 }
 
 async fn shell(State(state): State<AppState>) -> Response {

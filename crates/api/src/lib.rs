@@ -181,7 +181,7 @@ async fn fallback() -> error::ApiError {
     error::ApiError {
         status: StatusCode::NOT_FOUND,
         code: "not_found",
-        message: "no such route".into(),
+        message: "no such route: the API is described at /openapi.json, and the inspector (a browser UI) is at /".into(),
         turn_id: None,
         permission: None,
     }

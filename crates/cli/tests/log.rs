@@ -1769,6 +1769,31 @@ async fn the_inspector_is_served_with_a_strict_content_security_policy() {
     }
     let (status, body) = c.send(c.req(Method::GET, "/assets/nope.js")).await;
     assert_error("a missing file", status, &body, 404, "not_found");
+    // The page links to the API document.
+    let page = c
+        .req(Method::GET, "/")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"href="/openapi.json""#), "{page}");
+    // A client that wants JSON at `/` gets an index of the documents.
+    let (status, body) = c
+        .send(c.req(Method::GET, "/").header("accept", "application/json"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["api"], "/openapi.json", "{body}");
+    assert_eq!(body["inspector"], "/", "{body}");
+    // An unknown route points to both.
+    let (status, body) = c.send(c.req(Method::GET, "/v2/nothing")).await;
+    assert_error("an unknown route", status, &body, 404, "not_found");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("/openapi.json") && message.contains("inspector"),
+        "{message}"
+    );
     // The API itself still wants the token.
     let (status, body) = c.send(c.req(Method::GET, "/v1/sessions")).await;
     assert_error("no token", status, &body, 401, "unauthorized");

@@ -667,6 +667,26 @@ async fn reject_while_busy_stores_nothing() {
     app.stop().await;
 }
 
+/// A queue of one says so in the singular.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_of_one_says_message() {
+    let app = spawn_app(|cfg| cfg.queue_capacity = 1).await;
+    let c = &app.client;
+    let s = c.create_session(json!({"message": "/hang"})).await;
+    let id = sid(&s);
+    wait_running(c, &id).await;
+    let (status, body) = c.post(&id, "a", None, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = c.post(&id, "b", None, None).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(
+        body["error"]["message"], "the session already has 1 message waiting",
+        "{body}"
+    );
+    c.cancel(&id).await;
+    app.stop().await;
+}
+
 /// The queue's capacity counts messages waiting for a turn; past it a
 /// message is refused (`429 queue_full`) and nothing is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -685,6 +705,10 @@ async fn queue_full_past_capacity_stores_nothing() {
         let (status, body) = c.post(&id, "one too many", p, None).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
         assert_eq!(body["error"]["code"], "queue_full", "{body}");
+        assert_eq!(
+            body["error"]["message"], "the session already has 2 messages waiting",
+            "{body}"
+        );
     }
     let (_, after) = c.session(&id).await;
     assert_eq!(before["last_seq"], after["last_seq"]);

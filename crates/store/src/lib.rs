@@ -48,7 +48,7 @@ pub enum StoreError {
     #[error("session is busy with turn {turn_id}")]
     SessionBusy { turn_id: TurnId },
     /// The session's queue is at capacity.
-    #[error("the session's queue is full ({capacity} messages waiting)")]
+    #[error("the session's queue is full ({capacity} {} waiting)", if *capacity == 1 { "message" } else { "messages" })]
     QueueFull { capacity: usize },
     /// The idempotency key was used with a different request.
     #[error("idempotency key already used with a different request")]
