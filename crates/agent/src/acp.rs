@@ -612,7 +612,7 @@ impl AcpDriver {
             } else {
                 format!("agent {name:?} process exited ({status}): {tail}")
             };
-            tracing::warn!(agent = %name, %why, "agent process ended");
+            tracing::warn!(agent = %name, exit = %status, %why, "agent process ended");
             {
                 let mut st = shared.status.lock().unwrap_or_else(|p| p.into_inner());
                 // A launcher that already gave up on this process says more.
@@ -707,6 +707,7 @@ impl AcpDriver {
             }
             Err(e) => {
                 l.failed_starts += 1;
+                tracing::warn!(agent = %self.cfg.name, command = ?self.cfg.command, error = %e, failed_starts = l.failed_starts, "agent process failed to start");
                 let backoff = self
                     .cfg
                     .restart_backoff

@@ -1,6 +1,8 @@
 //! Prometheus metrics: request counts and latencies by route, message
-//! dispositions, open streams, and live actors and the store's invariant
-//! breaches (read at scrape time).
+//! dispositions, the queue depth a queued message finds, open streams, live
+//! actors and the store's invariant breaches (read at scrape time), and,
+//! registered from the engine and the store, turns by agent and status,
+//! turn durations, and store commit latency and batch size.
 
 use std::time::Instant;
 
@@ -50,6 +52,7 @@ pub struct Metrics {
     actors: Gauge,
     late: Family<AgentLabels, Counter>,
     breaches: Family<ConstraintLabels, Counter>,
+    queue_depth: Histogram,
 }
 
 impl Default for Metrics {
@@ -95,6 +98,12 @@ impl Default for Metrics {
             "Schema backstops that fired (a unique index the store never violates), by constraint",
             breaches.clone(),
         );
+        let queue_depth = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        registry.register(
+            "queue_depth",
+            "A queued or merged message's position in its session's queue when it was accepted",
+            queue_depth.clone(),
+        );
         Self {
             registry,
             breaches,
@@ -104,6 +113,7 @@ impl Default for Metrics {
             streams,
             actors,
             late,
+            queue_depth,
         }
     }
 }
@@ -118,6 +128,22 @@ impl Drop for StreamGauge {
 }
 
 impl Metrics {
+    /// The API's metrics with the engine's turn metrics and the store's
+    /// commit metrics in the same registry.
+    pub fn for_engine(engine: &baton_engine::Engine) -> Self {
+        let mut m = Self::default();
+        engine.turn_metrics().register(&mut m.registry);
+        if let Some(stats) = engine.store().commit_stats() {
+            stats.register(&mut m.registry);
+        }
+        m
+    }
+
+    /// A message queued at `position` (1: next).
+    pub fn queue_depth(&self, position: u64) {
+        self.queue_depth.observe(position as f64);
+    }
+
     /// Counts an accepted message (retries count as `replayed`).
     pub fn message(&self, kind: DispositionType, replayed: bool) {
         let disposition = if replayed {

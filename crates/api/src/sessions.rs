@@ -408,6 +408,11 @@ pub async fn post_message(
     state
         .metrics
         .message(posted.disposition.kind, posted.replayed);
+    if !posted.replayed {
+        if let Some(position) = posted.disposition.position {
+            state.metrics.queue_depth(position);
+        }
+    }
     let status = if posted.replayed {
         StatusCode::OK
     } else {

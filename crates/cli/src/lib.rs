@@ -113,7 +113,7 @@ impl App {
                 default_policy: cfg.policy,
                 default_debounce_ms: cfg.debounce_ms,
             }),
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(Metrics::for_engine(&engine)),
         };
         if cfg.tokens.is_empty() {
             tracing::info!(auth = "none", "no tokens: every request is owner local");

@@ -459,6 +459,14 @@ async fn run_turn(
     bus: &mut broadcast::Receiver<BusEvent>,
 ) -> Result<Outcome, StoreError> {
     let turn_id = todo.turn.id;
+    let started_at = Instant::now();
+    tracing::info!(
+        session = %lease.session_id,
+        turn = %turn_id,
+        agent = %todo.agent,
+        inputs = todo.inputs.len(),
+        "turn started"
+    );
     let mut machine = TurnMachine::with_max_output(turn_id, inner.cfg.max_output_bytes);
     let mut agent = Agent {
         starting: None,
@@ -639,7 +647,14 @@ async fn run_turn(
                             closing,
                             lost,
                         };
-                        return end(inner, lease, clock, turn_id, last).await;
+                        return end(
+                            inner,
+                            lease,
+                            clock,
+                            (turn_id, &todo.agent, started_at),
+                            last,
+                        )
+                        .await;
                     }
                     Action::Abandon => {
                         clock.fence();
@@ -843,6 +858,13 @@ async fn run_turn(
             }
             _ = at(drain_deadline) => {
                 drain_deadline = None;
+                tracing::warn!(
+                    session = %lease.session_id,
+                    turn = %turn_id,
+                    agent = %todo.agent,
+                    drain_ms = inner.cfg.cancel_drain.as_millis() as u64,
+                    "forced stop: the agent did not stop within the cancel drain"
+                );
                 Event::DrainDeadline
             }
             _ = at(asks.deadline()) => {
@@ -921,14 +943,21 @@ async fn save(
             inner.bus.publish_entries(&committed);
             None
         }
-        Err(StoreError::StaleEpoch { .. } | StoreError::TurnNotActive { .. }) => {
+        Err(e @ (StoreError::StaleEpoch { .. } | StoreError::TurnNotActive { .. })) => {
+            tracing::warn!(
+                session = %lease.session_id,
+                turn = %turn_id,
+                epoch = lease.epoch,
+                error = %e,
+                "write refused: the turn's output was fenced off"
+            );
             Some(Event::LeaseLost)
         }
         Err(e) => {
             // Output that cannot be stored ends the turn: a transcript with
             // a hole must not look complete. The agent is cancelled and
             // drained like for any stop; only this turn is affected.
-            tracing::warn!(error = %e, "could not store agent output");
+            tracing::warn!(session = %lease.session_id, turn = %turn_id, error = %e, "write refused: could not store agent output");
             lost.extend(tools);
             Some(Event::Failure {
                 reason: format!("could not store the agent's output: {e}"),
@@ -963,7 +992,7 @@ async fn end(
     inner: &Inner,
     lease: &Lease,
     clock: &LeaseClock,
-    turn_id: baton_core::TurnId,
+    (turn_id, agent, started_at): (baton_core::TurnId, &str, Instant),
     last: End,
 ) -> Result<Outcome, StoreError> {
     let End {
@@ -994,14 +1023,35 @@ async fn end(
                     .iter()
                     .any(|e| e.kind == EntryType::TurnStarted);
                 inner.bus.publish_entries(&ended.committed);
-                tracing::info!(turn = %turn_id, status = status.as_str(), reason = reason.as_deref().unwrap_or(""), next_turn = took, "turn ended");
+                let seconds = started_at.elapsed().as_secs_f64();
+                inner.turn_metrics.ended(agent, status.as_str(), seconds);
+                tracing::info!(
+                    session = %lease.session_id,
+                    turn = %turn_id,
+                    agent,
+                    status = status.as_str(),
+                    duration_ms = (seconds * 1000.0) as u64,
+                    reason = reason.as_deref().unwrap_or(""),
+                    next_turn = took,
+                    "turn ended"
+                );
                 return Ok(Outcome::Done);
             }
             Err(
-                StoreError::StaleEpoch { .. }
+                e @ (StoreError::StaleEpoch { .. }
                 | StoreError::TurnNotActive { .. }
-                | StoreError::NotFound,
-            ) => return Ok(Outcome::Fenced),
+                | StoreError::NotFound),
+            ) => {
+                tracing::warn!(
+                    session = %lease.session_id,
+                    turn = %turn_id,
+                    agent,
+                    epoch = lease.epoch,
+                    error = %e,
+                    "write refused: the end of the turn was fenced off"
+                );
+                return Ok(Outcome::Fenced);
+            }
             Err(e)
                 if with_output
                     && attempt + 1 >= TRIES_WITH_OUTPUT

@@ -21,6 +21,7 @@
 
 mod actor;
 pub mod bus;
+pub mod metrics;
 pub mod pg_bus;
 
 use std::collections::HashMap;
@@ -116,6 +117,8 @@ pub(crate) struct Inner {
     due_at: Mutex<Option<tokio::time::Instant>>,
     /// Wakes the sweeper when `due_at` moved earlier.
     due_moved: tokio::sync::Notify,
+    /// Turns ended on this node.
+    pub turn_metrics: metrics::TurnMetrics,
 }
 
 /// The engine. Cheap to clone.
@@ -145,6 +148,7 @@ impl Engine {
                 mid_turn_agents,
                 due_at: Mutex::new(None),
                 due_moved: tokio::sync::Notify::new(),
+                turn_metrics: metrics::TurnMetrics::default(),
             }),
         }
     }
@@ -210,7 +214,7 @@ impl Engine {
             .recover(&self.inner.cfg.node, all_foreign)
             .await?
         {
-            tracing::info!(session = %r.lease.session_id, epoch = r.lease.epoch, ended = r.committed.len(), "took over a session");
+            tracing::info!(session = %r.lease.session_id, epoch = r.lease.epoch, node = %self.inner.cfg.node, entries = r.committed.len(), "lease takeover: took over a session whose worker vanished");
             self.inner.bus.publish_entries(&r.committed);
             self.spawn_actor(r.lease);
         }
@@ -229,6 +233,11 @@ impl Engine {
             self.due_in(Duration::from_micros(wait).max(Duration::from_millis(1)));
         }
         Ok(())
+    }
+
+    /// Turn counts and durations of this node.
+    pub fn turn_metrics(&self) -> &metrics::TurnMetrics {
+        &self.inner.turn_metrics
     }
 
     /// The store.

@@ -23,6 +23,7 @@
 
 mod db;
 mod sql;
+mod stats;
 mod writer;
 
 pub mod contract;
@@ -37,6 +38,7 @@ use baton_core::{
 };
 
 pub use sql::{pg_timeouts, PgTimeouts, SqlStore, StoreConfig};
+pub use stats::CommitStats;
 
 /// What a store operation can answer besides success.
 #[derive(Debug, thiserror::Error)]
@@ -335,6 +337,10 @@ pub struct Ended {
 /// Baton's durable log. Every method is one transaction.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The store's commit measurements, if it keeps them.
+    fn commit_stats(&self) -> Option<CommitStats> {
+        None
+    }
     /// Checks that the database answers.
     async fn ping(&self) -> Result<()>;
     /// How many times each schema backstop fired

@@ -94,6 +94,7 @@ pub struct SqlStore {
     clock: Arc<Clock>,
     /// How often each backstop fired, by constraint.
     breaches: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
+    stats: crate::CommitStats,
     // Held for the store's lifetime: the embedded store is owned by one process.
     _lock: Option<std::fs::File>,
 }
@@ -412,6 +413,8 @@ impl SqlStore {
         let (tx, rx) = mpsc::channel(4 * writer::MAX_BATCH);
         let (committed, commits) = std::sync::mpsc::sync_channel(1);
         let writer_clock = clock.clone();
+        let stats = crate::CommitStats::default();
+        let writer_stats = stats.clone();
         let catch_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let asks = catch_up.clone();
         let past = i64::from(cfg.wal_catch_up_pages);
@@ -420,7 +423,7 @@ impl SqlStore {
             .spawn(move || writer::checkpointer(ckpt, commits, asks, past))
             .map_err(|e| StoreError::Internal(format!("starting the checkpoint thread: {e}")))?;
         thread("baton-writer")
-            .spawn(move || writer::run(lite, rx, writer_clock, committed, catch_up))
+            .spawn(move || writer::run(lite, rx, writer_clock, committed, catch_up, writer_stats))
             .map_err(|e| {
                 StoreError::Internal(format!("starting the store's writer thread: {e}"))
             })?;
@@ -431,6 +434,7 @@ impl SqlStore {
             cfg: Arc::new(cfg),
             clock,
             breaches: Arc::default(),
+            stats,
             _lock: Some(lock),
         })
     }
@@ -485,6 +489,7 @@ impl SqlStore {
             cfg: Arc::new(cfg),
             clock: Arc::new(Clock::default()),
             breaches: Arc::default(),
+            stats: crate::CommitStats::default(),
             _lock: None,
         })
     }
@@ -600,7 +605,9 @@ impl SqlStore {
                         };
                         let v = f(&mut c, now).await?;
                         if let Conn::Tx(tx) = c {
+                            let committing = std::time::Instant::now();
                             tx.commit().await?;
+                            self.stats.observe(committing.elapsed().as_secs_f64(), 1);
                         }
                         Ok(v)
                     }
@@ -1955,6 +1962,10 @@ impl Store for SqlStore {
     fn invariant_breaches(&self) -> Vec<(String, u64)> {
         let counts = self.breaches.lock().unwrap_or_else(|p| p.into_inner());
         counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    fn commit_stats(&self) -> Option<crate::CommitStats> {
+        Some(self.stats.clone())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -122,6 +122,7 @@ pub(crate) fn run(
     clock: Arc<Clock>,
     committed: std::sync::mpsc::SyncSender<()>,
     catch_up: Arc<AtomicBool>,
+    stats: crate::CommitStats,
 ) {
     let mut conn = Conn::Lite(Lite::new(conn));
     std::thread::scope(|scope| {
@@ -149,7 +150,12 @@ pub(crate) fn run(
                     Err(_) => break,
                 }
             }
+            let writes = batch.len();
+            let started = std::time::Instant::now();
             let (batch, outcome) = run_batch(&mut conn, batch, &clock);
+            if outcome.is_none() {
+                stats.observe(started.elapsed().as_secs_f64(), writes);
+            }
             // A nudge already pending is as good as a new one.
             let _ = committed.try_send(());
             match &replies {
