@@ -234,6 +234,17 @@ fn expected_event(line: &str) -> (String, Option<String>, Vec<Expect>) {
             data = expectations(v);
         }
     }
+    // How a reply is cut into deltas depends on timing (a loaded machine
+    // may send several words at once): only their keys are compared.
+    if name == "delta" {
+        data = data
+            .into_iter()
+            .map(|e| match e {
+                Expect::Pair(k, _) => Expect::Key(k),
+                key => key,
+            })
+            .collect();
+    }
     (name, id, data)
 }
 
