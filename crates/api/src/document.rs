@@ -162,7 +162,12 @@ fn stream_events(doc: &mut Value) {
                 "properties": {
                     "event": {"type": "string", "enum": ["entry"]},
                     "id": {"type": "string", "description": "The entry's seq."},
-                    "data": {"$ref": "#/components/schemas/Entry"},
+                    "data": {
+                        "type": "string",
+                        "description": "The entry, as JSON.",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": "#/components/schemas/Entry"},
+                    },
                 },
             }),
         );
@@ -175,11 +180,16 @@ fn stream_events(doc: &mut Value) {
                 "properties": {
                     "event": {"type": "string", "enum": ["delta"]},
                     "data": {
-                        "type": "object",
-                        "required": ["turn_id", "text"],
-                        "properties": {
-                            "turn_id": {"type": "string", "format": "uuid"},
-                            "text": {"type": "string"},
+                        "type": "string",
+                        "description": "`{\"turn_id\", \"text\"}` as JSON.",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {
+                            "type": "object",
+                            "required": ["turn_id", "text"],
+                            "properties": {
+                                "turn_id": {"type": "string", "format": "uuid"},
+                                "text": {"type": "string"},
+                            },
                         },
                     },
                 },
@@ -195,8 +205,12 @@ fn stream_events(doc: &mut Value) {
             response["content"] = json!({
                 "text/event-stream": {
                     "schema": {
-                        "type": "string",
+                        "type": "object",
                         "description": "The AI SDK UI message stream protocol (v1): each event `data: <JSON chunk>`, the last `data: [DONE]`.",
+                        "required": ["data"],
+                        "properties": {
+                            "data": {"type": "string", "description": "A UI message chunk as JSON, or `[DONE]`."},
+                        },
                     },
                 },
             });

@@ -101,6 +101,10 @@ pub struct SessionHistory {
     /// Idle with nothing queued when read back: every turn must have ended
     /// and every message must have been consumed.
     pub quiesced: bool,
+    /// Not at rest but waiting as its policy says: idle, its messages held
+    /// by a debounce window that closes at this time, after the read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debounce_until: Option<String>,
     pub log: Vec<LogEntry>,
     pub turns: Vec<TurnRecord>,
     pub messages: Vec<MessageHistory>,

@@ -323,10 +323,20 @@ async fn verify_cmd(a: VerifyArgs) -> anyhow::Result<bool> {
     let (history, report) = run::verify(a.urls, tokens).await?;
     let sessions = history.sessions.len();
     let entries: usize = history.sessions.iter().map(|s| s.log.len()).sum();
+    let waiting: Vec<_> = history
+        .sessions
+        .iter()
+        .filter_map(|s| Some((s.id.as_str(), s.debounce_until.as_deref()?)))
+        .collect();
     if a.json {
+        let waiting: Vec<_> = waiting
+            .iter()
+            .map(|(id, until)| serde_json::json!({"session": id, "pending_until": until}))
+            .collect();
         let out = serde_json::json!({
             "sessions": sessions,
             "entries": entries,
+            "waiting_for_debounce": waiting,
             "violations": report.violations,
             "details": report.details,
             "passed": report.violations.total() == 0,
@@ -340,6 +350,9 @@ async fn verify_cmd(a: VerifyArgs) -> anyhow::Result<bool> {
             "baton-chaos verify: {sessions} sessions, {entries} entries, {} violation(s)",
             report.violations.total()
         );
+        for (id, until) in &waiting {
+            println!("  session {id} waits for its debounce window (until {until})");
+        }
         for d in &report.details {
             println!("  ! {d}");
         }

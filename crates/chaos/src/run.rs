@@ -859,6 +859,7 @@ pub async fn verify(
     for (o, id) in &owned {
         let api = Api::new(urls.clone(), tokens[*o].clone(), ops.clone())?;
         let mut quiesced = false;
+        let mut debounce_until = None;
         for polls in 0..300u32 {
             let path = format!("/v1/sessions/{id}");
             if let Outcome::Answer { status: 200, body } =
@@ -866,6 +867,10 @@ pub async fn verify(
             {
                 if body["status"] == "idle" && body["queued"] == 0 {
                     quiesced = true;
+                    break;
+                }
+                if let Some(until) = waiting_for_debounce(&body) {
+                    debounce_until = Some(until);
                     break;
                 }
             }
@@ -883,6 +888,7 @@ pub async fn verify(
         history.sessions.push(SessionHistory {
             id: id.clone(),
             quiesced,
+            debounce_until: debounce_until.clone(),
             log,
             turns,
             ..Default::default()
@@ -905,7 +911,7 @@ pub async fn verify(
                 });
             }
         }
-        if !quiesced {
+        if !quiesced && debounce_until.is_none() {
             history.probes.push(Probe {
                 what: format!("session {id} at rest"),
                 expected: 200,
@@ -915,4 +921,48 @@ pub async fn verify(
     }
     let report = check(&history);
     Ok((history, report))
+}
+
+/// An idle session whose messages wait for a debounce window that closes
+/// well after now (a window may be set up to an hour) is at rest as its
+/// policy says: its turn is due later, not stuck. A window already due, or
+/// due within two seconds, is not: the sweeper must start its turn.
+fn waiting_for_debounce(session: &serde_json::Value) -> Option<String> {
+    if session["status"] != "idle" || session["queued"].as_u64().unwrap_or(0) == 0 {
+        return None;
+    }
+    let until = session["pending_until"].as_str()?;
+    let due = baton_core::Timestamp::parse(until)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    let now = i64::try_from(now.as_micros()).ok()?;
+    (due.micros() > now + 2_000_000).then(|| until.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::waiting_for_debounce;
+    use serde_json::json;
+
+    #[test]
+    fn only_a_window_closing_later_is_waiting_by_design() {
+        let later =
+            json!({"status": "idle", "queued": 2, "pending_until": "2999-01-01T00:00:00.000000Z"});
+        assert_eq!(
+            waiting_for_debounce(&later).as_deref(),
+            Some("2999-01-01T00:00:00.000000Z")
+        );
+        // Overdue: the sweeper should have started its turn.
+        let overdue =
+            json!({"status": "idle", "queued": 2, "pending_until": "2020-01-01T00:00:00.000000Z"});
+        assert_eq!(waiting_for_debounce(&overdue), None);
+        let running = json!({"status": "running", "queued": 2, "pending_until": "2999-01-01T00:00:00.000000Z"});
+        assert_eq!(waiting_for_debounce(&running), None);
+        let empty =
+            json!({"status": "idle", "queued": 0, "pending_until": "2999-01-01T00:00:00.000000Z"});
+        assert_eq!(waiting_for_debounce(&empty), None);
+        let no_window = json!({"status": "idle", "queued": 1});
+        assert_eq!(waiting_for_debounce(&no_window), None);
+    }
 }

@@ -157,6 +157,18 @@ async fn every_answer_of_every_route_is_in_the_document() {
         stream["text/event-stream"]["schema"]["oneOf"].is_array(),
         "{stream}"
     );
+    // An event's data is a string holding JSON (what an SSE client gets),
+    // described by `contentSchema`.
+    let data = &schemas["StreamEntryEvent"]["properties"]["data"];
+    assert_eq!(data["type"], "string");
+    assert_eq!(data["contentMediaType"], "application/json");
+    assert_eq!(data["contentSchema"]["$ref"], "#/components/schemas/Entry");
+    let data = &schemas["StreamDeltaEvent"]["properties"]["data"];
+    assert_eq!(data["type"], "string");
+    assert_eq!(
+        data["contentSchema"]["required"],
+        serde_json::json!(["turn_id", "text"])
+    );
     let param = |path: &str, name: &str| -> Value {
         doc["paths"][path]["get"]["parameters"]
             .as_array()

@@ -105,6 +105,7 @@ fn good() -> SessionHistory {
         id: "s".into(),
         deleted: false,
         quiesced: true,
+        debounce_until: None,
         turns: vec![record("t1", 1, 1, 1, 2), record("t2", 4, 4, 2, 3)],
         messages: vec![
             message("m1", 1, "queue", "started", Some("t1")),
