@@ -22,6 +22,7 @@
 //! that stores the message, with the session row locked.
 
 mod db;
+mod pg_writer;
 mod sql;
 mod stats;
 mod writer;

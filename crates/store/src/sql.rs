@@ -2,9 +2,10 @@
 //! PostgreSQL. The schema and every statement are shared (both accept `$N`
 //! placeholders and the same DDL); what differs is how a write transaction is
 //! run — the embedded store's single writer with group commit
-//! ([`crate::writer`]), or a pooled PostgreSQL transaction with the session
-//! row locked `FOR UPDATE` and retried on serialization failures — and whose
-//! clock stamps it. Statements run on [`crate::db::Conn`], so each
+//! ([`crate::writer`]), or on PostgreSQL a lane's group commit
+//! ([`crate::pg_writer`]: the batch's session rows locked `FOR UPDATE` in id
+//! order, each write in a savepoint), with a write that meets a conflict run
+//! alone in a pooled transaction and retried — and whose clock stamps it. Statements run on [`crate::db::Conn`], so each
 //! transaction is written once for sqlx (PostgreSQL, the embedded readers)
 //! and for the embedded writer's synchronous connection.
 
@@ -27,6 +28,7 @@ use sqlx::{AnyPool, Connection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::{args, Conn, Fail, Row, Val, R};
+use crate::pg_writer::{self, Lanes};
 use crate::writer::{self, Clock, Job};
 use crate::{
     AnswerPermission, Answered, Begin, CreateSession, Created, Due, DueStart, Ended, Lease, Listed,
@@ -82,8 +84,13 @@ impl Dialect {
 
 enum Exec {
     Sqlite(mpsc::Sender<Box<dyn Job>>),
-    Postgres(AnyPool),
+    Postgres(AnyPool, Lanes),
 }
+
+/// How many group-commit lanes a PostgreSQL store runs (see
+/// [`crate::pg_writer`]): writes to different sessions commit in parallel
+/// across lanes, and each lane holds a connection only while a batch runs.
+const PG_LANES: usize = 4;
 
 /// The SQL store. Cheap to share behind an `Arc`.
 pub struct SqlStore {
@@ -152,7 +159,7 @@ fn classify(e: sqlx::Error) -> StoreError {
 /// serialization failure, a deadlock, or a unique violation of an
 /// idempotency index from a concurrent insert of the same key (the retry
 /// then finds the winner's row). Any other unique violation is a breach.
-fn retryable(e: &sqlx::Error) -> bool {
+pub(crate) fn retryable(e: &sqlx::Error) -> bool {
     if let Some(constraint) = pg_unique_violation(e) {
         return IDEMPOTENCY_INDEXES.contains(&constraint.as_str());
     }
@@ -339,7 +346,7 @@ fn classify_lite(e: rusqlite::Error) -> StoreError {
     }
 }
 
-fn unfail(f: Fail) -> StoreError {
+pub(crate) fn unfail(f: Fail) -> StoreError {
     match f {
         Fail::Store(e) => e,
         Fail::Db(e) => classify(e),
@@ -482,14 +489,15 @@ impl SqlStore {
             .map_err(|e| StoreError::Internal(format!("migrating PostgreSQL: {e}")));
         migrating.close().await;
         migrated?;
+        let stats = crate::CommitStats::default();
         Ok(Self {
             dialect: Dialect::Postgres,
             read: pool.clone(),
-            exec: Exec::Postgres(pool),
+            exec: Exec::Postgres(pool.clone(), Lanes::start(&pool, PG_LANES, stats.clone())),
             cfg: Arc::new(cfg),
             clock: Arc::new(Clock::default()),
             breaches: Arc::default(),
-            stats: crate::CommitStats::default(),
+            stats,
             _lock: None,
         })
     }
@@ -593,7 +601,14 @@ impl SqlStore {
                     )
                 })?
             }
-            Exec::Postgres(pool) => {
+            Exec::Postgres(pool, lanes) => {
+                let f: pg_writer::Body<T> = Arc::new(f);
+                if let Some(id) = lock {
+                    match lanes.write(id, f.clone()).await {
+                        pg_writer::Reply::Done(result) => return result,
+                        pg_writer::Reply::Alone => {}
+                    }
+                }
                 let mut attempt = 0u32;
                 loop {
                     attempt += 1;
@@ -1993,7 +2008,7 @@ impl Store for SqlStore {
                 self.write(None, |_c, _now| Box::pin(async { Ok(()) }))
                     .await
             }
-            Exec::Postgres(_) => Ok(()),
+            Exec::Postgres(..) => Ok(()),
         }
     }
 

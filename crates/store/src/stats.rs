@@ -1,6 +1,7 @@
 //! What the store measures of its own commits: how long a commit takes
-//! and how many writes share it (the embedded writer's group commit; one
-//! on PostgreSQL, where each write is its own transaction).
+//! and how many writes share it (the group commit of the embedded writer
+//! and of PostgreSQL's lanes; a write run alone after a conflict counts as
+//! a commit of one).
 
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -35,7 +36,7 @@ impl CommitStats {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "store_commit_duration_seconds",
-            "Time of one store commit (a batch of writes on the embedded store)",
+            "Time of one store commit (of a batch of writes)",
             self.seconds.clone(),
         );
         registry.register(
