@@ -224,6 +224,86 @@ pub(crate) enum Conn {
     Tx(sqlx::Transaction<'static, sqlx::Any>),
     /// The embedded store's writer (its batch transaction is already open).
     Lite(Lite),
+    /// A PostgreSQL lane's batch transaction ([`crate::pg_writer`]).
+    Batch(Box<PgBatch>),
+}
+
+/// A PostgreSQL lane's batch transaction, and the rows of the sessions it
+/// has locked.
+///
+/// The batch locks its sessions' rows `FOR UPDATE` before any write runs,
+/// so until it ends nobody else can change them: a write reads such a row
+/// from memory, and saving it only marks it to be written once, by
+/// [`crate::sql::write_deferred_sessions`] right before the commit (a hot
+/// session's row is written once per batch, not once per post). Rows of
+/// sessions it did not lock are never remembered. While a write runs in
+/// its savepoint, what it changes here is logged, so that rolling back to
+/// the savepoint also rolls back the remembered rows
+/// ([`PgBatch::undo_write`]).
+pub(crate) struct PgBatch {
+    pub tx: sqlx::Transaction<'static, sqlx::Any>,
+    locked: std::collections::HashSet<SessionId>,
+    sessions: std::collections::HashMap<SessionId, SessionRow>,
+    /// Rows saved in memory and not yet written, in id order.
+    dirty: std::collections::BTreeSet<SessionId>,
+    /// For the write running now: each row it changed, as it was before
+    /// (the row if remembered, and whether it was to be written).
+    undo: std::collections::HashMap<SessionId, (Option<SessionRow>, bool)>,
+}
+
+impl PgBatch {
+    pub fn new(tx: sqlx::Transaction<'static, sqlx::Any>) -> Self {
+        Self {
+            tx,
+            locked: Default::default(),
+            sessions: Default::default(),
+            dirty: Default::default(),
+            undo: Default::default(),
+        }
+    }
+
+    /// A row this transaction has just locked `FOR UPDATE`.
+    pub fn locked(&mut self, row: SessionRow) {
+        self.locked.insert(row.id);
+        self.sessions.insert(row.id, row);
+    }
+
+    /// The rows saved in memory and not yet written.
+    pub fn deferred(&self) -> impl Iterator<Item = &SessionRow> {
+        self.dirty.iter().filter_map(|id| self.sessions.get(id))
+    }
+
+    /// Marks every deferred row as written.
+    pub fn written(&mut self) {
+        self.dirty.clear();
+    }
+
+    /// Starts a write: nothing to undo yet.
+    pub fn begin_write(&mut self) {
+        self.undo.clear();
+    }
+
+    /// The write was rolled back to its savepoint: so are its rows.
+    pub fn undo_write(&mut self) {
+        for (id, (row, dirty)) in self.undo.drain() {
+            match row {
+                Some(r) => self.sessions.insert(id, r),
+                None => self.sessions.remove(&id),
+            };
+            if dirty {
+                self.dirty.insert(id);
+            } else {
+                self.dirty.remove(&id);
+            }
+        }
+    }
+
+    fn keep_undo(&mut self, id: SessionId) {
+        if !self.undo.contains_key(&id) {
+            let before = (self.sessions.get(&id).cloned(), self.dirty.contains(&id));
+            self.undo.insert(id, before);
+        }
+    }
 }
 
 /// Past this many remembered session rows the writer forgets them all.
@@ -376,25 +456,55 @@ impl Conn {
     pub fn remembered(&self, id: SessionId) -> Option<&SessionRow> {
         match self {
             Self::Lite(l) => l.sessions.get(&id),
+            Self::Batch(b) => b.sessions.get(&id),
             _ => None,
+        }
+    }
+
+    /// Saves `row` in memory only, to be written before the commit, when
+    /// this is a batch that holds its lock; false if it must be written now.
+    pub fn defer_save(&mut self, row: &SessionRow) -> bool {
+        match self {
+            Self::Batch(b) if b.locked.contains(&row.id) => {
+                b.keep_undo(row.id);
+                b.sessions.insert(row.id, row.clone());
+                b.dirty.insert(row.id);
+                true
+            }
+            _ => false,
         }
     }
 
     /// Remembers `row` as the row on disk (inside the open transaction).
     pub fn remember(&mut self, row: &SessionRow) {
-        if let Self::Lite(l) = self {
-            if l.sessions.len() >= REMEMBERED_SESSIONS {
-                l.sessions.clear();
+        match self {
+            Self::Lite(l) => {
+                if l.sessions.len() >= REMEMBERED_SESSIONS {
+                    l.sessions.clear();
+                }
+                l.sessions.insert(row.id, row.clone());
             }
-            l.sessions.insert(row.id, row.clone());
+            Self::Batch(b) if b.locked.contains(&row.id) => {
+                b.keep_undo(row.id);
+                b.sessions.insert(row.id, row.clone());
+            }
+            _ => {}
         }
     }
 
     /// Forgets session `id`'s row (changed by a statement that does not
     /// give the new row).
     pub fn forget(&mut self, id: SessionId) {
-        if let Self::Lite(l) = self {
-            l.sessions.remove(&id);
+        match self {
+            Self::Lite(l) => {
+                l.sessions.remove(&id);
+            }
+            Self::Batch(b) => {
+                b.keep_undo(id);
+                b.sessions.remove(&id);
+                b.dirty.remove(&id);
+            }
+            _ => {}
         }
     }
 
@@ -402,6 +512,7 @@ impl Conn {
         match self {
             Self::Pool(c) => Some(&mut **c),
             Self::Tx(t) => Some(&mut **t),
+            Self::Batch(b) => Some(&mut *b.tx),
             Self::Lite(_) => None,
         }
     }

@@ -6,11 +6,14 @@
 //! lane, in arrival order. A lane takes every write waiting (up to
 //! [`MAX_BATCH`]) into one transaction that first locks all of their
 //! sessions' rows in id order with one statement (two nodes batching the
-//! same sessions wait for each other instead of deadlocking) and then reads
-//! the clock once, so no write is stamped earlier than the commit it waited
-//! for. Each write then runs in a savepoint: one that fails (a rejected
-//! message, a stale epoch, a conflict) is rolled back alone and the others
-//! commit. One commit, and so one flush of the WAL, for the whole batch.
+//! same sessions wait for each other instead of deadlocking), keeping the
+//! rows it read, and then reads the clock once, so no write is stamped
+//! earlier than the commit it waited for. Each write then runs in a
+//! savepoint: one that fails (a rejected message, a stale epoch, a
+//! conflict) is rolled back alone and the others commit. A write reads its
+//! session's row from memory and saves it there; the rows are written with
+//! one statement before the commit (see [`crate::db::PgBatch`]). One
+//! commit, and so one flush of the WAL, for the whole batch.
 //!
 //! A write that met a conflict PostgreSQL asks to retry (a concurrent first
 //! use of an idempotency key, a deadlock with a write outside the lanes),
@@ -31,8 +34,8 @@ use futures_util::future::BoxFuture;
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{Conn, Fail, Val, R};
-use crate::sql::{retryable, unfail};
+use crate::db::{Conn, Fail, PgBatch, R};
+use crate::sql::{lock_batch, retryable, unfail, write_deferred_sessions};
 use crate::{Result, StoreError};
 
 /// How many writes share one transaction at most.
@@ -173,14 +176,15 @@ async fn lane(pool: AnyPool, mut rx: mpsc::Receiver<Box<dyn Job>>, stats: crate:
     }
 }
 
-/// Runs one batch: lock, clock, each write in its savepoint, commit.
+/// Runs one batch: lock, clock, each write in its savepoint, the session
+/// rows, commit.
 async fn run_batch(pool: &AnyPool, jobs: &mut [Box<dyn Job>], stats: &crate::CommitStats) -> Fate {
     let mut ids: Vec<String> = jobs.iter().map(|j| j.session().to_string()).collect();
     ids.sort();
     ids.dedup();
     let ran: R<Option<sqlx::Transaction<'static, sqlx::Any>>> = async {
-        let mut c = Conn::Tx(pool.begin().await?);
-        let now = lock_and_read_clock(&mut c, &ids).await?;
+        let mut c = Conn::Batch(Box::new(PgBatch::new(pool.begin().await?)));
+        let now = lock_batch(&mut c, &ids).await?;
         if let [job] = jobs {
             // A batch of one needs no savepoint: if it fails, nothing of
             // the transaction is kept.
@@ -194,13 +198,20 @@ async fn run_batch(pool: &AnyPool, jobs: &mut [Box<dyn Job>], stats: &crate::Com
             // name, which is the one a failure rolls back to.
             for job in jobs.iter_mut() {
                 c.execute("SAVEPOINT job", &[]).await?;
+                if let Conn::Batch(b) = &mut c {
+                    b.begin_write();
+                }
                 if !job.run(&mut c, now).await {
                     c.execute("ROLLBACK TO SAVEPOINT job", &[]).await?;
+                    if let Conn::Batch(b) = &mut c {
+                        b.undo_write();
+                    }
                 }
             }
         }
+        write_deferred_sessions(&mut c).await?;
         match c {
-            Conn::Tx(tx) => Ok(Some(tx)),
+            Conn::Batch(b) => Ok(Some(b.tx)),
             _ => Ok(None),
         }
     }
@@ -223,35 +234,21 @@ async fn run_batch(pool: &AnyPool, jobs: &mut [Box<dyn Job>], stats: &crate::Com
     }
 }
 
-/// Locks every session row of the batch in id order (the inner `ORDER BY`
-/// sits below the row locks, so they are taken in that order), then reads
-/// the clock: the aggregate consumes every locked row before the outer
-/// projection evaluates `clock_timestamp()`.
-async fn lock_and_read_clock(c: &mut Conn, ids: &[String]) -> R<i64> {
-    let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
-    let sql = format!(
-        "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT) \
-         FROM (SELECT count(*) FROM (SELECT id FROM sessions WHERE id IN ({}) \
-         ORDER BY id FOR UPDATE) AS locked) AS counted",
-        placeholders.join(", ")
-    );
-    let args: Vec<Val> = ids.iter().map(Val::from).collect();
-    c.scalar(&sql, &args).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::db::args;
     use sqlx::any::AnyPoolOptions;
 
-    /// A body that inserts `v` into the scratch table and then does what
-    /// `then` says, returning its transaction's id.
-    fn body(v: &'static str, then: &'static str) -> Body<i64> {
+    /// A body that inserts `v` into the scratch table, moves the session's
+    /// counter by `by` (saved in memory, written before the commit) and
+    /// then does what `then` says, returning its transaction's id.
+    fn body(session: SessionId, v: &'static str, by: i64, then: &'static str) -> Body<i64> {
         Arc::new(move |c: &mut Conn, _now| {
             Box::pin(async move {
                 c.execute("INSERT INTO scratch (v) VALUES ($1)", &args![v])
                     .await?;
+                crate::sql::bump_last_seq(c, session, by).await?;
                 match then {
                     "refuse" => Err(StoreError::SessionBusy {
                         turn_id: baton_core::TurnId::new(),
@@ -276,23 +273,40 @@ mod tests {
             return;
         };
         let schema = crate::testing::PgSchema::create(&url).await;
+        // The store's own schema (its lanes are not used here), and one
+        // session in it.
+        let store = crate::SqlStore::open_postgres(schema.url(), crate::StoreConfig::default())
+            .await
+            .expect("open the store");
+        let session = crate::Store::create_session(
+            &store,
+            crate::CreateSession {
+                owner: "o".into(),
+                agent: "demo".into(),
+                policy: baton_core::Policy::Queue,
+                metadata: serde_json::json!({}),
+                idempotency_key: None,
+                fingerprint: "{}".into(),
+                message: None,
+                permission: None,
+                node: "n".into(),
+                debounce_ms: 0,
+            },
+        )
+        .await
+        .expect("a session")
+        .session
+        .id;
         sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new()
             .max_connections(4)
             .connect(schema.url())
             .await
             .expect("connect to PostgreSQL");
-        sqlx::raw_sql(
-            "CREATE TABLE sessions (id TEXT PRIMARY KEY); CREATE TABLE scratch (v TEXT NOT NULL)",
-        )
-        .execute(&pool)
-        .await
-        .expect("tables");
-        let session = SessionId::new();
-        sqlx::raw_sql(&format!("INSERT INTO sessions VALUES ('{session}')"))
+        sqlx::raw_sql("CREATE TABLE scratch (v TEXT NOT NULL)")
             .execute(&pool)
             .await
-            .expect("a session row");
+            .expect("a scratch table");
         let stats = crate::CommitStats::default();
         let lanes = Lanes::start(&pool, 1, stats);
 
@@ -320,10 +334,10 @@ mod tests {
         let first = spawn(first);
         running.await.expect("the first write runs");
         let rest: Vec<_> = [
-            body("ok-1", "ok"),
-            body("refused", "refuse"),
-            body("broken", "break"),
-            body("ok-2", "ok"),
+            body(session, "ok-1", 1, "ok"),
+            body(session, "refused", 100, "refuse"),
+            body(session, "broken", 1000, "break"),
+            body(session, "ok-2", 1, "ok"),
         ]
         .into_iter()
         .map(spawn)
@@ -355,6 +369,15 @@ mod tests {
             .expect("read back");
         kept.sort();
         assert_eq!(kept, ["first", "ok-1", "ok-2"]);
+        // The session row holds the two good writes' changes, written once
+        // for the batch; the failed writes' changes went with their
+        // savepoints.
+        let last: i64 = sqlx::query_scalar("SELECT last_seq FROM sessions WHERE id = $1")
+            .bind(session.to_string())
+            .fetch_one(&pool)
+            .await
+            .expect("read the session");
+        assert_eq!(last, 2);
         pool.close().await;
     }
 }

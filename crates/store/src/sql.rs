@@ -976,6 +976,9 @@ async fn fetch_leased(c: &mut Conn, lease: &Lease) -> R<SessionRow> {
 }
 
 async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
+    if c.defer_save(s) {
+        return Ok(());
+    }
     // Most posts only move the log's counters (a message queued behind a
     // running turn). When the writer remembers the row, it knows that, and
     // writes just those columns: none is indexed, so no index entry moves.
@@ -1035,6 +1038,97 @@ async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
         c.forget(s.id);
     }
     Ok(())
+}
+
+/// Locks the rows of sessions `ids` (sorted: every batch takes its locks in
+/// id order, so two nodes batching the same sessions wait for each other
+/// instead of deadlocking) for a lane's batch, which remembers them; then
+/// reads the clock, so no write is stamped earlier than the commit it
+/// waited for.
+pub(crate) async fn lock_batch(c: &mut Conn, ids: &[String]) -> R<i64> {
+    let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "SELECT {SESSION_COLS} FROM sessions WHERE id IN ({}) ORDER BY id FOR UPDATE",
+        placeholders.join(", ")
+    );
+    let args: Vec<Val> = ids.iter().map(Val::from).collect();
+    let rows = c.fetch_all(&sql, &args).await?;
+    let Conn::Batch(b) = c else {
+        return Err(StoreError::Internal("locking a batch outside one".into()).into());
+    };
+    for row in &rows {
+        b.locked(session_row(row)?);
+    }
+    pg_now(c).await
+}
+
+/// Writes the session rows a lane's batch saved in memory, with one
+/// statement.
+pub(crate) async fn write_deferred_sessions(c: &mut Conn) -> R<()> {
+    const COLS: usize = 14;
+    let Conn::Batch(b) = c else {
+        return Ok(());
+    };
+    let mut args: Vec<Val> = Vec::new();
+    let mut rows = Vec::new();
+    for (i, s) in b.deferred().enumerate() {
+        let at = i * COLS;
+        let cells: Vec<String> = (1..=COLS).map(|k| format!("${}", at + k)).collect();
+        rows.push(format!("({})", cells.join(", ")));
+        args.extend(args![
+            s.id.to_string(),
+            s.last_seq,
+            s.consumed_seq,
+            s.active_turn.map(|t| t.to_string()),
+            s.lease_owner.clone(),
+            s.lease_epoch,
+            s.lease_expires_at,
+            s.agent_session.clone(),
+            s.queue.waiting as i64,
+            s.queue.last_gather.map(|g| g as i64),
+            s.queue.after_gather as i64,
+            s.queue.last_steer.map(|g| g as i64),
+            s.pending_first,
+            s.pending_until
+        ]);
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let n = rows.len() as u64;
+    b.written();
+    let sql = format!(
+        "UPDATE sessions AS s SET last_seq = v.last_seq, consumed_seq = v.consumed_seq, \
+         active_turn = v.active_turn, lease_owner = v.lease_owner, lease_epoch = v.lease_epoch, \
+         lease_expires_at = v.lease_expires_at, agent_session = v.agent_session, \
+         waiting_count = v.waiting_count, last_gather_seq = v.last_gather_seq, \
+         after_gather_count = v.after_gather_count, last_steer_seq = v.last_steer_seq, \
+         pending_first = v.pending_first, pending_until = v.pending_until \
+         FROM (VALUES {}) AS v(id, last_seq, consumed_seq, active_turn, lease_owner, lease_epoch, \
+         lease_expires_at, agent_session, waiting_count, last_gather_seq, after_gather_count, \
+         last_steer_seq, pending_first, pending_until) WHERE s.id = v.id",
+        rows.join(", ")
+    );
+    let written = c.execute(&sql, &args).await?;
+    if written != n {
+        return Err(StoreError::Internal(format!(
+            "writing {n} locked session rows changed {written}"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Moves session `id`'s counter by `by` the way a write does (read the
+/// row, change it, save it), for tests of the lanes; the new value.
+#[cfg(test)]
+pub(crate) async fn bump_last_seq(c: &mut Conn, id: SessionId, by: i64) -> R<i64> {
+    let mut s = lock_session(c, Dialect::Postgres, id)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    s.last_seq += by;
+    save_session(c, &s).await?;
+    Ok(s.last_seq)
 }
 
 /// Extra columns a user message carries.
