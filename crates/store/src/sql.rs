@@ -975,6 +975,33 @@ async fn fetch_leased(c: &mut Conn, lease: &Lease) -> R<SessionRow> {
     }
 }
 
+/// How many values [`saved_columns`] gives.
+const SAVED_COLUMNS: usize = 14;
+
+/// The id and every column a write may change of session row `s`, in the
+/// order both session writes bind them: `id, last_seq, consumed_seq,
+/// active_turn, lease_owner, lease_epoch, lease_expires_at, agent_session,
+/// waiting_count, last_gather_seq, after_gather_count, last_steer_seq,
+/// pending_first, pending_until`.
+fn saved_columns(s: &SessionRow) -> [Val; SAVED_COLUMNS] {
+    args![
+        s.id.to_string(),
+        s.last_seq,
+        s.consumed_seq,
+        s.active_turn.map(|t| t.to_string()),
+        s.lease_owner.clone(),
+        s.lease_epoch,
+        s.lease_expires_at,
+        s.agent_session.clone(),
+        s.queue.waiting as i64,
+        s.queue.last_gather.map(|g| g as i64),
+        s.queue.after_gather as i64,
+        s.queue.last_steer.map(|g| g as i64),
+        s.pending_first,
+        s.pending_until
+    ]
+}
+
 async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
     if c.defer_save(s) {
         return Ok(());
@@ -1013,22 +1040,7 @@ async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
              lease_epoch = $6, lease_expires_at = $7, agent_session = $8, waiting_count = $9, \
              last_gather_seq = $10, after_gather_count = $11, last_steer_seq = $12, pending_first = $13, \
              pending_until = $14 WHERE id = $1",
-            &args![
-                s.id.to_string(),
-                s.last_seq,
-                s.consumed_seq,
-                s.active_turn.map(|t| t.to_string()),
-                s.lease_owner.clone(),
-                s.lease_epoch,
-                s.lease_expires_at,
-                s.agent_session.clone(),
-                s.queue.waiting as i64,
-                s.queue.last_gather.map(|g| g as i64),
-                s.queue.after_gather as i64,
-                s.queue.last_steer.map(|g| g as i64),
-                s.pending_first,
-                s.pending_until
-            ],
+            &saved_columns(s),
         )
         .await?
     };
@@ -1065,32 +1077,18 @@ pub(crate) async fn lock_batch(c: &mut Conn, ids: &[String]) -> R<i64> {
 /// Writes the session rows a lane's batch saved in memory, with one
 /// statement.
 pub(crate) async fn write_deferred_sessions(c: &mut Conn) -> R<()> {
-    const COLS: usize = 14;
     let Conn::Batch(b) = c else {
         return Ok(());
     };
     let mut args: Vec<Val> = Vec::new();
     let mut rows = Vec::new();
     for (i, s) in b.deferred().enumerate() {
-        let at = i * COLS;
-        let cells: Vec<String> = (1..=COLS).map(|k| format!("${}", at + k)).collect();
+        let at = i * SAVED_COLUMNS;
+        let cells: Vec<String> = (1..=SAVED_COLUMNS)
+            .map(|k| format!("${}", at + k))
+            .collect();
         rows.push(format!("({})", cells.join(", ")));
-        args.extend(args![
-            s.id.to_string(),
-            s.last_seq,
-            s.consumed_seq,
-            s.active_turn.map(|t| t.to_string()),
-            s.lease_owner.clone(),
-            s.lease_epoch,
-            s.lease_expires_at,
-            s.agent_session.clone(),
-            s.queue.waiting as i64,
-            s.queue.last_gather.map(|g| g as i64),
-            s.queue.after_gather as i64,
-            s.queue.last_steer.map(|g| g as i64),
-            s.pending_first,
-            s.pending_until
-        ]);
+        args.extend(saved_columns(s));
     }
     if rows.is_empty() {
         return Ok(());
