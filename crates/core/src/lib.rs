@@ -2,14 +2,16 @@
 //! sans-I/O logic that decides what happens to a session.
 //!
 //! Nothing in this crate performs I/O or reads a clock: it has no tokio or
-//! sqlx dependency, so the compiler keeps it pure. The stores call
-//! [`policy::decide`] and [`policy::plan_turns`] inside their transactions, and
-//! the engine executes the [`turn::TurnMachine`]'s actions, so the ordering
-//! and policy rules that the invariants rest on (I4–I8) are written once,
-//! here, and tested exhaustively without a database.
+//! sqlx dependency, so the compiler keeps it pure. The stores decide every
+//! write with [`flow`] (which builds on [`policy`]) inside their transactions,
+//! and the engine executes the [`turn::TurnMachine`]'s actions, so the
+//! ordering and policy rules that the invariants rest on (I4–I8) are written
+//! once, here, and tested exhaustively without a database: the [`model`]
+//! runs the same procedure over in-memory rows.
 
 pub mod entry;
 pub mod export;
+pub mod flow;
 pub mod id;
 pub mod late;
 pub mod model;

@@ -1,6 +1,7 @@
 //! An executable model of one session: what the store's transactions and the
-//! engine's actor do, in memory, built from the same [`crate::policy`] and
-//! [`crate::turn`] logic they use.
+//! engine's actor do, in memory. It decides with the stores' own procedure
+//! ([`crate::flow`]) and runs the engine's [`crate::turn`] machine; only its
+//! rows are vectors.
 //!
 //! It exists so that random interleavings of messages (every policy, steering
 //! included), agent output, steered input taken or not, stops, cancels,
@@ -9,9 +10,9 @@
 //! clock. The real stores and engine are then tested against the same
 //! invariants with real concurrency.
 
-use crate::policy::{decide, ActiveTurn, Debounce, Decision, NextTurn, QueueSummary};
+use crate::flow::{Accepted, Post, Refusal, SessionState, Start, Stored};
 use crate::turn::{Action, Event, TurnMachine};
-use crate::{EntryType, InputRange, NewEntry, Policy, Role, Seq, TurnId, TurnStatus, Waiting};
+use crate::{Disposition, EntryType, NewEntry, Policy, Role, Seq, TurnId, TurnStatus, Waiting};
 
 /// Something that happens to a session.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,6 +37,7 @@ pub enum ModelEvent {
     Sweep,
 }
 
+#[derive(Clone)]
 struct Active {
     id: TurnId,
     machine: TurnMachine,
@@ -51,28 +53,43 @@ pub struct Taken {
     pub upto: Seq,
 }
 
-/// The in-memory session.
+/// The in-memory session: a store whose rows are vectors, deciding with
+/// [`crate::flow`] as the real stores do, and running each turn's
+/// [`TurnMachine`] as the engine does.
+#[derive(Clone)]
 pub struct SessionModel {
     /// The log: `log[i]` has seq `i + 1`.
     pub log: Vec<NewEntry>,
     /// User messages accepted (stored), in order.
     pub accepted: Vec<Seq>,
+    /// The waiting messages (what a store finds after the cursor).
     waiting: Vec<Waiting>,
-    /// What the stores keep instead of reading `waiting`.
-    queue: QueueSummary,
+    /// The session row.
+    state: SessionState,
     active: Option<Active>,
     capacity: u64,
     /// Steered input taken by running turns, in order.
     pub taken: Vec<Taken>,
-    /// The last user message handed to a turn (the durable cursor).
-    cursor: Seq,
     /// Whether the agent takes input mid-turn.
     takes_input: bool,
-    /// The debounce window (µs; 0: off), the clock, and the window open now
-    /// as (first message's arrival, when its turn starts).
-    window: i64,
+    /// The clock (µs).
     now: i64,
-    pending: Option<(i64, i64)>,
+    /// The messages accepted under an idempotency key: (key, request, seq,
+    /// disposition).
+    keys: Vec<(String, String, Seq, Disposition)>,
+}
+
+/// What [`SessionModel::post_keyed`] answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Stored at `seq` with this disposition (`replayed`: a retry).
+    Stored {
+        seq: Seq,
+        disposition: Disposition,
+        replayed: bool,
+    },
+    Refused(Refusal),
+    KeyConflict,
 }
 
 impl SessionModel {
@@ -88,15 +105,53 @@ impl SessionModel {
             log: Vec::new(),
             accepted: Vec::new(),
             waiting: Vec::new(),
-            queue: QueueSummary::default(),
+            state: SessionState::new(Policy::Queue, window_ms as i64),
             active: None,
             capacity,
             taken: Vec::new(),
-            cursor: 0,
             takes_input,
-            window: window_ms as i64 * 1000,
             now: 0,
-            pending: None,
+            keys: Vec::new(),
+        }
+    }
+
+    /// The session row as the stores would hold it.
+    pub fn state(&self) -> SessionState {
+        self.state
+    }
+
+    /// Saves the session row a batch decided (see [`SessionModel::accept`]).
+    pub fn save(&mut self, state: SessionState) {
+        self.state = state;
+    }
+
+    /// The clock (µs).
+    pub fn now(&self) -> i64 {
+        self.now
+    }
+
+    /// Whether the agent takes input mid-turn.
+    pub fn takes_input(&self) -> bool {
+        self.takes_input
+    }
+
+    /// How many messages may wait.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The first waiting message (what a store reads for
+    /// [`crate::flow::Need::FirstWaiting`]).
+    pub fn first_waiting(&self) -> Option<Seq> {
+        self.waiting.first().map(|w| w.seq)
+    }
+
+    /// What the session stores under `key`, for a request `request`.
+    pub fn stored(&self, key: &str, request: &str) -> Stored {
+        match self.keys.iter().find(|k| k.0 == key) {
+            None => Stored::None,
+            Some(k) if k.1 == request => Stored::Same,
+            Some(_) => Stored::Different,
         }
     }
 
@@ -107,26 +162,28 @@ impl SessionModel {
 
     /// Whether messages wait for a debounce window to close.
     pub fn is_pending(&self) -> bool {
-        self.pending.is_some()
+        self.state.pending_until.is_some()
     }
 
     /// Checks the debounce window: it is open only on a session with no turn
     /// and messages waiting, and closes no later than 10 windows after its
     /// first message.
     pub fn check_window(&self) -> Result<(), String> {
-        match self.pending {
-            None => Ok(()),
-            Some(_) if self.active.is_some() || self.waiting.is_empty() => Err(format!(
+        let window = self.state.debounce_ms * 1000;
+        match (self.state.pending_first, self.state.pending_until) {
+            (None, None) => Ok(()),
+            (Some(_), Some(_)) if self.active.is_some() || self.waiting.is_empty() => Err(format!(
                 "a window is open with turn {:?} and {} waiting",
                 self.active.as_ref().map(|a| a.id),
                 self.waiting.len()
             )),
-            Some((first, until)) if until > first + crate::policy::DEBOUNCE_CAP * self.window => {
+            (Some(first), Some(until)) if until > first + crate::policy::DEBOUNCE_CAP * window => {
                 Err(format!(
                     "window from {first} closes at {until}: past the cap"
                 ))
             }
-            Some(_) => Ok(()),
+            (Some(_), Some(_)) => Ok(()),
+            (first, until) => Err(format!("a window half open: {first:?} {until:?}")),
         }
     }
 
@@ -135,15 +192,30 @@ impl SessionModel {
         !self.waiting.is_empty()
     }
 
+    /// Stores `e` at the next seq the procedure gives.
     fn append(&mut self, e: NewEntry) -> Seq {
+        let seq = self.state.next_seq();
+        self.put(seq, e);
+        seq
+    }
+
+    /// Stores `e` at `seq`, which must be the log's next (I1).
+    fn put(&mut self, seq: Seq, e: NewEntry) {
+        assert_eq!(
+            seq,
+            self.log.len() as Seq + 1,
+            "the procedure gave seq {seq} to a log of {}",
+            self.log.len()
+        );
         self.log.push(e);
-        self.log.len() as Seq
     }
 
     /// Applies one event.
     pub fn step(&mut self, event: ModelEvent) {
         match event {
-            ModelEvent::Post(policy) => self.post(policy),
+            ModelEvent::Post(policy) => {
+                self.post_keyed(policy, None, "m");
+            }
             ModelEvent::Begin => self.feed(Event::Started),
             ModelEvent::Turn(e) => self.feed(e),
             ModelEvent::Cancel => self.feed(Event::CancelRequested {
@@ -152,13 +224,13 @@ impl SessionModel {
             ModelEvent::SteerNoticed => self.feed(Event::InputWaiting),
             ModelEvent::AgentTakesInput => {
                 if let Some(upto) = self.active.as_ref().map(|a| a.offered) {
-                    if upto > self.cursor {
+                    if upto > self.state.cursor {
                         self.feed(Event::AgentTookInput(upto));
                     }
                 }
             }
             ModelEvent::Advance(ms) => self.now += i64::from(ms) * 1000,
-            ModelEvent::Sweep => self.start_due(),
+            ModelEvent::Sweep => self.heal(),
             ModelEvent::WorkerDied => {
                 if let Some(active) = self.active.as_mut() {
                     let id = active.id;
@@ -168,104 +240,135 @@ impl SessionModel {
                         .contains(&Action::Abandon)
                     {
                         // What the sweeper does for a dead worker's turn.
-                        self.finish(vec![NewEntry::turn_ended(
+                        self.finish(
                             id,
-                            TurnStatus::Lost,
-                            Some("worker lost".into()),
-                        )]);
+                            vec![NewEntry::turn_ended(
+                                id,
+                                TurnStatus::Lost,
+                                Some("worker lost".into()),
+                            )],
+                        );
                     }
                 }
             }
         }
     }
 
-    /// Starts the pending turn if its window is due (what the sweeper, and
-    /// any post, does first).
-    fn start_due(&mut self) {
-        if self.pending.is_some_and(|(_, until)| until <= self.now) {
-            self.pending = None;
-            self.start_next();
+    /// Starts the turn that is due, if one is (what the sweeper and a turn's
+    /// end do; a post does it first).
+    fn heal(&mut self) {
+        let first = self.first_waiting();
+        if let Ok(Some(start)) = self.state.heal(self.now, first, TurnId::new()) {
+            self.started(start);
         }
     }
 
-    fn post(&mut self, policy: Policy) {
-        self.start_due();
-        let new_turn = TurnId::new();
-        let active = self.active.as_ref().map(|a| ActiveTurn {
-            id: a.id,
-            takes_input: self.takes_input && !a.machine.is_draining(),
-        });
-        let debounce = Debounce {
-            window: self.window,
-            first: self.pending.map(|(first, _)| first),
-            now: self.now,
-        };
-        match decide(
-            active,
-            &self.queue,
-            self.capacity,
-            policy,
-            new_turn,
-            debounce,
-        ) {
-            Decision::Reject { .. } | Decision::QueueFull { .. } => {}
-            Decision::Accept {
-                start,
-                cancel_active,
-                waits_as,
-                pending_until,
-                ..
-            } => {
-                let seq = self.append(NewEntry::user_message("m"));
-                self.accepted.push(seq);
-                if start {
-                    self.start(new_turn, InputRange { from: seq, to: seq });
+    /// A user message arrives with `policy` (and, for a retry, the key and
+    /// request it carries). One message at a time: the reference for
+    /// [`crate::flow::post_batch`].
+    pub fn post_keyed(&mut self, policy: Policy, key: Option<&str>, request: &str) -> Answer {
+        self.post_with(policy, key, request, [TurnId::new(), TurnId::new()])
+    }
+
+    /// [`SessionModel::post_keyed`], giving the turns it may start (a due
+    /// one healed first, and its own) these ids.
+    pub fn post_with(
+        &mut self,
+        policy: Policy,
+        key: Option<&str>,
+        request: &str,
+        turns: [TurnId; 2],
+    ) -> Answer {
+        if let Some(key) = key {
+            if let Some(k) = self.keys.iter().find(|k| k.0 == key) {
+                return if k.1 == request {
+                    Answer::Stored {
+                        seq: k.2,
+                        disposition: k.3,
+                        replayed: true,
+                    }
                 } else {
-                    self.waiting.push(Waiting {
-                        seq,
-                        policy: waits_as,
-                    });
-                    self.queue.push(seq, waits_as);
-                }
-                if let Some(until) = pending_until {
-                    let first = self.pending.map_or(self.now, |(first, _)| first);
-                    self.pending = Some((first, until));
-                }
-                if cancel_active {
-                    self.feed(Event::CancelRequested {
-                        reason: "interrupted".into(),
-                    });
-                }
+                    Answer::KeyConflict
+                };
             }
         }
+        let post = Post {
+            policy: Some(policy),
+            agent_takes_input: self.takes_input,
+            capacity: self.capacity,
+            now: self.now,
+            heal_turn: turns[0],
+            turn: turns[1],
+        };
+        let decided = match self.state.post(&post, self.first_waiting()) {
+            Ok(d) => d,
+            // The model always knows the first waiting message and whether
+            // the active turn was asked to cancel.
+            Err(need) => panic!("the model lacks {need:?}"),
+        };
+        let a = match decided {
+            Err(refusal) => return Answer::Refused(refusal),
+            Ok(a) => a,
+        };
+        self.accept(&a);
+        if let Some(key) = key {
+            self.keys
+                .push((key.to_owned(), request.to_owned(), a.seq, a.disposition));
+        }
+        Answer::Stored {
+            seq: a.seq,
+            disposition: a.disposition,
+            replayed: false,
+        }
     }
 
-    fn start(&mut self, id: TurnId, input: InputRange) {
-        self.append(NewEntry::turn_started(id, input));
-        self.cursor = input.to;
+    /// Writes what an accepted message decided, as a store does.
+    pub fn accept(&mut self, a: &Accepted) {
+        if let Some(healed) = a.healed {
+            self.started(healed);
+        }
+        self.put(a.seq, NewEntry::user_message("m"));
+        self.accepted.push(a.seq);
+        match a.started {
+            Some(start) => self.started(start),
+            None => self.waiting.push(Waiting {
+                seq: a.seq,
+                policy: a.waits_as,
+            }),
+        }
+        if a.cancel.is_some() {
+            self.feed(Event::CancelRequested {
+                reason: "interrupted".into(),
+            });
+        }
+    }
+
+    /// Records a turn the procedure started.
+    fn started(&mut self, start: Start) {
+        self.put(start.seq, NewEntry::turn_started(start.turn, start.input));
+        self.waiting.retain(|w| w.seq > start.input.to);
         self.active = Some(Active {
-            id,
-            machine: TurnMachine::new(id),
-            offered: input.to,
+            id: start.turn,
+            machine: TurnMachine::new(start.turn),
+            offered: start.input.to,
         });
     }
 
     /// The turn took the waiting messages up to `upto` (the store's
     /// `take_input`: only what waits, only up to the last steered message).
     fn take(&mut self, upto: Seq) {
-        let Some(active) = self.active.as_ref() else {
+        let Some(turn) = self.active.as_ref().map(|a| a.id) else {
             return;
         };
-        if upto <= self.cursor || self.queue.last_steer.is_none_or(|l| upto > l) {
+        if self.state.may_take(turn, upto) != Ok(true) {
             return;
         }
         let count = self.waiting.iter().filter(|w| w.seq <= upto).count() as u64;
-        self.queue.take(upto, count);
+        self.state.take(upto, count);
         self.waiting.retain(|w| w.seq > upto);
-        self.cursor = upto;
         self.taken.push(Taken {
             at: self.log.len(),
-            turn: active.id,
+            turn,
             upto,
         });
     }
@@ -274,14 +377,21 @@ impl SessionModel {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        for action in active.machine.handle(event) {
+        let id = active.id;
+        let actions = active.machine.handle(event);
+        if active.machine.is_draining() {
+            self.state.cancel_requested();
+        }
+        for action in actions {
             match action {
                 Action::Append(e) => {
                     self.append(*e);
                 }
-                Action::End { entries, .. } => self.finish(entries),
+                Action::End { entries, .. } => self.finish(id, entries),
                 Action::OfferInput => {
-                    if let (Some(a), Some(last)) = (self.active.as_mut(), self.queue.last_steer) {
+                    if let (Some(a), Some(last)) =
+                        (self.active.as_mut(), self.state.queue.last_steer)
+                    {
                         a.offered = a.offered.max(last);
                     }
                 }
@@ -298,38 +408,22 @@ impl SessionModel {
     }
 
     /// The end-of-turn transaction: terminal entries, then the next turn.
-    fn finish(&mut self, entries: Vec<NewEntry>) {
+    fn finish(&mut self, turn: TurnId, entries: Vec<NewEntry>) {
         for e in entries {
             self.append(e);
         }
-        self.active = None;
-        self.start_next();
-    }
-
-    /// Starts the next planned turn, if anything waits.
-    fn start_next(&mut self) {
-        let (Some(next), Some(first)) = (self.queue.next(), self.waiting.first()) else {
-            return;
-        };
-        let to = match next {
-            NextTurn::First => first.seq,
-            NextTurn::UpTo(to) => to,
-        };
-        let input = InputRange {
-            from: first.seq,
-            to,
-        };
-        self.queue.consume(next);
-        self.waiting.retain(|w| w.seq > to);
-        self.start(TurnId::new(), input);
+        if self.state.end(turn).is_ok() {
+            self.active = None;
+            self.heal();
+        }
     }
 
     /// Drives the session until no turn runs and nothing waits.
     pub fn quiesce(&mut self) {
-        while self.active.is_some() || self.pending.is_some() {
-            if let Some((_, until)) = self.pending {
+        while self.active.is_some() || self.state.pending_until.is_some() {
+            if let Some(until) = self.state.pending_until {
                 self.now = self.now.max(until);
-                self.start_due();
+                self.heal();
             }
             self.step(ModelEvent::Begin);
             self.step(ModelEvent::Cancel);
@@ -474,7 +568,7 @@ pub fn check_log(
 mod tests {
     use super::*;
     use crate::turn::{AgentOutput, StopReason};
-    use crate::ToolInfo;
+    use crate::{InputRange, ToolInfo};
     use proptest::prelude::*;
 
     fn policy() -> impl Strategy<Value = Policy> {
@@ -535,6 +629,131 @@ mod tests {
             m.quiesce();
             if let Err(why) = m.check(true) {
                 return Err(TestCaseError::fail(why));
+            }
+        }
+    }
+
+    /// One post of a random batch: its session, policy, key (if any) and
+    /// request (two requests may share a key: a retry, or a conflict).
+    fn batch_post() -> impl Strategy<Value = (usize, Policy, Option<u8>, u8)> {
+        (
+            0usize..3,
+            policy(),
+            prop_oneof![Just(None), (0u8..4).prop_map(Some)],
+            0u8..2,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+        /// A batch of posts to several sessions, decided at once by
+        /// `flow::post_batch` and then written, leaves every session with
+        /// the log, the state and the answers that posting them one at a
+        /// time leaves: sessions in random states (turns running or
+        /// cancelling, queues near capacity, windows open or due), every
+        /// policy, retries and reused keys inside the batch and against
+        /// keys stored before it.
+        #[test]
+        fn a_batch_decides_what_one_post_after_another_decides(
+            histories in proptest::collection::vec(proptest::collection::vec(event(), 0..40), 3),
+            before in proptest::collection::vec(batch_post(), 0..6),
+            batch in proptest::collection::vec(batch_post(), 1..40),
+            capacity in 1u64..6,
+            takes_input in any::<bool>(),
+            window_ms in prop_oneof![Just(0u64), Just(100), Just(400)],
+        ) {
+            use crate::flow::{post_batch, BatchPost, Facts, Outcome};
+            let key = |k: Option<u8>| k.map(|k| format!("k{k}"));
+            let request = |r: u8| format!("r{r}");
+            let mut one: Vec<SessionModel> = histories
+                .into_iter()
+                .map(|h| {
+                    let mut m = SessionModel::with(capacity, takes_input, window_ms);
+                    for e in h {
+                        m.step(e);
+                    }
+                    m
+                })
+                .collect();
+            for (s, p, k, r) in &before {
+                one[*s].post_keyed(*p, key(*k).as_deref(), &request(*r));
+            }
+            let mut batched = one.clone();
+
+            // The batch, as a store decides it: facts read first, then
+            // every post at once.
+            let keys: Vec<Option<String>> = batch.iter().map(|b| key(b.2)).collect();
+            let requests: Vec<String> = batch.iter().map(|b| request(b.3)).collect();
+            let ids: Vec<[TurnId; 2]> = batch.iter().map(|_| [TurnId::new(), TurnId::new()]).collect();
+            let mut states: Vec<SessionState> = batched.iter().map(SessionModel::state).collect();
+            let facts: Vec<Facts> = batched
+                .iter()
+                .map(|m| Facts {
+                    first_waiting: m.state().due(m.now()).and(m.first_waiting()),
+                })
+                .collect();
+            let posts: Vec<BatchPost> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, (s, p, _, _))| {
+                    let m = &batched[*s];
+                    BatchPost {
+                        session: *s,
+                        post: Post {
+                            policy: Some(*p),
+                            agent_takes_input: m.takes_input(),
+                            capacity: m.capacity(),
+                            now: m.now(),
+                            heal_turn: ids[i][0],
+                            turn: ids[i][1],
+                        },
+                        key: keys[i].as_deref(),
+                        request: &requests[i],
+                        stored: keys[i]
+                            .as_deref()
+                            .map_or(Stored::None, |k| m.stored(k, &requests[i])),
+                    }
+                })
+                .collect();
+            let outcomes = post_batch(&mut states, &facts, &posts);
+            // Written as a store writes a batch: the rows of what each
+            // accepted post decided, and each session's row once.
+            for (m, s) in batched.iter_mut().zip(&states) {
+                m.save(*s);
+            }
+            for (o, (s, _, _, _)) in outcomes.iter().zip(&batch) {
+                if let Outcome::Accepted(a) = o {
+                    batched[*s].accept(a);
+                }
+            }
+
+            // One at a time, with the same turn ids.
+            for (i, (s, p, _, _)) in batch.iter().enumerate() {
+                let got = one[*s].post_with(*p, keys[i].as_deref(), &requests[i], ids[i]);
+                let seq_of = |o: &Outcome| match o {
+                    Outcome::Accepted(a) => Some((a.seq, a.disposition)),
+                    _ => None,
+                };
+                match (&outcomes[i], got) {
+                    (Outcome::Accepted(a), Answer::Stored { seq, disposition, replayed: false }) => {
+                        prop_assert_eq!((a.seq, a.disposition), (seq, disposition));
+                    }
+                    (Outcome::ReplayOf(e), Answer::Stored { seq, disposition, replayed: true }) => {
+                        prop_assert_eq!(seq_of(&outcomes[*e]), Some((seq, disposition)));
+                    }
+                    (Outcome::Replay, Answer::Stored { replayed: true, .. }) => {}
+                    (Outcome::Refused(r), Answer::Refused(q)) => prop_assert_eq!(*r, q),
+                    (Outcome::KeyConflict, Answer::KeyConflict) => {}
+                    (b, o) => prop_assert!(false, "post {}: batch {:?}, one at a time {:?}", i, b, o),
+                }
+            }
+            for (s, (b, o)) in batched.iter().zip(&one).enumerate() {
+                prop_assert_eq!(b.state(), o.state(), "session {}'s row", s);
+                prop_assert_eq!(&b.log, &o.log, "session {}'s log", s);
+                prop_assert_eq!(&b.accepted, &o.accepted);
+                if let Err(why) = b.check(false) {
+                    return Err(TestCaseError::fail(why));
+                }
             }
         }
     }

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use baton_core::flow::{Accepted, Need, Post, Refusal, SessionState, Start, TakeRefusal};
 use baton_core::permission::{judge, Judgement};
-use baton_core::policy::{decide, ActiveTurn, Debounce, Decision, NextTurn, QueueSummary};
+use baton_core::policy::QueueSummary;
 use baton_core::{
     Disposition, Entry, EntryType, InputRange, NewEntry, PermissionInfo, PermissionPolicy,
     PermissionState, PermissionStatus, Policy, Role, Seq, Session, SessionId, SessionStatus,
@@ -769,29 +770,19 @@ pub(crate) struct SessionRow {
     pub(crate) id: SessionId,
     owner: String,
     agent: String,
-    policy: Policy,
     metadata: String,
     created_at: i64,
-    last_seq: i64,
-    consumed_seq: i64,
-    active_turn: Option<TurnId>,
+    /// What the session's decisions read and change ([`baton_core::flow`]).
+    flow: SessionState,
     lease_owner: Option<String>,
     lease_epoch: i64,
     lease_expires_at: Option<i64>,
     fingerprint: Option<String>,
     agent_session: Option<String>,
-    /// The waiting messages, summarized (kept in step with `consumed_seq`).
-    queue: QueueSummary,
     /// Set at creation only.
     permission: Option<PermissionPolicy>,
     /// Pending permission requests; written by [`track_permission`] alone.
     open_permissions: i64,
-    /// The debounce window, in ms (0: off).
-    debounce_ms: i64,
-    /// The window open now: its first message's arrival and when its turn
-    /// starts (µs), or neither.
-    pending_first: Option<i64>,
-    pending_until: Option<i64>,
 }
 
 fn corrupt(what: &str, value: &str) -> Fail {
@@ -813,30 +804,35 @@ fn session_row(r: &Row) -> R<SessionRow> {
         id: SessionId::parse(&id).map_err(|_| corrupt("session id", &id))?,
         owner: r.get("owner")?,
         agent: r.get("agent")?,
-        policy: policy.parse().map_err(|_| corrupt("policy", &policy))?,
         metadata: r.get("metadata")?,
         created_at: r.get("created_at")?,
-        last_seq: r.get("last_seq")?,
-        consumed_seq: r.get("consumed_seq")?,
-        active_turn: parse_turn_id(r.get("active_turn")?)?,
+        flow: SessionState {
+            last_seq: r.get::<i64>("last_seq")?.max(0) as Seq,
+            cursor: r.get::<i64>("consumed_seq")?.max(0) as Seq,
+            active: parse_turn_id(r.get("active_turn")?)?,
+            // Read when a decision needs it: a cancel is asked for on the
+            // turn's row.
+            cancelling: None,
+            queue: QueueSummary {
+                waiting: r.get::<i64>("waiting_count")?.max(0) as u64,
+                last_gather: r.get::<Option<i64>>("last_gather_seq")?.map(|s| s as Seq),
+                after_gather: r.get::<i64>("after_gather_count")?.max(0) as u64,
+                last_steer: r.get::<Option<i64>>("last_steer_seq")?.map(|s| s as Seq),
+            },
+            policy: policy.parse().map_err(|_| corrupt("policy", &policy))?,
+            debounce_ms: r.get("debounce_ms")?,
+            pending_first: r.get("pending_first")?,
+            pending_until: r.get("pending_until")?,
+        },
         lease_owner: r.get("lease_owner")?,
         lease_epoch: r.get("lease_epoch")?,
         lease_expires_at: r.get("lease_expires_at")?,
         fingerprint: r.get("request_fingerprint")?,
         agent_session: r.get("agent_session")?,
-        queue: QueueSummary {
-            waiting: r.get::<i64>("waiting_count")?.max(0) as u64,
-            last_gather: r.get::<Option<i64>>("last_gather_seq")?.map(|s| s as Seq),
-            after_gather: r.get::<i64>("after_gather_count")?.max(0) as u64,
-            last_steer: r.get::<Option<i64>>("last_steer_seq")?.map(|s| s as Seq),
-        },
         permission: permission
             .map(|p| p.parse().map_err(|_| corrupt("permission policy", &p)))
             .transpose()?,
         open_permissions: r.get("open_permissions")?,
-        debounce_ms: r.get("debounce_ms")?,
-        pending_first: r.get("pending_first")?,
-        pending_until: r.get("pending_until")?,
     })
 }
 
@@ -901,17 +897,17 @@ fn session_view(s: &SessionRow) -> R<Session> {
         id: s.id,
         owner: s.owner.clone(),
         agent: s.agent.clone(),
-        policy: s.policy,
-        status: if s.active_turn.is_some() {
+        policy: s.flow.policy,
+        status: if s.flow.active.is_some() {
             SessionStatus::Running
         } else {
             SessionStatus::Idle
         },
-        turn_id: s.active_turn,
-        last_seq: s.last_seq as Seq,
-        queued: s.queue.waiting,
-        debounce_ms: s.debounce_ms.max(0) as u64,
-        pending_until: s.pending_until.map(Timestamp),
+        turn_id: s.flow.active,
+        last_seq: s.flow.last_seq as Seq,
+        queued: s.flow.queue.waiting,
+        debounce_ms: s.flow.debounce_ms.max(0) as u64,
+        pending_until: s.flow.pending_until.map(Timestamp),
         created_at: Timestamp(s.created_at),
         metadata: serde_json::from_str(&s.metadata)
             .map_err(|_| corrupt("metadata", &s.metadata))?,
@@ -930,7 +926,10 @@ async fn lock_session(c: &mut Conn, d: Dialect, id: SessionId) -> R<Option<Sessi
 /// Reads a session row; `suffix` is empty for a plain read.
 async fn fetch_session(c: &mut Conn, id: SessionId, suffix: &str) -> R<Option<SessionRow>> {
     if let Some(s) = c.remembered(id) {
-        return Ok(Some(s.clone()));
+        let mut s = s.clone();
+        // Not kept between writes: a cancel changes the turn's row only.
+        s.flow.cancelling = None;
+        return Ok(Some(s));
     }
     let sql = format!("SELECT {SESSION_COLS} FROM sessions WHERE id = $1{suffix}");
     let row = c.fetch_optional(&sql, &args![id.to_string()]).await?;
@@ -986,19 +985,19 @@ const SAVED_COLUMNS: usize = 14;
 fn saved_columns(s: &SessionRow) -> [Val; SAVED_COLUMNS] {
     args![
         s.id.to_string(),
-        s.last_seq,
-        s.consumed_seq,
-        s.active_turn.map(|t| t.to_string()),
+        s.flow.last_seq as i64,
+        s.flow.cursor as i64,
+        s.flow.active.map(|t| t.to_string()),
         s.lease_owner.clone(),
         s.lease_epoch,
         s.lease_expires_at,
         s.agent_session.clone(),
-        s.queue.waiting as i64,
-        s.queue.last_gather.map(|g| g as i64),
-        s.queue.after_gather as i64,
-        s.queue.last_steer.map(|g| g as i64),
-        s.pending_first,
-        s.pending_until
+        s.flow.queue.waiting as i64,
+        s.flow.queue.last_gather.map(|g| g as i64),
+        s.flow.queue.after_gather as i64,
+        s.flow.queue.last_steer.map(|g| g as i64),
+        s.flow.pending_first,
+        s.flow.pending_until
     ]
 }
 
@@ -1010,12 +1009,12 @@ async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
     // running turn). When the writer remembers the row, it knows that, and
     // writes just those columns: none is indexed, so no index entry moves.
     let counters_only = c.remembered(s.id).is_some_and(|old| {
-        old.active_turn == s.active_turn
+        old.flow.active == s.flow.active
             && old.lease_owner == s.lease_owner
             && old.lease_epoch == s.lease_epoch
             && old.lease_expires_at == s.lease_expires_at
             && old.agent_session == s.agent_session
-            && old.pending_until == s.pending_until
+            && old.flow.pending_until == s.flow.pending_until
     });
     let n = if counters_only {
         c.execute(
@@ -1024,13 +1023,13 @@ async fn save_session(c: &mut Conn, s: &SessionRow) -> R<()> {
              WHERE id = $1",
             &args![
                 s.id.to_string(),
-                s.last_seq,
-                s.consumed_seq,
-                s.queue.waiting as i64,
-                s.queue.last_gather.map(|g| g as i64),
-                s.queue.after_gather as i64,
-                s.queue.last_steer.map(|g| g as i64),
-                s.pending_first
+                s.flow.last_seq as i64,
+                s.flow.cursor as i64,
+                s.flow.queue.waiting as i64,
+                s.flow.queue.last_gather.map(|g| g as i64),
+                s.flow.queue.after_gather as i64,
+                s.flow.queue.last_steer.map(|g| g as i64),
+                s.flow.pending_first
             ],
         )
         .await?
@@ -1124,9 +1123,9 @@ pub(crate) async fn bump_last_seq(c: &mut Conn, id: SessionId, by: i64) -> R<i64
     let mut s = lock_session(c, Dialect::Postgres, id)
         .await?
         .ok_or(StoreError::NotFound)?;
-    s.last_seq += by;
+    s.flow.last_seq = s.flow.last_seq.saturating_add_signed(by);
     save_session(c, &s).await?;
-    Ok(s.last_seq)
+    Ok(s.flow.last_seq as i64)
 }
 
 /// Extra columns a user message carries.
@@ -1146,7 +1145,19 @@ async fn append(
     e: NewEntry,
     user: Option<UserMeta<'_>>,
 ) -> R<Entry> {
-    s.last_seq += 1;
+    let seq = s.flow.next_seq();
+    put(c, s, now, seq, e, user).await
+}
+
+/// Writes `e` at `seq`, which the session's procedure gave.
+async fn put(
+    c: &mut Conn,
+    s: &mut SessionRow,
+    now: i64,
+    seq: Seq,
+    e: NewEntry,
+    user: Option<UserMeta<'_>>,
+) -> R<Entry> {
     let tool = e
         .tool
         .as_ref()
@@ -1166,9 +1177,9 @@ async fn append(
         .map_err(|err| StoreError::Internal(format!("encoding a disposition: {err}")))?;
     c.execute("INSERT INTO entries (session_id, seq, kind, role, turn_id, content, status, reason, input_from, \
          input_to, tool, permission, policy, requested_policy, disposition, idempotency_key, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)", &args![s.id.to_string(), s.last_seq, e.kind.as_str(), e.role.map(Role::as_str), e.turn_id.map(|t| t.to_string()), e.content.clone(), e.status.map(TurnStatus::as_str), e.reason.clone(), e.input.map(|i| i.from as i64), e.input.map(|i| i.to as i64), tool, permission, user.as_ref().map(|u| u.policy.as_str()), user.as_ref().and_then(|u| u.requested.map(Policy::as_str)), disposition, user.as_ref().and_then(|u| u.key.map(str::to_owned)), now])
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)", &args![s.id.to_string(), seq as i64, e.kind.as_str(), e.role.map(Role::as_str), e.turn_id.map(|t| t.to_string()), e.content.clone(), e.status.map(TurnStatus::as_str), e.reason.clone(), e.input.map(|i| i.from as i64), e.input.map(|i| i.to as i64), tool, permission, user.as_ref().map(|u| u.policy.as_str()), user.as_ref().and_then(|u| u.requested.map(Policy::as_str)), disposition, user.as_ref().and_then(|u| u.key.map(str::to_owned)), now])
     .await?;
-    let entry = e.committed(s.id, s.last_seq as Seq, Timestamp(now));
+    let entry = e.committed(s.id, seq, Timestamp(now));
     track_permission(c, s, &entry).await?;
     Ok(entry)
 }
@@ -1343,7 +1354,7 @@ async fn op_answer(c: &mut Conn, d: Dialect, now: i64, req: &AnswerPermission) -
         // Pending rows belong to the active turn (a turn's end closes its
         // requests in the same transaction); checked all the same, so an
         // answer never lands outside its turn (I8).
-        Judgement::Record if state != PermissionState::Pending || s.active_turn != Some(turn) => {
+        Judgement::Record if state != PermissionState::Pending || s.flow.active != Some(turn) => {
             Err(closed(state).into())
         }
         Judgement::Record => {
@@ -1413,67 +1424,62 @@ fn check_end(turn: TurnId, status: TurnStatus, entries: &[NewEntry]) -> Result<(
 
 /// Creates a turn consuming `input`: the turn row, the cursor, the
 /// `turn_started` entry — one transaction with whatever made it start.
-async fn start_turn(
-    c: &mut Conn,
-    s: &mut SessionRow,
-    now: i64,
-    id: TurnId,
-    input: InputRange,
-) -> R<Entry> {
+async fn start_turn(c: &mut Conn, s: &mut SessionRow, now: i64, start: Start) -> R<Entry> {
     c.execute(
         "INSERT INTO turns (id, session_id, status, input_from, input_to, started_at) \
          VALUES ($1, $2, 'starting', $3, $4, $5)",
         &args![
-            id.to_string(),
+            start.turn.to_string(),
             s.id.to_string(),
-            input.from as i64,
-            input.to as i64,
+            start.input.from as i64,
+            start.input.to as i64,
             now
         ],
     )
     .await?;
-    s.active_turn = Some(id);
-    s.consumed_seq = input.to as i64;
-    // A turn takes what a debounce window held back: the window is closed.
-    s.pending_first = None;
-    s.pending_until = None;
-    append(c, s, now, NewEntry::turn_started(id, input), None).await
+    put(
+        c,
+        s,
+        now,
+        start.seq,
+        NewEntry::turn_started(start.turn, start.input),
+        None,
+    )
+    .await
 }
 
-/// Starts the next planned turn if messages wait, none is active and no
-/// debounce window holds them past `now`. Finds the first waiting message by
-/// scanning the primary key from the cursor (past the previous turn's
+/// The first waiting message: the first user message after the cursor,
+/// found by scanning the primary key from there (past the previous turn's
 /// output), never the whole queue.
-async fn start_next(c: &mut Conn, s: &mut SessionRow, now: i64) -> R<Option<Entry>> {
-    if s.active_turn.is_some() || s.pending_until.is_some_and(|until| until > now) {
-        return Ok(None);
-    }
-    let Some(next) = s.queue.next() else {
-        return Ok(None);
-    };
+async fn first_waiting(c: &mut Conn, s: &SessionRow) -> R<Seq> {
     let first: Option<i64> = c
         .scalar(
             "SELECT MIN(seq) FROM entries WHERE session_id = $1 AND role = 'user' AND seq > $2",
-            &args![s.id.to_string(), s.consumed_seq],
+            &args![s.id.to_string(), s.flow.cursor as i64],
         )
         .await?;
-    let Some(from) = first else {
-        return Err(StoreError::Internal(format!(
+    match first {
+        Some(seq) => Ok(seq as Seq),
+        None => Err(StoreError::Internal(format!(
             "session {} counts {} waiting messages but has none after seq {}",
-            s.id, s.queue.waiting, s.consumed_seq
+            s.id, s.flow.queue.waiting, s.flow.cursor
         ))
-        .into());
-    };
-    let to = match next {
-        NextTurn::First => from,
-        NextTurn::UpTo(to) => to as i64,
-    };
-    s.queue.consume(next);
-    let input = InputRange {
-        from: from as Seq,
-        to: to as Seq,
-    };
-    Ok(Some(start_turn(c, s, now, TurnId::new(), input).await?))
+        .into()),
+    }
+}
+
+/// Starts the turn that is due, if one is: messages wait, none is active
+/// and no debounce window holds them past `now`.
+async fn start_next(c: &mut Conn, s: &mut SessionRow, now: i64) -> R<Option<Entry>> {
+    if s.flow.due(now).is_none() {
+        return Ok(None);
+    }
+    let first = first_waiting(c, s).await?;
+    match s.flow.heal(now, Some(first), TurnId::new()) {
+        Ok(Some(start)) => Ok(Some(start_turn(c, s, now, start).await?)),
+        Ok(None) => Ok(None),
+        Err(need) => Err(StoreError::Internal(format!("starting a turn lacks {need:?}")).into()),
+    }
 }
 
 /// Takes the lease for `node` if nobody holds it or the holder's expired.
@@ -1512,7 +1518,7 @@ async fn finish_turn(
             &args![turn.to_string(), status.as_str(), now, reason.clone()],
         )
         .await?;
-    if done != 1 || s.active_turn != Some(turn) {
+    if done != 1 || s.flow.active != Some(turn) {
         return Err(StoreError::TurnNotActive { turn_id: turn }.into());
     }
     let mut committed = Vec::with_capacity(entries.len() + 1);
@@ -1544,7 +1550,9 @@ async fn finish_turn(
         Some(e) => Some(append(c, s, now, e, None).await?),
         None => None,
     });
-    s.active_turn = None;
+    s.flow
+        .end(turn)
+        .map_err(|_| StoreError::TurnNotActive { turn_id: turn })?;
     let next = start_next(c, s, now).await?;
     let next_id = next.as_ref().and_then(|e| e.turn_id);
     committed.extend(next);
@@ -1557,7 +1565,7 @@ async fn finish_turn(
 /// The session's active turn if it is still `starting`, with its input
 /// messages and any cancel requested before it ran.
 async fn starting_turn(c: &mut Conn, s: &SessionRow) -> R<Option<(TurnToRun, Option<String>)>> {
-    let Some(turn_id) = s.active_turn else {
+    let Some(turn_id) = s.flow.active else {
         return Ok(None);
     };
     let sql = format!("SELECT {TURN_COLS}, cancel_reason FROM turns WHERE id = $1");
@@ -1658,12 +1666,12 @@ async fn op_create(
         id: SessionId::new(),
         owner: req.owner.clone(),
         agent: req.agent.clone(),
-        policy: req.policy,
         metadata,
         created_at: now,
-        last_seq: 0,
-        consumed_seq: 0,
-        active_turn: None,
+        flow: SessionState::new(
+            req.policy,
+            i64::try_from(req.debounce_ms).unwrap_or(i64::MAX),
+        ),
         lease_owner: None,
         lease_epoch: 0,
         lease_expires_at: None,
@@ -1672,64 +1680,49 @@ async fn op_create(
             .as_ref()
             .map(|_| req.fingerprint.clone()),
         agent_session: None,
-        queue: QueueSummary::default(),
         permission: req.permission,
         open_permissions: 0,
-        debounce_ms: i64::try_from(req.debounce_ms).unwrap_or(i64::MAX),
-        pending_first: None,
-        pending_until: None,
     };
     c.execute("INSERT INTO sessions (id, owner, agent, policy, metadata, created_at, idempotency_key, request_fingerprint, permission, debounce_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", &args![s.id.to_string(), &s.owner, &s.agent, s.policy.as_str(), &s.metadata, now, req.idempotency_key.clone(), s.fingerprint.clone(), s.permission.map(PermissionPolicy::as_str), s.debounce_ms])
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", &args![s.id.to_string(), &s.owner, &s.agent, s.flow.policy.as_str(), &s.metadata, now, req.idempotency_key.clone(), s.fingerprint.clone(), s.permission.map(PermissionPolicy::as_str), s.flow.debounce_ms])
     .await?;
     let mut committed = Vec::new();
     let mut lease = None;
     if let Some(content) = &req.message {
         // The first message is decided like any other on an idle session: a
         // turn starts with it, or a debounce window opens.
-        let turn = TurnId::new();
-        let Decision::Accept {
-            disposition,
-            start,
-            waits_as,
-            pending_until,
-            ..
-        } = decide(
-            None,
-            &s.queue,
-            cfg.queue_capacity as u64,
-            s.policy,
-            turn,
-            debounce_of(&s, now),
-        )
-        else {
+        let post = Post {
+            policy: None,
+            agent_takes_input: false,
+            capacity: cfg.queue_capacity as u64,
+            now,
+            heal_turn: TurnId::new(),
+            turn: TurnId::new(),
+        };
+        let Ok(Ok(a)) = s.flow.post(&post, None) else {
             return Err(
                 StoreError::Internal("an idle session refused its first message".into()).into(),
             );
         };
         let meta = UserMeta {
-            policy: waits_as,
+            policy: a.waits_as,
             requested: None,
-            disposition: &disposition,
+            disposition: &a.disposition,
             key: None,
         };
-        let msg = append(
+        let msg = put(
             c,
             &mut s,
             now,
+            a.seq,
             NewEntry::user_message(content.clone()),
             Some(meta),
         )
         .await?;
-        let seq = msg.seq;
         committed.push(msg);
-        if start {
-            committed
-                .push(start_turn(c, &mut s, now, turn, InputRange { from: seq, to: seq }).await?);
+        if let Some(start) = a.started {
+            committed.push(start_turn(c, &mut s, now, start).await?);
             lease = Some(claim(&mut s, &req.node, now, cfg.lease_ttl));
-        } else {
-            s.queue.push(seq, waits_as);
-            open_window(&mut s, now, pending_until);
         }
         save_session(c, &s).await?;
     }
@@ -1782,85 +1775,96 @@ async fn op_post(
             });
         }
     }
-    let mut committed = Vec::new();
-    let mut lease = None;
-    // Heal "something waits but no turn is active" (never left behind by
-    // this store's own transactions, except a debounce window, which is
-    // started here once it is due) before deciding, so nothing overtakes.
-    if let Some(started) = start_next(c, &mut s, now).await? {
-        committed.push(started);
-        lease = try_claim(&mut s, &req.node, now, cfg.lease_ttl);
-    }
-    let policy = req.policy.unwrap_or(s.policy);
-    let turn = TurnId::new();
-    let active = match s.active_turn {
-        Some(id) => Some(ActiveTurn {
-            id,
-            takes_input: policy == Policy::Steer
-                && req.mid_turn_agents.contains(&s.agent)
-                && !cancel_requested(c, id).await?,
-        }),
-        None => None,
+    let post = Post {
+        policy: req.policy,
+        agent_takes_input: req.mid_turn_agents.contains(&s.agent),
+        capacity: cfg.queue_capacity as u64,
+        now,
+        heal_turn: TurnId::new(),
+        turn: TurnId::new(),
     };
-    let decision = decide(
-        active,
-        &s.queue,
-        cfg.queue_capacity as u64,
-        policy,
-        turn,
-        debounce_of(&s, now),
-    );
-    let (disposition, start, cancel_active, waits_as, pending_until) = match decision {
-        Decision::Reject { turn_id } => return Err(StoreError::SessionBusy { turn_id }.into()),
-        Decision::QueueFull { capacity } => {
+    // The procedure asks for what it needs beyond the row: each question is
+    // asked at most once.
+    let mut first = None;
+    let decided = loop {
+        match s.flow.post(&post, first) {
+            Ok(decided) => break decided,
+            Err(Need::FirstWaiting) if first.is_none() => {
+                first = Some(first_waiting(c, &s).await?);
+            }
+            Err(Need::Cancelling(turn)) if s.flow.cancelling.is_none() => {
+                s.flow.cancelling = Some(cancel_requested(c, turn).await?);
+            }
+            Err(need) => {
+                return Err(
+                    StoreError::Internal(format!("deciding a message lacks {need:?}")).into(),
+                )
+            }
+        }
+    };
+    let a = match decided {
+        Ok(a) => a,
+        Err(Refusal::Busy { turn }) => return Err(StoreError::SessionBusy { turn_id: turn }.into()),
+        Err(Refusal::QueueFull { capacity }) => {
             return Err(StoreError::QueueFull {
                 capacity: capacity as usize,
             }
             .into())
         }
-        Decision::Accept {
-            disposition,
-            start,
-            cancel_active,
-            waits_as,
-            pending_until,
-        } => (disposition, start, cancel_active, waits_as, pending_until),
     };
+    write_post(c, now, cfg, req, run_here, &mut s, &a).await
+}
+
+/// Writes what the procedure decided for message `req` on session `s`:
+/// the turn it healed, the message, the turn it started, the cancel it
+/// asked for, and the session row.
+async fn write_post(
+    c: &mut Conn,
+    now: i64,
+    cfg: &StoreConfig,
+    req: &PostMessage,
+    run_here: bool,
+    s: &mut SessionRow,
+    a: &Accepted,
+) -> R<Posted> {
+    let mut committed = Vec::new();
+    let mut lease = None;
+    if let Some(healed) = a.healed {
+        committed.push(start_turn(c, s, now, healed).await?);
+        lease = try_claim(s, &req.node, now, cfg.lease_ttl);
+    }
     let meta = UserMeta {
-        policy: waits_as,
+        policy: a.waits_as,
         requested: req.policy,
-        disposition: &disposition,
+        disposition: &a.disposition,
         key: req.idempotency_key.as_deref(),
     };
-    let entry = append(
+    let entry = put(
         c,
-        &mut s,
+        s,
         now,
+        a.seq,
         NewEntry::user_message(req.content.clone()),
         Some(meta),
     )
     .await?;
     committed.push(entry.clone());
     let mut begun = None;
-    if start {
-        let input = InputRange {
-            from: entry.seq,
-            to: entry.seq,
-        };
-        committed.push(start_turn(c, &mut s, now, turn, input).await?);
+    if let Some(start) = a.started {
+        committed.push(start_turn(c, s, now, start).await?);
         if lease.is_none() {
-            lease = try_claim(&mut s, &req.node, now, cfg.lease_ttl);
+            lease = try_claim(s, &req.node, now, cfg.lease_ttl);
             // The turn is this message's alone and this node takes the lease
             // now: begin it here (as `begin` would, with no cancel possible
             // yet), so the worker need not commit a `take_turn` first.
             if let (true, Some(l)) = (run_here, &lease) {
-                mark_running(c, turn, l.epoch).await?;
+                mark_running(c, start.turn, l.epoch).await?;
                 begun = Some(TurnToRun {
                     turn: Turn {
-                        id: turn,
+                        id: start.turn,
                         session_id: s.id,
                         status: TurnStatus::Running,
-                        input,
+                        input: start.input,
                         started_at: Timestamp(now),
                         ended_at: None,
                         reason: None,
@@ -1872,54 +1876,22 @@ async fn op_post(
                 });
             }
         }
-    } else {
-        s.queue.push(entry.seq, waits_as);
-        open_window(&mut s, now, pending_until);
     }
-    let mut cancel = None;
-    if cancel_active {
-        if let Some(active) = active {
-            request_cancel_turn(
-                c,
-                active.id,
-                &format!("interrupted by message {}", entry.seq),
-            )
-            .await?;
-            cancel = Some(active.id);
-        }
+    if let Some(turn) = a.cancel {
+        request_cancel_turn(c, turn, &format!("interrupted by message {}", entry.seq)).await?;
     }
-    save_session(c, &s).await?;
-    let steer = (waits_as == Policy::Steer)
-        .then_some(disposition.turn_id)
-        .flatten();
+    save_session(c, s).await?;
     Ok(Posted {
         entry,
-        disposition,
+        disposition: a.disposition,
         replayed: false,
         committed,
         lease,
-        cancel,
+        cancel: a.cancel,
         begun,
-        steer,
-        pending_until,
+        steer: a.steer,
+        pending_until: a.pending_until,
     })
-}
-
-/// The session's debounce window as `decide` needs it.
-fn debounce_of(s: &SessionRow, now: i64) -> Debounce {
-    Debounce {
-        window: s.debounce_ms.saturating_mul(1000),
-        first: s.pending_first,
-        now,
-    }
-}
-
-/// Opens (or moves) the debounce window to close at `until`.
-fn open_window(s: &mut SessionRow, now: i64, until: Option<i64>) {
-    if let Some(until) = until {
-        s.pending_first.get_or_insert(now);
-        s.pending_until = Some(until);
-    }
 }
 
 /// Whether a cancel was asked for `turn` (it will not take more input).
@@ -1955,7 +1927,7 @@ async fn op_recover_one(
     let Some(mut s) = lock_session(c, d, id).await? else {
         return Ok(None);
     };
-    let Some(turn) = s.active_turn else {
+    let Some(turn) = s.flow.active else {
         return Ok(None);
     };
     // A lease given up on purpose (a node shutting down between turns)
@@ -2287,7 +2259,7 @@ impl Store for SqlStore {
         let (d, owner, reason) = (self.dialect, owner.to_owned(), reason.to_owned());
         op!(self, Some(id), [owner, reason], |c, _now| {
             let s = lock_owned(c, d, &owner, id).await?;
-            let target = s.active_turn.filter(|t| only.is_none_or(|o| o == *t));
+            let target = s.flow.active.filter(|t| only.is_none_or(|o| o == *t));
             if let Some(turn) = target {
                 request_cancel_turn(c, turn, &reason).await?;
             }
@@ -2308,7 +2280,7 @@ impl Store for SqlStore {
         let (d, cfg, lease) = (self.dialect, self.cfg.clone(), lease.clone());
         op!(self, Some(lease.session_id), [cfg, lease], |c, now| {
             let mut s = lock_fenced(c, d, &lease).await?;
-            if s.active_turn != Some(turn) {
+            if s.flow.active != Some(turn) {
                 return Err(StoreError::TurnNotActive { turn_id: turn }.into());
             }
             let row = c
@@ -2330,7 +2302,7 @@ impl Store for SqlStore {
         let (d, cfg, lease) = (self.dialect, self.cfg.clone(), lease.clone());
         op!(self, Some(lease.session_id), [cfg, lease], |c, now| {
             let mut s = lock_fenced(c, d, &lease).await?;
-            if s.active_turn.is_none() {
+            if s.flow.active.is_none() {
                 // Idle: give the lease up in the same transaction that saw
                 // nothing to do, so a message that arrives later finds the
                 // lease free and its node starts the turn.
@@ -2357,7 +2329,7 @@ impl Store for SqlStore {
         let (d, lease, entries) = (self.dialect, lease.clone(), Arc::new(entries));
         op!(self, Some(lease.session_id), [lease, entries], |c, now| {
             let mut s = lock_fenced(c, d, &lease).await?;
-            if s.active_turn != Some(turn) {
+            if s.flow.active != Some(turn) {
                 return Err(StoreError::TurnNotActive { turn_id: turn }.into());
             }
             let mut out = Vec::with_capacity(entries.len());
@@ -2408,7 +2380,7 @@ impl Store for SqlStore {
             s.lease_expires_at = Some(now + cfg.lease_ttl.as_micros() as i64);
             save_session(c, &s).await?;
             let mut renewal = Renewal::default();
-            if let Some(turn) = s.active_turn {
+            if let Some(turn) = s.flow.active {
                 let reason: Option<String> = c
                     .scalar(
                         "SELECT cancel_reason FROM turns WHERE id = $1",
@@ -2416,7 +2388,7 @@ impl Store for SqlStore {
                     )
                     .await?;
                 renewal.cancel = reason.map(|r| (turn, r));
-                renewal.steer = s.queue.last_steer.map(|upto| (turn, upto));
+                renewal.steer = s.flow.queue.last_steer.map(|upto| (turn, upto));
             }
             Ok(renewal)
         })
@@ -2426,7 +2398,7 @@ impl Store for SqlStore {
         let (d, lease) = (self.dialect, lease.clone());
         op!(self, Some(lease.session_id), [lease], |c, _now| {
             let mut s = lock_fenced(c, d, &lease).await?;
-            if s.active_turn.is_some() && !force {
+            if s.flow.active.is_some() && !force {
                 return Ok(false);
             }
             s.lease_owner = None;
@@ -2460,7 +2432,7 @@ impl Store for SqlStore {
             [lease, only, by, reason],
             |c, now| {
                 let mut s = lock_fenced(c, d, &lease).await?;
-                if s.active_turn != Some(turn) {
+                if s.flow.active != Some(turn) {
                     return Err(StoreError::TurnNotActive { turn_id: turn }.into());
                 }
                 let closed =
@@ -2522,11 +2494,11 @@ impl Store for SqlStore {
         let mut c = self.reader().await?;
         let read = async {
             let s = fetch_leased(&mut c, lease).await?;
-            if s.active_turn != Some(turn) {
+            if s.flow.active != Some(turn) {
                 return Err(StoreError::TurnNotActive { turn_id: turn }.into());
             }
-            let from = after.max(s.consumed_seq.max(0) as Seq);
-            let Some(upto) = s.queue.last_steer.filter(|l| *l > from) else {
+            let from = after.max(s.flow.cursor);
+            let Some(upto) = s.flow.queue.last_steer.filter(|l| *l > from) else {
                 return Ok(None);
             };
             let sql = format!(
@@ -2545,24 +2517,25 @@ impl Store for SqlStore {
         let (d, lease) = (self.dialect, lease.clone());
         op!(self, Some(lease.session_id), [lease], |c, _now| {
             let mut s = lock_fenced(c, d, &lease).await?;
-            if s.active_turn != Some(turn) {
+            match s.flow.may_take(turn, upto) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
                 // The turn ended first: its end gave the input to the next turn.
-                return Err(StoreError::TurnNotActive { turn_id: turn }.into());
-            }
-            if upto as i64 <= s.consumed_seq {
-                return Ok(());
-            }
-            if s.queue.last_steer.is_none_or(|l| upto > l) {
-                return Err(StoreError::Internal(format!(
+                Err(TakeRefusal::NotActive) => {
+                    return Err(StoreError::TurnNotActive { turn_id: turn }.into())
+                }
+                Err(TakeRefusal::NoSteer) => {
+                    return Err(StoreError::Internal(format!(
                     "turn {turn} cannot take messages up to {upto}: no steered message waits there"
                 ))
-                .into());
+                    .into())
+                }
             }
             let row = c
                 .fetch_one(
                     "SELECT COUNT(*) AS n, MAX(seq) AS last FROM entries WHERE session_id = $1 AND role = 'user' \
                      AND seq > $2 AND seq <= $3",
-                    &args![s.id.to_string(), s.consumed_seq, upto as i64],
+                    &args![s.id.to_string(), s.flow.cursor as i64, upto as i64],
                 )
                 .await?;
             let count: i64 = row.get("n")?;
@@ -2582,8 +2555,7 @@ impl Store for SqlStore {
             if moved != 1 {
                 return Err(StoreError::TurnNotActive { turn_id: turn }.into());
             }
-            s.queue.take(upto, count.max(0) as u64);
-            s.consumed_seq = upto as i64;
+            s.flow.take(upto, count.max(0) as u64);
             save_session(c, &s).await?;
             Ok(())
         })
