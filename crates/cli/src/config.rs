@@ -65,6 +65,12 @@ pub struct ServeConfig {
     /// Messages that may wait for a turn per session.
     #[arg(long, env = "BATON_QUEUE_CAPACITY", default_value_t = 1_000)]
     pub queue_capacity: usize,
+    /// PostgreSQL only: the group-commit lanes of this node. Writes to one
+    /// session queue in one lane; each lane commits what waits in it as one
+    /// transaction. More lanes commit more batches at once, fewer make
+    /// bigger batches: about the database's cores.
+    #[arg(long, env = "BATON_PG_LANES", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub pg_lanes: u16,
     /// Largest request body, in bytes.
     #[arg(long, env = "BATON_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
@@ -200,6 +206,7 @@ impl ServeConfig {
             heartbeat_ms: 3_000,
             sweep_ms: 2_000,
             queue_capacity: 1_000,
+            pg_lanes: 2,
             max_body_bytes: 256 * 1024,
             body_timeout_ms: 30_000,
             header_timeout_ms: 10_000,

@@ -55,6 +55,7 @@ impl App {
         let store_cfg = StoreConfig {
             lease_ttl: cfg.lease_ttl(),
             queue_capacity: cfg.queue_capacity,
+            pg_lanes: usize::from(cfg.pg_lanes),
             ..StoreConfig::default()
         };
         let sql = match &target {

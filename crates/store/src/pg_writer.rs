@@ -35,8 +35,8 @@ use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::{Conn, Fail, PgBatch, R};
-use crate::sql::{lock_batch, retryable, unfail, write_deferred_sessions};
-use crate::{Result, StoreError};
+use crate::sql::{lock_batch, post_all, retryable, unfail, write_deferred_sessions, WaitingPost};
+use crate::{Posted, Result, StoreConfig, StoreError};
 
 /// How many writes share one transaction at most.
 pub(crate) const MAX_BATCH: usize = 64;
@@ -71,10 +71,32 @@ enum Fate {
 /// A write queued for a lane, type-erased.
 trait Job: Send {
     fn session(&self) -> SessionId;
+    /// The post this is, if it is one: posts are decided together.
+    fn post(&self) -> Option<&WaitingPost> {
+        None
+    }
     /// Runs the body and keeps its result; whether it succeeded.
     fn run<'a>(&'a mut self, c: &'a mut Conn, now: i64) -> BoxFuture<'a, bool>;
+    /// Keeps a post's answer (`None`: run it alone).
+    fn answer(&mut self, _answer: Option<R<Posted>>) {}
     /// Delivers the result once the batch's fate is known.
     fn finish(self: Box<Self>, fate: &Fate);
+}
+
+/// What a write's caller is told, from its result and its batch's fate.
+fn deliver<T>(result: Option<R<T>>, fate: &Fate) -> Reply<T> {
+    match (result, fate) {
+        (None, _) | (_, Fate::Void) => Reply::Alone,
+        // Rolled back to its savepoint: its own failure is the answer,
+        // unless PostgreSQL asks for a retry.
+        (Some(Err(Fail::Db(e))), _) if retryable(&e) => Reply::Alone,
+        (Some(Err(f)), _) => Reply::Done(Err(unfail(f))),
+        (Some(Ok(v)), Fate::Settled) => Reply::Done(Ok(v)),
+        (Some(Ok(_)), Fate::CommitFailed { retry: true, .. }) => Reply::Alone,
+        (Some(Ok(_)), Fate::CommitFailed { why, .. }) => Reply::Done(Err(StoreError::Unavailable(
+            format!("commit failed: {why}"),
+        ))),
+    }
 }
 
 struct Write<T> {
@@ -99,19 +121,37 @@ impl<T: Send + 'static> Job for Write<T> {
     }
 
     fn finish(self: Box<Self>, fate: &Fate) {
-        let reply = match (self.result, fate) {
-            (None, _) | (_, Fate::Void) => Reply::Alone,
-            // Rolled back to its savepoint: its own failure is the answer,
-            // unless PostgreSQL asks for a retry.
-            (Some(Err(Fail::Db(e))), _) if retryable(&e) => Reply::Alone,
-            (Some(Err(f)), _) => Reply::Done(Err(unfail(f))),
-            (Some(Ok(v)), Fate::Settled) => Reply::Done(Ok(v)),
-            (Some(Ok(_)), Fate::CommitFailed { retry: true, .. }) => Reply::Alone,
-            (Some(Ok(_)), Fate::CommitFailed { why, .. }) => Reply::Done(Err(
-                StoreError::Unavailable(format!("commit failed: {why}")),
-            )),
-        };
-        let _ = self.reply.send(reply);
+        let _ = self.reply.send(deliver(self.result, fate));
+    }
+}
+
+/// A post queued for a lane.
+struct PostJob {
+    post: WaitingPost,
+    result: Option<R<Posted>>,
+    reply: oneshot::Sender<Reply<Posted>>,
+}
+
+impl Job for PostJob {
+    fn session(&self) -> SessionId {
+        self.post.req.session_id
+    }
+
+    fn post(&self) -> Option<&WaitingPost> {
+        Some(&self.post)
+    }
+
+    fn run<'a>(&'a mut self, _c: &'a mut Conn, _now: i64) -> BoxFuture<'a, bool> {
+        // Posts are decided together by `post_all`, never one by one here.
+        Box::pin(async { false })
+    }
+
+    fn answer(&mut self, answer: Option<R<Posted>>) {
+        self.result = answer;
+    }
+
+    fn finish(self: Box<Self>, fate: &Fate) {
+        let _ = self.reply.send(deliver(self.result, fate));
     }
 }
 
@@ -124,11 +164,17 @@ pub(crate) struct Lanes {
 impl Lanes {
     /// Starts `n` lanes on the current runtime, each running its batches on
     /// a connection of `pool`. They end when the store is dropped.
-    pub(crate) fn start(pool: &AnyPool, n: usize, stats: crate::CommitStats) -> Self {
+    pub(crate) fn start(
+        pool: &AnyPool,
+        n: usize,
+        stats: crate::CommitStats,
+        cfg: StoreConfig,
+    ) -> Self {
+        let cfg = Arc::new(cfg);
         let lanes: Vec<_> = (0..n.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(LANE_DEPTH);
-                tokio::spawn(lane(pool.clone(), rx, stats.clone()));
+                tokio::spawn(lane(pool.clone(), rx, stats.clone(), cfg.clone()));
                 tx
             })
             .collect();
@@ -143,16 +189,38 @@ impl Lanes {
         session: SessionId,
         body: Body<T>,
     ) -> Reply<T> {
-        let mut h = std::hash::DefaultHasher::new();
-        session.hash(&mut h);
-        let lane = (h.finish() % self.lanes.len() as u64) as usize;
         let (reply, answer) = oneshot::channel();
-        let job: Box<dyn Job> = Box::new(Write {
+        let job = Box::new(Write {
             session,
             body,
             result: None,
             reply,
         });
+        self.queue(session, job, answer).await
+    }
+
+    /// Decides and writes `post` with the other posts of a batch of its
+    /// session's lane.
+    pub(crate) async fn post(&self, post: WaitingPost) -> Reply<Posted> {
+        let (reply, answer) = oneshot::channel();
+        let session = post.req.session_id;
+        let job = Box::new(PostJob {
+            post,
+            result: None,
+            reply,
+        });
+        self.queue(session, job, answer).await
+    }
+
+    async fn queue<T>(
+        &self,
+        session: SessionId,
+        job: Box<dyn Job>,
+        answer: oneshot::Receiver<Reply<T>>,
+    ) -> Reply<T> {
+        let mut h = std::hash::DefaultHasher::new();
+        session.hash(&mut h);
+        let lane = (h.finish() % self.lanes.len() as u64) as usize;
         if self.lanes[lane].send(job).await.is_err() {
             return Reply::Alone;
         }
@@ -160,7 +228,12 @@ impl Lanes {
     }
 }
 
-async fn lane(pool: AnyPool, mut rx: mpsc::Receiver<Box<dyn Job>>, stats: crate::CommitStats) {
+async fn lane(
+    pool: AnyPool,
+    mut rx: mpsc::Receiver<Box<dyn Job>>,
+    stats: crate::CommitStats,
+    cfg: Arc<StoreConfig>,
+) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -169,44 +242,66 @@ async fn lane(pool: AnyPool, mut rx: mpsc::Receiver<Box<dyn Job>>, stats: crate:
                 Err(_) => break,
             }
         }
-        let fate = run_batch(&pool, &mut jobs, &stats).await;
+        let fate = run_batch(&pool, &mut jobs, &stats, &cfg).await;
         for job in jobs {
             job.finish(&fate);
         }
     }
 }
 
-/// Runs one batch: lock, clock, each write in its savepoint, the session
-/// rows, commit.
-async fn run_batch(pool: &AnyPool, jobs: &mut [Box<dyn Job>], stats: &crate::CommitStats) -> Fate {
+/// Runs one batch: lock, clock, each write in its savepoint, the posts
+/// together (in one more savepoint if other writes share the batch), the
+/// session rows, commit.
+async fn run_batch(
+    pool: &AnyPool,
+    jobs: &mut [Box<dyn Job>],
+    stats: &crate::CommitStats,
+    cfg: &StoreConfig,
+) -> Fate {
     let mut ids: Vec<String> = jobs.iter().map(|j| j.session().to_string()).collect();
     ids.sort();
     ids.dedup();
+    let (posts, writes): (Vec<usize>, Vec<usize>) =
+        (0..jobs.len()).partition(|&i| jobs[i].post().is_some());
     let ran: R<Option<sqlx::Transaction<'static, sqlx::Any>>> = async {
         let mut c = Conn::Batch(Box::new(PgBatch::new(pool.begin().await?)));
         let now = lock_batch(&mut c, &ids).await?;
-        if let [job] = jobs {
-            // A batch of one needs no savepoint: if it fails, nothing of
-            // the transaction is kept.
-            if !job.run(&mut c, now).await {
-                return Ok(None);
+        // One thing in the batch needs no savepoint: if it fails, nothing
+        // of the transaction is kept.
+        let alone = writes.len() + usize::from(!posts.is_empty()) == 1;
+        for &i in &writes {
+            if alone {
+                if !jobs[i].run(&mut c, now).await {
+                    return Ok(None);
+                }
+                continue;
             }
-        } else {
             // Savepoints are not released: a released one still holds its
             // subtransaction id until the commit, so releasing would only
             // cost a round trip. Each new one shadows the last of the same
             // name, which is the one a failure rolls back to.
-            for job in jobs.iter_mut() {
-                c.execute("SAVEPOINT job", &[]).await?;
-                if let Conn::Batch(b) = &mut c {
-                    b.begin_write();
-                }
-                if !job.run(&mut c, now).await {
-                    c.execute("ROLLBACK TO SAVEPOINT job", &[]).await?;
-                    if let Conn::Batch(b) = &mut c {
-                        b.undo_write();
+            savepoint(&mut c).await?;
+            if !jobs[i].run(&mut c, now).await {
+                roll_back(&mut c).await?;
+            }
+        }
+        if !posts.is_empty() {
+            if !alone {
+                savepoint(&mut c).await?;
+            }
+            let waiting: Vec<WaitingPost> = posts
+                .iter()
+                .filter_map(|&i| jobs[i].post().cloned())
+                .collect();
+            match post_all(&mut c, now, cfg, &waiting).await {
+                Ok(answers) => {
+                    for (&i, answer) in posts.iter().zip(answers) {
+                        jobs[i].answer(answer);
                     }
                 }
+                // The posts go back to their callers, to run alone.
+                Err(_) if alone => return Ok(None),
+                Err(_) => roll_back(&mut c).await?,
             }
         }
         write_deferred_sessions(&mut c).await?;
@@ -232,6 +327,24 @@ async fn run_batch(pool: &AnyPool, jobs: &mut [Box<dyn Job>], stats: &crate::Com
             why: e.to_string(),
         },
     }
+}
+
+/// Starts a write's savepoint.
+async fn savepoint(c: &mut Conn) -> R<()> {
+    c.execute("SAVEPOINT job", &[]).await?;
+    if let Conn::Batch(b) = c {
+        b.begin_write();
+    }
+    Ok(())
+}
+
+/// Rolls the write back to its savepoint, session rows in memory included.
+async fn roll_back(c: &mut Conn) -> R<()> {
+    c.execute("ROLLBACK TO SAVEPOINT job", &[]).await?;
+    if let Conn::Batch(b) = c {
+        b.undo_write();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -308,7 +421,7 @@ mod tests {
             .await
             .expect("a scratch table");
         let stats = crate::CommitStats::default();
-        let lanes = Lanes::start(&pool, 1, stats);
+        let lanes = Lanes::start(&pool, 1, stats, crate::StoreConfig::default());
 
         // The first write holds the lane until the others are queued behind
         // it, so they form the next batch together.
@@ -378,6 +491,257 @@ mod tests {
             .await
             .expect("read the session");
         assert_eq!(last, 2);
+        pool.close().await;
+    }
+
+    /// Opens a store on `url` (for its schema) and one session in it, busy
+    /// with the turn its first message started.
+    async fn busy_session(url: &str) -> (crate::SqlStore, SessionId) {
+        let store = crate::SqlStore::open_postgres(url, crate::StoreConfig::default())
+            .await
+            .expect("open the store");
+        let created = crate::Store::create_session(
+            &store,
+            crate::CreateSession {
+                owner: "o".into(),
+                agent: "demo".into(),
+                policy: baton_core::Policy::Queue,
+                metadata: serde_json::json!({}),
+                idempotency_key: None,
+                fingerprint: "{}".into(),
+                message: Some("first".into()),
+                permission: None,
+                node: "n".into(),
+                debounce_ms: 0,
+            },
+        )
+        .await
+        .expect("a session");
+        (store, created.session.id)
+    }
+
+    #[tokio::test]
+    async fn posts_of_a_batch_are_decided_together_and_a_refused_one_fails_alone() {
+        use baton_core::{DispositionType, Policy};
+        let Some(url) = crate::testing::database_url("the PostgreSQL lanes") else {
+            return;
+        };
+        let schema = crate::testing::PgSchema::create(&url).await;
+        let (_store, session) = busy_session(schema.url()).await;
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(4)
+            .connect(schema.url())
+            .await
+            .expect("connect to PostgreSQL");
+        let cfg = crate::StoreConfig {
+            queue_capacity: 3,
+            ..crate::StoreConfig::default()
+        };
+        let lanes = Lanes::start(&pool, 1, crate::CommitStats::default(), cfg);
+
+        // A write holds the lane until every post is queued behind it.
+        let (open, gate) = tokio::sync::oneshot::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let gate = Arc::new(tokio::sync::Mutex::new(Some((started, gate))));
+        let first: Body<i64> = Arc::new(move |_c: &mut Conn, _now| {
+            let gate = gate.clone();
+            Box::pin(async move {
+                if let Some((started, g)) = gate.lock().await.take() {
+                    let _ = started.send(());
+                    let _ = g.await;
+                }
+                Ok(0)
+            })
+        });
+        let holder = {
+            let lanes = lanes.clone();
+            tokio::spawn(async move { lanes.write(session, first).await })
+        };
+        running.await.expect("the holder runs");
+        let post = |owner: &str, content: &str, policy: Option<Policy>, key: Option<&str>| {
+            let lanes = lanes.clone();
+            let req = crate::PostMessage {
+                owner: owner.into(),
+                session_id: session,
+                content: content.into(),
+                policy,
+                idempotency_key: key.map(str::to_owned),
+                node: "n".into(),
+                mid_turn_agents: Vec::new(),
+            };
+            tokio::spawn(async move {
+                let waiting = WaitingPost {
+                    req: Arc::new(req),
+                    run_here: false,
+                };
+                match lanes.post(waiting).await {
+                    Reply::Done(r) => r,
+                    Reply::Alone => panic!("a post of the batch was handed back"),
+                }
+            })
+        };
+        let posts = vec![
+            post("o", "one", None, Some("a")),
+            post("o", "busy?", Some(Policy::Reject), None),
+            post("o", "one", None, Some("a")),
+            post("o", "two", None, Some("a")),
+            post("o", "e", None, None),
+            post("o", "f", None, None),
+            post("o", "full", None, None),
+            post("someone else", "x", None, None),
+        ];
+        while LANE_DEPTH - lanes.lanes[0].capacity() < posts.len() {
+            tokio::task::yield_now().await;
+        }
+        open.send(()).expect("the holder waits");
+        assert!(matches!(holder.await.expect("joined"), Reply::Done(Ok(0))));
+        let mut got = Vec::new();
+        for p in posts {
+            got.push(p.await.expect("joined"));
+        }
+        let queued = |r: &crate::Result<crate::Posted>, seq: u64, position: u64| match r {
+            Ok(p) => {
+                assert_eq!(p.entry.seq, seq);
+                assert_eq!(p.disposition.kind, DispositionType::Queued);
+                assert_eq!(p.disposition.position, Some(position));
+                p.replayed
+            }
+            Err(e) => panic!("expected seq {seq} queued, got {e:?}"),
+        };
+        assert!(!queued(&got[0], 3, 1));
+        assert!(matches!(got[1], Err(StoreError::SessionBusy { .. })));
+        assert!(queued(&got[2], 3, 1), "a retry in the batch replays");
+        assert!(matches!(got[3], Err(StoreError::IdempotencyConflict)));
+        assert!(!queued(&got[4], 4, 2));
+        assert!(!queued(&got[5], 5, 3));
+        assert!(matches!(got[6], Err(StoreError::QueueFull { capacity: 3 })));
+        assert!(matches!(got[7], Err(StoreError::NotFound)));
+
+        // The three messages were written by one statement of one
+        // transaction, and the session row holds them.
+        let rows: Vec<(i64, Option<String>, String)> = sqlx::query_as(
+            "SELECT seq, content, xmin::text FROM entries WHERE session_id = $1 ORDER BY seq",
+        )
+        .bind(session.to_string())
+        .fetch_all(&pool)
+        .await
+        .expect("read the log");
+        let contents: Vec<&str> = rows.iter().map(|r| r.1.as_deref().unwrap_or("")).collect();
+        assert_eq!(contents[2..], ["one", "e", "f"]);
+        assert!(rows[2..].iter().all(|r| r.2 == rows[2].2));
+        let (last, waiting): (i64, i64) =
+            sqlx::query_as("SELECT last_seq, waiting_count FROM sessions WHERE id = $1")
+                .bind(session.to_string())
+                .fetch_one(&pool)
+                .await
+                .expect("read the session");
+        assert_eq!((last, waiting), (5, 3));
+        pool.close().await;
+    }
+
+    /// A commit that fails after every write of the batch succeeded: each
+    /// write hears of it (`503`), or, when PostgreSQL asks for a retry, is
+    /// handed back to run alone; nothing of the batch is kept.
+    #[tokio::test]
+    async fn a_failed_commit_fails_every_write_of_its_batch_or_hands_them_back() {
+        let Some(url) = crate::testing::database_url("the PostgreSQL lanes") else {
+            return;
+        };
+        let schema = crate::testing::PgSchema::create(&url).await;
+        let (_store, session) = busy_session(schema.url()).await;
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(4)
+            .connect(schema.url())
+            .await
+            .expect("connect to PostgreSQL");
+        // A deferred constraint trigger runs at the commit, after every
+        // statement succeeded: it refuses the commit with the SQLSTATE the
+        // row's value names.
+        sqlx::raw_sql(
+            "CREATE TABLE scratch (v TEXT NOT NULL);
+             CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.v LIKE 'fail:%' THEN
+                     RAISE EXCEPTION 'commit refused' USING ERRCODE = substr(NEW.v, 6, 5);
+                 END IF;
+                 RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON scratch
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit();",
+        )
+        .execute(&pool)
+        .await
+        .expect("a scratch table that refuses commits");
+        let lanes = Lanes::start(
+            &pool,
+            1,
+            crate::CommitStats::default(),
+            crate::StoreConfig::default(),
+        );
+
+        for (code, retry) in [("P0001", false), ("40001", true)] {
+            let (open, gate) = tokio::sync::oneshot::channel::<()>();
+            let (started, running) = tokio::sync::oneshot::channel::<()>();
+            let gate = Arc::new(tokio::sync::Mutex::new(Some((started, gate))));
+            let holder: Body<i64> = Arc::new(move |_c: &mut Conn, _now| {
+                let gate = gate.clone();
+                Box::pin(async move {
+                    if let Some((started, g)) = gate.lock().await.take() {
+                        let _ = started.send(());
+                        let _ = g.await;
+                    }
+                    Ok(0)
+                })
+            });
+            let spawn = |b: Body<i64>| {
+                let lanes = lanes.clone();
+                tokio::spawn(async move { lanes.write(session, b).await })
+            };
+            let holder = spawn(holder);
+            running.await.expect("the holder runs");
+            let fail: &'static str = if retry { "fail:40001" } else { "fail:P0001" };
+            let rest: Vec<_> = [
+                body(session, "ok-1", 1, "ok"),
+                body(session, fail, 1, "ok"),
+                body(session, "ok-2", 1, "ok"),
+            ]
+            .into_iter()
+            .map(spawn)
+            .collect();
+            while LANE_DEPTH - lanes.lanes[0].capacity() < 3 {
+                tokio::task::yield_now().await;
+            }
+            open.send(()).expect("the holder waits");
+            assert!(matches!(holder.await.expect("joined"), Reply::Done(Ok(0))));
+            for r in rest {
+                match (r.await.expect("joined"), retry) {
+                    (Reply::Alone, true) => {}
+                    (Reply::Done(Err(StoreError::Unavailable(why))), false) => {
+                        assert!(why.contains("commit failed"), "{why}");
+                    }
+                    (other, _) => panic!(
+                        "SQLSTATE {code} at the commit: got {}",
+                        match other {
+                            Reply::Alone => "handed back".to_owned(),
+                            Reply::Done(r) => format!("{:?}", r.map(|_| ())),
+                        }
+                    ),
+                }
+            }
+            let kept: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM scratch")
+                .fetch_one(&pool)
+                .await
+                .expect("read back");
+            assert_eq!(kept, 0, "nothing of a batch whose commit failed is kept");
+        }
+        let last: i64 = sqlx::query_scalar("SELECT last_seq FROM sessions WHERE id = $1")
+            .bind(session.to_string())
+            .fetch_one(&pool)
+            .await
+            .expect("read the session");
+        assert_eq!(last, 2, "the session row is as the first message left it");
         pool.close().await;
     }
 }

@@ -859,7 +859,7 @@ async fn postgres_three_nodes_batching_overlapping_sessions_keep_every_log_whole
     const NODES: usize = 3;
     const WRITERS: usize = 64;
     const PER_WRITER: usize = 6;
-    const SPREAD: usize = 40;
+    const SPREAD: usize = 1000;
     let Some(url) = baton_store::testing::database_url("postgres_three_nodes_batching") else {
         return;
     };
@@ -890,10 +890,21 @@ async fn postgres_three_nodes_batching_overlapping_sessions_keep_every_log_whole
                         spread[fastrand::usize(0..SPREAD)]
                     };
                     let content = format!("node {n} writer {w} message {i}");
-                    let mut req = message(owner, session, &content, None);
+                    // Every policy that accepts: turns start, queue, gather,
+                    // are asked to cancel, and steers queue.
+                    let policy = [
+                        None,
+                        Some(Policy::Merge),
+                        Some(Policy::Interrupt),
+                        Some(Policy::Steer),
+                    ][(w + i) % 4];
+                    let mut req = message(owner, session, &content, policy);
                     req.idempotency_key = Some(content.clone());
-                    let answers = if i % 3 == 0 {
-                        let other = &nodes[(n + 1) % NODES];
+                    // A third of the posts are retried at once on another
+                    // node, a third on the same one (most often into the
+                    // same batch).
+                    let answers = if i % 3 != 2 {
+                        let other = &nodes[if i % 3 == 0 { (n + 1) % NODES } else { n }];
                         let (a, b) = tokio::join!(
                             nodes[n].post_message(req.clone()),
                             other.post_message(req.clone())
@@ -928,8 +939,10 @@ async fn postgres_three_nodes_batching_overlapping_sessions_keep_every_log_whole
         let originals = posts.iter().filter(|p| !p.replayed).count();
         assert_eq!(originals, 1, "{key:?} stored {originals} times");
         assert!(
-            posts.iter().all(|p| p.entry.seq == posts[0].entry.seq),
-            "{key:?}: a retry got another entry back"
+            posts
+                .iter()
+                .all(|p| p.entry.seq == posts[0].entry.seq && p.disposition == posts[0].disposition),
+            "{key:?}: a retry got another entry or disposition back"
         );
     }
     // Every log gap-free, holding exactly its acknowledged messages at the
