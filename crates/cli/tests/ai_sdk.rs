@@ -802,10 +802,10 @@ async fn pg_node(
 /// message ends equal to the stored reply (needs `DATABASE_URL`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_resumed_on_another_node_has_the_text_so_far_and_ends_equal() {
-    let Some(url) = baton_store::testing::database_url("ai-sdk resume across nodes") else {
+    let Some(url) = baton_testkit::pg::database_url("ai-sdk resume across nodes") else {
         return;
     };
-    let schema = baton_store::testing::PgSchema::create(&url).await;
+    let schema = baton_testkit::pg::PgSchema::create(&url).await;
     let (a, stop_a, task_a) = pg_node(schema.url()).await;
     let (b, stop_b, task_b) = pg_node(schema.url()).await;
 

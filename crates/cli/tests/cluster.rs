@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use baton_cli::{App, ServeConfig};
-use baton_store::testing::PgSchema;
+use baton_testkit::pg::PgSchema;
 use common::{Client, PATIENCE};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 /// A schema of its own in the `DATABASE_URL` database, or `None` (the test
 /// is skipped, which `BATON_REQUIRE_POSTGRES=1` refuses).
 async fn database(test: &str) -> Option<PgSchema> {
-    let url = baton_store::testing::database_url(test)?;
+    let url = baton_testkit::pg::database_url(test)?;
     Some(PgSchema::create(&url).await)
 }
 

@@ -194,7 +194,7 @@ async fn an_unreachable_postgres_is_named_not_timed_out() {
 
 #[tokio::test]
 async fn a_missing_database_and_an_unknown_user_are_named() {
-    let Some(url) = baton_store::testing::database_url("start-up errors") else {
+    let Some(url) = baton_testkit::pg::database_url("start-up errors") else {
         return;
     };
     let (server, _db) = url.rsplit_once('/').unwrap();

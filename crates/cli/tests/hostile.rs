@@ -11,7 +11,7 @@ mod common;
 use std::time::Duration;
 
 use baton_cli::{App, ServeConfig};
-use baton_store::testing::PgSchema;
+use baton_testkit::pg::PgSchema;
 use common::{spawn_binary, Client, PATIENCE};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -63,7 +63,7 @@ impl Server {
 /// (required with `BATON_REQUIRE_POSTGRES=1`).
 async fn stores(test: &str) -> Vec<Option<PgSchema>> {
     let mut out = vec![None];
-    if let Some(url) = baton_store::testing::database_url(test) {
+    if let Some(url) = baton_testkit::pg::database_url(test) {
         out.push(Some(PgSchema::create(&url).await));
     }
     out

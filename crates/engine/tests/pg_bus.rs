@@ -9,7 +9,7 @@ use baton_engine::{pg_bus, BusEvent};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_published_on_one_node_reach_another_in_order() {
-    let Some(url) = baton_store::testing::database_url("the cross-node bus") else {
+    let Some(url) = baton_testkit::pg::database_url("the cross-node bus") else {
         return;
     };
     let waits = baton_store::pg_timeouts(Duration::from_secs(10));
@@ -96,7 +96,7 @@ async fn events_published_on_one_node_reach_another_in_order() {
 /// store's connections do: below the lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_notifier_waits_below_the_lease() {
-    let Some(url) = baton_store::testing::database_url("the bus's notifier") else {
+    let Some(url) = baton_testkit::pg::database_url("the bus's notifier") else {
         return;
     };
     let lease = Duration::from_secs(9);

@@ -18,17 +18,17 @@
 //!   the turn it holds back starts from stored state: on any node, after a
 //!   restart.
 //!
-//! Policy decisions are made by `baton_core::policy` inside the transaction
-//! that stores the message, with the session row locked.
+//! Every decision (seq, policy, capacity, the cursor, which turn starts) is
+//! made by `baton_core::flow` inside the transaction that stores its result,
+//! with the session row locked: the store reads rows and writes what the
+//! procedure decided. The contract suite every store must pass lives in the
+//! `baton-testkit` crate, out of the production build.
 
 mod db;
 mod pg_writer;
 mod sql;
 mod stats;
 mod writer;
-
-pub mod contract;
-pub mod testing;
 
 use std::sync::Arc;
 

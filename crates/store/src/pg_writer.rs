@@ -382,10 +382,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_write_fails_alone_and_its_batch_commits() {
-        let Some(url) = crate::testing::database_url("the PostgreSQL lanes") else {
+        let Some(url) = baton_testkit::pg::database_url("the PostgreSQL lanes") else {
             return;
         };
-        let schema = crate::testing::PgSchema::create(&url).await;
+        let schema = baton_testkit::pg::PgSchema::create(&url).await;
         // The store's own schema (its lanes are not used here), and one
         // session in it.
         let store = crate::SqlStore::open_postgres(schema.url(), crate::StoreConfig::default())
@@ -523,10 +523,10 @@ mod tests {
     #[tokio::test]
     async fn posts_of_a_batch_are_decided_together_and_a_refused_one_fails_alone() {
         use baton_core::{DispositionType, Policy};
-        let Some(url) = crate::testing::database_url("the PostgreSQL lanes") else {
+        let Some(url) = baton_testkit::pg::database_url("the PostgreSQL lanes") else {
             return;
         };
-        let schema = crate::testing::PgSchema::create(&url).await;
+        let schema = baton_testkit::pg::PgSchema::create(&url).await;
         let (_store, session) = busy_session(schema.url()).await;
         sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new()
@@ -645,10 +645,10 @@ mod tests {
     /// handed back to run alone; nothing of the batch is kept.
     #[tokio::test]
     async fn a_failed_commit_fails_every_write_of_its_batch_or_hands_them_back() {
-        let Some(url) = crate::testing::database_url("the PostgreSQL lanes") else {
+        let Some(url) = baton_testkit::pg::database_url("the PostgreSQL lanes") else {
             return;
         };
-        let schema = crate::testing::PgSchema::create(&url).await;
+        let schema = baton_testkit::pg::PgSchema::create(&url).await;
         let (_store, session) = busy_session(schema.url()).await;
         sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new()

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use baton_core::{NewEntry, Policy, SessionId, TurnStatus};
-use baton_store::contract::base_config;
 use baton_store::{CreateSession, PostMessage, SharedStore, SqlStore, Store, StoreError};
+use baton_testkit::contract::base_config;
 use sqlx::{AnyConnection, Connection};
 
 /// A store and a connection of its own to the same database.
@@ -16,7 +16,7 @@ struct Backend {
     store: SharedStore,
     raw: AnyConnection,
     _dir: Option<tempfile::TempDir>,
-    _schema: Option<baton_store::testing::PgSchema>,
+    _schema: Option<baton_testkit::pg::PgSchema>,
 }
 
 impl Backend {
@@ -43,8 +43,8 @@ impl Backend {
     }
 
     async fn postgres(what: &str) -> Option<Self> {
-        let url = baton_store::testing::database_url(what)?;
-        let schema = baton_store::testing::PgSchema::create(&url).await;
+        let url = baton_testkit::pg::database_url(what)?;
+        let schema = baton_testkit::pg::PgSchema::create(&url).await;
         let store = SqlStore::open_postgres(schema.url(), base_config())
             .await
             .expect("connect to PostgreSQL");

@@ -1,4 +1,4 @@
-//! Runs the store contract suite (`baton_store::contract`) against both
+//! Runs the store contract suite (`baton_testkit::contract`) against both
 //! backends: every contract once on a fresh SQLite file and once on the
 //! PostgreSQL database named by `DATABASE_URL` (skipped, with a note on stderr,
 //! when it is unset). Also the embedded store's own guarantees: durability
@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::{EntryType, NewEntry, Policy, SessionStatus, TurnStatus};
-use baton_store::contract::{base_config, check_log};
 use baton_store::{Begin, CreateSession, PostMessage, SharedStore, SqlStore, Store, StoreConfig};
+use baton_testkit::contract::{base_config, check_log};
 
 /// Fresh SQLite files in one temporary directory, removed at the end.
 struct Sqlite {
@@ -60,7 +60,7 @@ macro_rules! contract_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
                     let backend = super::Sqlite::new();
-                    baton_store::contract::$name(|cfg| backend.open(cfg)).await;
+                    baton_testkit::contract::$name(|cfg| backend.open(cfg)).await;
                 }
             )+
         }
@@ -69,11 +69,11 @@ macro_rules! contract_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    let Some(url) = baton_store::testing::database_url(stringify!($name)) else {
+                    let Some(url) = baton_testkit::pg::database_url(stringify!($name)) else {
                         return;
                     };
-                    let schema = baton_store::testing::PgSchema::create(&url).await;
-                    baton_store::contract::$name(|cfg| super::open_postgres(schema.url(), cfg)).await;
+                    let schema = baton_testkit::pg::PgSchema::create(&url).await;
+                    baton_testkit::contract::$name(|cfg| super::open_postgres(schema.url(), cfg)).await;
                 }
             )+
         }
@@ -695,11 +695,11 @@ async fn sqlite_a_write_failing_after_it_wrote_leaves_no_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_write_that_waited_for_the_lock_is_not_stamped_earlier() {
     use sqlx::{Connection, Row};
-    let Some(url) = baton_store::testing::database_url("postgres_a_write_that_waited_for_the_lock")
+    let Some(url) = baton_testkit::pg::database_url("postgres_a_write_that_waited_for_the_lock")
     else {
         return;
     };
-    let schema = baton_store::testing::PgSchema::create(&url).await;
+    let schema = baton_testkit::pg::PgSchema::create(&url).await;
     let store = Arc::new(
         SqlStore::open_postgres(schema.url(), base_config())
             .await
@@ -798,11 +798,11 @@ async fn postgres_a_write_that_waited_for_the_lock_is_not_stamped_earlier() {
 async fn postgres_a_node_starting_during_a_long_migration_waits_for_it() {
     use sqlx::Connection;
     let Some(url) =
-        baton_store::testing::database_url("postgres_a_node_starting_during_a_long_migration")
+        baton_testkit::pg::database_url("postgres_a_node_starting_during_a_long_migration")
     else {
         return;
     };
-    let schema = baton_store::testing::PgSchema::create(&url).await;
+    let schema = baton_testkit::pg::PgSchema::create(&url).await;
     // Migrated once; a second start reads the migrations table again.
     drop(
         SqlStore::open_postgres(schema.url(), base_config())
@@ -860,10 +860,10 @@ async fn postgres_three_nodes_batching_overlapping_sessions_keep_every_log_whole
     const WRITERS: usize = 64;
     const PER_WRITER: usize = 6;
     const SPREAD: usize = 1000;
-    let Some(url) = baton_store::testing::database_url("postgres_three_nodes_batching") else {
+    let Some(url) = baton_testkit::pg::database_url("postgres_three_nodes_batching") else {
         return;
     };
-    let schema = baton_store::testing::PgSchema::create(&url).await;
+    let schema = baton_testkit::pg::PgSchema::create(&url).await;
     let mut nodes = Vec::new();
     for _ in 0..NODES {
         nodes.push(Arc::new(

@@ -13,7 +13,7 @@ use baton_core::{
 };
 
 use super::{shared, unique, Fixture};
-use crate::{Begin, Lease, PostMessage, SharedStore, StoreConfig, StoreError, Take};
+use baton_store::{Begin, Lease, PostMessage, SharedStore, StoreConfig, StoreError, Take};
 
 impl Fixture {
     /// A `steer` message from a node whose agents take mid-turn input (or,
@@ -309,7 +309,7 @@ pub async fn debounce_windows_hold_a_burst<Fut: Future<Output = SharedStore>>(
     let window = Duration::from_millis(300);
     let created = f
         .store
-        .create_session(crate::CreateSession {
+        .create_session(baton_store::CreateSession {
             debounce_ms: window.as_millis() as u64,
             message: Some("one".into()),
             ..f.create_req(Policy::Queue)

@@ -28,7 +28,7 @@
 //! in-process exclusive lock and all others a shared one: inside one test
 //! binary no contract's lease is taken over by another contract's recovery.
 //! That lock is per process, so the workspace's PostgreSQL tests also give
-//! each test a schema of its own ([`crate::testing::PgSchema`]): a test
+//! each test a schema of its own ([`crate::pg::PgSchema`]): a test
 //! runner that runs every test in its own process, or another test binary's
 //! sweepers, then never see (or take over) a contract's sessions.
 
@@ -42,7 +42,7 @@ use baton_core::{
 };
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::{
+use baton_store::{
     AnswerPermission, Begin, CreateSession, Lease, PostMessage, Posted, Recovered, SharedStore,
     Store, StoreConfig, StoreError, Take,
 };
@@ -271,7 +271,7 @@ impl Fixture {
         turn: TurnId,
         status: TurnStatus,
         reason: Option<&str>,
-    ) -> crate::Ended {
+    ) -> baton_store::Ended {
         self.store
             .end_turn(
                 lease,
@@ -899,7 +899,7 @@ pub async fn concurrent_creates_return_one_session<Fut: Future<Output = SharedSt
         tokio::spawn(async move { store.create_session(req).await })
     }))
     .await;
-    let results: Vec<crate::Created> = results
+    let results: Vec<baton_store::Created> = results
         .into_iter()
         .map(|r| {
             r.expect("a create task panicked")
@@ -911,7 +911,7 @@ pub async fn concurrent_creates_return_one_session<Fut: Future<Output = SharedSt
         results.iter().all(|c| c.session.id == id),
         "I3: every concurrent create returns the one session"
     );
-    let winners: Vec<&crate::Created> = results.iter().filter(|c| c.created).collect();
+    let winners: Vec<&baton_store::Created> = results.iter().filter(|c| c.created).collect();
     assert_eq!(
         winners.len(),
         1,
@@ -2683,8 +2683,11 @@ pub async fn output_and_ends_are_checked<Fut: Future<Output = SharedStore>>(
 
 /// Pages through the owner's sessions with `query`; returns them in order
 /// and the number of pages.
-async fn list_all(f: &Fixture, mut query: crate::SessionQuery) -> (Vec<crate::Listed>, usize) {
-    let mut out: Vec<crate::Listed> = Vec::new();
+async fn list_all(
+    f: &Fixture,
+    mut query: baton_store::SessionQuery,
+) -> (Vec<baton_store::Listed>, usize) {
+    let mut out: Vec<baton_store::Listed> = Vec::new();
     let mut pages = 0;
     loop {
         let page = f
@@ -2697,7 +2700,7 @@ async fn list_all(f: &Fixture, mut query: crate::SessionQuery) -> (Vec<crate::Li
             page.sessions.len() <= query.limit as usize,
             "a page holds at most its limit"
         );
-        let last = page.sessions.last().map(crate::Listed::cursor);
+        let last = page.sessions.last().map(baton_store::Listed::cursor);
         out.extend(page.sessions);
         match last {
             Some(cursor) if page.more => query.after = Some(cursor),
@@ -2706,8 +2709,8 @@ async fn list_all(f: &Fixture, mut query: crate::SessionQuery) -> (Vec<crate::Li
     }
 }
 
-fn everything(limit: u32) -> crate::SessionQuery {
-    crate::SessionQuery {
+fn everything(limit: u32) -> baton_store::SessionQuery {
+    baton_store::SessionQuery {
         after: None,
         limit,
         status: None,
@@ -2775,7 +2778,7 @@ pub async fn sessions_list_newest_first_in_pages<Fut: Future<Output = SharedStor
     assert!(first.more);
     let late = f.session(Policy::Queue).await;
     let mut rest = everything(7);
-    rest.after = first.sessions.last().map(crate::Listed::cursor);
+    rest.after = first.sessions.last().map(baton_store::Listed::cursor);
     let (tail, _) = list_all(&f, rest).await;
     let paged: Vec<SessionId> = first
         .sessions
@@ -2800,7 +2803,7 @@ pub async fn sessions_list_newest_first_in_pages<Fut: Future<Output = SharedStor
     );
 
     // Filters.
-    let running = crate::SessionQuery {
+    let running = baton_store::SessionQuery {
         status: Some(SessionStatus::Running),
         ..everything(1000)
     };
@@ -2809,14 +2812,14 @@ pub async fn sessions_list_newest_first_in_pages<Fut: Future<Output = SharedStor
         only_busy.iter().map(|l| l.session.id).collect::<Vec<_>>(),
         vec![busy]
     );
-    let idle = crate::SessionQuery {
+    let idle = baton_store::SessionQuery {
         status: Some(SessionStatus::Idle),
         ..everything(300)
     };
     let (idle, _) = list_all(&f, idle).await;
     assert_eq!(idle.len(), 1004, "every session but the busy one");
     assert!(idle.iter().all(|l| l.session.id != busy));
-    let by_agent = crate::SessionQuery {
+    let by_agent = baton_store::SessionQuery {
         agent: Some("other-agent".to_owned()),
         ..everything(1000)
     };
@@ -3276,7 +3279,7 @@ pub async fn nul_bytes_in_lookups_find_nothing<Fut: Future<Output = SharedStore>
         .store
         .list_sessions(
             &f.owner,
-            &crate::SessionQuery {
+            &baton_store::SessionQuery {
                 agent: Some(format!("{}\0", f.agent)),
                 ..everything(10)
             },
