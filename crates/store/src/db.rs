@@ -249,6 +249,10 @@ pub(crate) struct PgBatch {
     /// For the write running now: each row it changed, as it was before
     /// (the row if remembered, and whether it was to be written).
     undo: std::collections::HashMap<SessionId, (Option<SessionRow>, bool)>,
+    /// Entries' values left to insert with the session rows' statement,
+    /// and how many of them there were when the running write began.
+    entries: Vec<Val>,
+    entries_before: usize,
 }
 
 impl PgBatch {
@@ -259,7 +263,20 @@ impl PgBatch {
             sessions: Default::default(),
             dirty: Default::default(),
             undo: Default::default(),
+            entries: Vec::new(),
+            entries_before: 0,
         }
+    }
+
+    /// Leaves entries' values to insert with the session rows' statement.
+    pub fn defer_entries(&mut self, values: Vec<Val>) {
+        self.entries.extend(values);
+    }
+
+    /// The entries' values left to insert.
+    pub fn take_entries(&mut self) -> Vec<Val> {
+        self.entries_before = 0;
+        std::mem::take(&mut self.entries)
     }
 
     /// A row this transaction has just locked `FOR UPDATE`.
@@ -281,10 +298,12 @@ impl PgBatch {
     /// Starts a write: nothing to undo yet.
     pub fn begin_write(&mut self) {
         self.undo.clear();
+        self.entries_before = self.entries.len();
     }
 
     /// The write was rolled back to its savepoint: so are its rows.
     pub fn undo_write(&mut self) {
+        self.entries.truncate(self.entries_before);
         for (id, (row, dirty)) in self.undo.drain() {
             match row {
                 Some(r) => self.sessions.insert(id, r),

@@ -185,10 +185,13 @@ pub(crate) async fn write_deferred_sessions(c: &mut Conn) -> R<()> {
     let Conn::Batch(b) = c else {
         return Ok(());
     };
-    let mut args: Vec<Val> = Vec::new();
+    // Entries the batch's posts left to write go in the same statement, as
+    // a data-modifying `WITH`: one round trip fewer for the batch.
+    let mut args = b.take_entries();
+    let entries = args.len() / ENTRY_VALUES;
     let mut rows = Vec::new();
     for (i, s) in b.deferred().enumerate() {
-        let at = i * SAVED_COLUMNS;
+        let at = entries * ENTRY_VALUES + i * SAVED_COLUMNS;
         let cells: Vec<String> = (1..=SAVED_COLUMNS)
             .map(|k| format!("${}", at + k))
             .collect();
@@ -196,12 +199,24 @@ pub(crate) async fn write_deferred_sessions(c: &mut Conn) -> R<()> {
         args.extend(saved_columns(s));
     }
     if rows.is_empty() {
+        if entries > 0 {
+            c.execute(&super::posts::entries_insert(0, entries), &args)
+                .await?;
+        }
         return Ok(());
     }
     let n = rows.len() as u64;
     b.written();
+    let with = if entries > 0 {
+        format!(
+            "WITH new_entries AS ({}) ",
+            super::posts::entries_insert(0, entries)
+        )
+    } else {
+        String::new()
+    };
     let sql = format!(
-        "UPDATE sessions AS s SET last_seq = v.last_seq, consumed_seq = v.consumed_seq, \
+        "{with}UPDATE sessions AS s SET last_seq = v.last_seq, consumed_seq = v.consumed_seq, \
          active_turn = v.active_turn, lease_owner = v.lease_owner, lease_epoch = v.lease_epoch, \
          lease_expires_at = v.lease_expires_at, agent_session = v.agent_session, \
          waiting_count = v.waiting_count, last_gather_seq = v.last_gather_seq, \

@@ -192,7 +192,8 @@ pub(crate) async fn post_all(
         answers[i] = Some(answer);
     }
 
-    out.insert(c, now).await?;
+    // Turns first: an interrupt may cancel a turn this batch started.
+    insert_turns(c, now, &out.turns).await?;
     for (turn, reason) in cancels {
         super::request_cancel_turn(c, turn, &reason).await?;
     }
@@ -202,6 +203,7 @@ pub(crate) async fn post_all(
             save_session(c, row).await?;
         }
     }
+    out.insert_entries(c).await?;
     Ok(answers)
 }
 
@@ -297,22 +299,18 @@ impl Writes {
         })
     }
 
-    /// Inserts the turns with one statement, then the entries with one.
-    async fn insert(&self, c: &mut Conn, now: i64) -> R<()> {
-        insert_turns(c, now, &self.turns).await?;
-        let count = self.entries.len() / ENTRY_VALUES;
-        if count == 0 {
+    /// Inserts the entries with one statement: in a lane's batch, the
+    /// statement that writes the session rows before the commit, so the
+    /// batch's posts cost it no round trip of their own.
+    async fn insert_entries(self, c: &mut Conn) -> R<()> {
+        if self.entries.is_empty() {
             return Ok(());
         }
-        let rows: Vec<String> = (0..count)
-            .map(|r| {
-                let cells: Vec<String> = (1..=ENTRY_VALUES)
-                    .map(|k| format!("${}", r * ENTRY_VALUES + k))
-                    .collect();
-                format!("({})", cells.join(", "))
-            })
-            .collect();
-        let sql = format!("{ENTRY_INSERT} VALUES {}", rows.join(", "));
+        if let Conn::Batch(b) = c {
+            b.defer_entries(self.entries);
+            return Ok(());
+        }
+        let sql = entries_insert(0, self.entries.len() / ENTRY_VALUES);
         c.execute(&sql, &self.entries).await?;
         Ok(())
     }
@@ -387,6 +385,19 @@ fn replayed(first: &Posted) -> Posted {
         steer: None,
         pending_until: None,
     }
+}
+
+/// The `INSERT` of `count` entries, with placeholders from `$(from + 1)`.
+pub(crate) fn entries_insert(from: usize, count: usize) -> String {
+    let rows: Vec<String> = (0..count)
+        .map(|r| {
+            let cells: Vec<String> = (1..=ENTRY_VALUES)
+                .map(|k| format!("${}", from + r * ENTRY_VALUES + k))
+                .collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect();
+    format!("{ENTRY_INSERT} VALUES {}", rows.join(", "))
 }
 
 /// Inserts the batch's new turns with one statement.
