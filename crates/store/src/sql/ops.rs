@@ -271,10 +271,20 @@ pub(super) async fn append(
 }
 
 /// The `INSERT` of entries, without its `VALUES`: [`ENTRY_VALUES`] columns.
-pub(super) const ENTRY_INSERT: &str =
-    "INSERT INTO entries (session_id, seq, kind, role, turn_id, content, status, \
-     reason, input_from, input_to, tool, permission, policy, requested_policy, disposition, \
-     idempotency_key, created_at)";
+macro_rules! entry_insert {
+    () => {
+        "INSERT INTO entries (session_id, seq, kind, role, turn_id, content, status, \
+         reason, input_from, input_to, tool, permission, policy, requested_policy, disposition, \
+         idempotency_key, created_at)"
+    };
+}
+pub(super) const ENTRY_INSERT: &str = entry_insert!();
+
+/// The `INSERT` of one entry.
+const ENTRY_INSERT_ONE: &str = concat!(
+    entry_insert!(),
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+);
 
 /// How many values [`entry_values`] gives.
 pub(super) const ENTRY_VALUES: usize = 17;
@@ -335,10 +345,7 @@ pub(super) async fn put(
     user: Option<UserMeta<'_>>,
 ) -> R<Entry> {
     let values = entry_values(s.id, seq, &e, user.as_ref(), now)?;
-    let sql = format!(
-        "{ENTRY_INSERT} VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
-    );
-    c.execute(&sql, &values).await?;
+    c.execute(ENTRY_INSERT_ONE, &values).await?;
     let entry = e.committed(s.id, seq, Timestamp(now));
     track_permission(c, s, &entry).await?;
     Ok(entry)
