@@ -56,6 +56,10 @@ pub enum BenchCommand {
     Append(AppendArgs),
     /// Latency of `POST /v1/sessions/{id}/messages` over HTTP, mid-turn vs idle.
     Post(PostArgs),
+    /// Posts per second over HTTP on the embedded store (many connections,
+    /// load generator in the same process), beside the raw batched SQLite
+    /// ceiling on the same disk.
+    Http(crate::bench_http::HttpBenchArgs),
     /// Durable append throughput and latency of the PostgreSQL store (spread
     /// over many sessions and on one hot session), beside a pgbench-style
     /// single-row INSERT baseline.
@@ -167,6 +171,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Acp(a) => crate::bench_acp::run(a).await,
         BenchCommand::Append(a) => interruptible(append(a)).await,
         BenchCommand::Post(p) => interruptible(post(p)).await,
+        BenchCommand::Http(h) => interruptible(crate::bench_http::run(h)).await,
     }
 }
 
@@ -285,7 +290,7 @@ fn thread_cpu(name: &str) -> Option<Duration> {
 }
 
 /// CPU time (user + system) so far of the whole process, from `/proc`.
-fn process_cpu() -> Option<Duration> {
+pub(crate) fn process_cpu() -> Option<Duration> {
     stat_cpu(Path::new("/proc/self/stat"))
 }
 
@@ -810,7 +815,7 @@ fn check_post(status: reqwest::StatusCode, body: &[u8], want: &str) -> anyhow::R
     Ok(())
 }
 
-struct Server {
+pub(crate) struct Server {
     http: Arc<Http>,
     engine: baton_engine::Engine,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -825,8 +830,13 @@ impl Server {
         Self::start_with(&cfg).await
     }
 
+    /// The server's base URL.
+    pub(crate) fn base(&self) -> &str {
+        &self.http.base
+    }
+
     /// A server built by `App::build` from `cfg`, on loopback.
-    async fn start_with(cfg: &ServeConfig) -> anyhow::Result<Self> {
+    pub(crate) async fn start_with(cfg: &ServeConfig) -> anyhow::Result<Self> {
         if !cfg.listen.ip().is_loopback() {
             bail!("the benchmark server must listen on loopback");
         }
@@ -853,7 +863,7 @@ impl Server {
         })
     }
 
-    async fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

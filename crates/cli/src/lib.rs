@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod bench_acp;
+pub mod bench_http;
 pub mod chat;
 pub mod config;
 pub mod serve;
