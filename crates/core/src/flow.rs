@@ -115,6 +115,10 @@ pub struct Accepted {
     pub pending_until: Option<i64>,
 }
 
+/// The turn named is not the session's active one (it ended first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotActive;
+
 /// Why an active turn could not take input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TakeRefusal {
@@ -279,9 +283,9 @@ impl SessionState {
     /// The active `turn` ends (its terminal entries take seqs from
     /// [`SessionState::next_seq`]); the next turn is then due if messages
     /// wait ([`SessionState::heal`]).
-    pub fn end(&mut self, turn: TurnId) -> Result<(), TakeRefusal> {
+    pub fn end(&mut self, turn: TurnId) -> Result<(), NotActive> {
         if self.active != Some(turn) {
-            return Err(TakeRefusal::NotActive);
+            return Err(NotActive);
         }
         self.active = None;
         self.cancelling = None;

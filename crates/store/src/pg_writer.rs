@@ -8,12 +8,16 @@
 //! sessions' rows in id order with one statement (two nodes batching the
 //! same sessions wait for each other instead of deadlocking), keeping the
 //! rows it read, and then reads the clock once, so no write is stamped
-//! earlier than the commit it waited for. Each write then runs in a
-//! savepoint: one that fails (a rejected message, a stale epoch, a
-//! conflict) is rolled back alone and the others commit. A write reads its
-//! session's row from memory and saves it there; the rows are written with
-//! one statement before the commit (see [`crate::db::PgBatch`]). One
-//! commit, and so one flush of the WAL, for the whole batch.
+//! earlier than the commit it waited for (the locking statement reads it).
+//! Each write but a post then runs in a savepoint: one that fails (a stale
+//! epoch, a turn already ended, a conflict) is rolled back alone and the
+//! others commit. The batch's posts are decided together
+//! ([`crate::sql::post_all`]: the procedure refuses a post before anything
+//! of it is written, so a refused one needs no savepoint), and their
+//! entries are written with the session rows. A write reads its session's
+//! row from memory and saves it there; the rows are written with one
+//! statement before the commit (see [`crate::db::PgBatch`]). One commit, and
+//! so one flush of the WAL, for the whole batch.
 //!
 //! A write that met a conflict PostgreSQL asks to retry (a concurrent first
 //! use of an idempotency key, a deadlock with a write outside the lanes),
@@ -21,8 +25,8 @@
 //! it alone with the usual retries: batching never turns a retry into an
 //! error.
 //!
-//! A batch is at most [`MAX_BATCH`] writes because each write's savepoint
-//! is a subtransaction, and past 64 of them a transaction overflows the
+//! A batch is at most [`MAX_BATCH`] writes because each savepoint is a
+//! subtransaction, and past 64 of them a transaction overflows the
 //! per-backend cache that other sessions' snapshots consult.
 
 use std::hash::{Hash, Hasher};
