@@ -9,16 +9,21 @@ pub(super) async fn lock_session(c: &mut Conn, d: Dialect, id: SessionId) -> R<O
     fetch_session(c, id, d.for_update()).await
 }
 
+/// The session row the connection remembers, as a write may use it.
+pub(super) fn remembered_row(c: &Conn, id: SessionId) -> Option<SessionRow> {
+    let mut s = c.remembered(id)?.clone();
+    // Not kept between writes: a cancel changes the turn's row only.
+    s.flow.cancelling = None;
+    Some(s)
+}
+
 /// Reads a session row; `suffix` is empty for a plain read.
 pub(super) async fn fetch_session(
     c: &mut Conn,
     id: SessionId,
     suffix: &str,
 ) -> R<Option<SessionRow>> {
-    if let Some(s) = c.remembered(id) {
-        let mut s = s.clone();
-        // Not kept between writes: a cancel changes the turn's row only.
-        s.flow.cancelling = None;
+    if let Some(s) = remembered_row(c, id) {
         return Ok(Some(s));
     }
     let sql = format!("SELECT {SESSION_COLS} FROM sessions WHERE id = $1{suffix}");
@@ -931,28 +936,11 @@ pub(super) async fn op_post(
             .fetch_optional(&sql, &args![s.id.to_string(), key])
             .await?;
         if let Some(row) = row {
-            let entry = entry_row(&row)?;
-            let requested: Option<String> = row.get("requested_policy")?;
-            let same = entry.content.as_deref() == Some(req.content.as_str())
-                && requested.as_deref() == req.policy.map(Policy::as_str);
-            if !same {
+            let stored = StoredMessage::from_row(&row)?;
+            if !stored.is(req) {
                 return Err(StoreError::IdempotencyConflict.into());
             }
-            let raw: Option<String> = row.get("disposition")?;
-            let raw = raw.unwrap_or_default();
-            let disposition =
-                serde_json::from_str(&raw).map_err(|_| corrupt("disposition", &raw))?;
-            return Ok(Posted {
-                entry,
-                disposition,
-                replayed: true,
-                committed: Vec::new(),
-                lease: None,
-                cancel: None,
-                begun: None,
-                steer: None,
-                pending_until: None,
-            });
+            return stored.replay();
         }
     }
     let post = Post {
@@ -993,6 +981,76 @@ pub(super) async fn op_post(
         }
     };
     write_post(c, now, cfg, req, run_here, &mut s, &a).await
+}
+
+/// A message stored under an idempotency key, as a retry finds it: read
+/// from [`ENTRY_COLS`] and the `requested_policy` and `disposition` columns.
+pub(super) struct StoredMessage {
+    pub(super) entry: Entry,
+    requested: Option<String>,
+    disposition: String,
+}
+
+impl StoredMessage {
+    pub(super) fn from_row(row: &Row) -> R<Self> {
+        Ok(Self {
+            entry: entry_row(row)?,
+            requested: row.get("requested_policy")?,
+            disposition: row
+                .get::<Option<String>>("disposition")?
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Whether `req` is the request stored (same content, same requested
+    /// policy): a retry, not a key used again for something else.
+    pub(super) fn is(&self, req: &PostMessage) -> bool {
+        self.entry.content.as_deref() == Some(req.content.as_str())
+            && self.requested.as_deref() == req.policy.map(Policy::as_str)
+    }
+
+    /// The answer to a retry of it.
+    pub(super) fn replay(&self) -> R<Posted> {
+        let disposition = serde_json::from_str(&self.disposition)
+            .map_err(|_| corrupt("disposition", &self.disposition))?;
+        Ok(replayed(self.entry.clone(), disposition))
+    }
+}
+
+/// The answer to a retry of the message stored as `entry`: nothing new was
+/// committed, started or asked for.
+pub(super) fn replayed(entry: Entry, disposition: Disposition) -> Posted {
+    Posted {
+        entry,
+        disposition,
+        replayed: true,
+        committed: Vec::new(),
+        lease: None,
+        cancel: None,
+        begun: None,
+        steer: None,
+        pending_until: None,
+    }
+}
+
+/// The turn `start` of session `s`, begun (`running`) by the post that
+/// started it, whose message is `entry`.
+pub(super) fn begun_turn(s: &SessionRow, now: i64, start: Start, entry: &Entry) -> TurnToRun {
+    TurnToRun {
+        turn: Turn {
+            id: start.turn,
+            session_id: s.id,
+            status: TurnStatus::Running,
+            input: start.input,
+            started_at: Timestamp(now),
+            ended_at: None,
+            reason: None,
+        },
+        agent: s.agent.clone(),
+        inputs: vec![entry.clone()],
+        agent_session: s.agent_session.clone(),
+        permission: s.permission,
+    }
 }
 
 /// Writes what the procedure decided for message `req` on session `s`:
@@ -1039,21 +1097,7 @@ pub(super) async fn write_post(
             // yet), so the worker need not commit a `take_turn` first.
             if let (true, Some(l)) = (run_here, &lease) {
                 mark_running(c, start.turn, l.epoch).await?;
-                begun = Some(TurnToRun {
-                    turn: Turn {
-                        id: start.turn,
-                        session_id: s.id,
-                        status: TurnStatus::Running,
-                        input: start.input,
-                        started_at: Timestamp(now),
-                        ended_at: None,
-                        reason: None,
-                    },
-                    agent: s.agent.clone(),
-                    inputs: vec![entry.clone()],
-                    agent_session: s.agent_session.clone(),
-                    permission: s.permission,
-                });
+                begun = Some(begun_turn(s, now, start, &entry));
             }
         }
     }

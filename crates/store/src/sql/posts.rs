@@ -18,14 +18,15 @@ use std::sync::Arc;
 use baton_core::flow::{
     post_batch, Accepted, BatchPost, Facts, Outcome, Post, Refusal, Start, Stored,
 };
-use baton_core::{Entry, NewEntry, Policy, SessionId, Timestamp, Turn, TurnId, TurnStatus};
+use baton_core::{Entry, NewEntry, Policy, SessionId, Timestamp, TurnId};
 
 use super::{
-    cancel_requested, corrupt, entry_row, entry_values, first_waiting, save_session, try_claim,
-    SessionRow, StoreConfig, UserMeta, ENTRY_COLS, ENTRY_INSERT, ENTRY_VALUES,
+    begun_turn, cancel_requested, entry_values, first_waiting, remembered_row, replayed,
+    save_session, try_claim, SessionRow, StoreConfig, StoredMessage, UserMeta, ENTRY_COLS,
+    ENTRY_INSERT, ENTRY_VALUES,
 };
 use crate::db::{args, Conn, Val, R};
-use crate::{PostMessage, Posted, StoreError, TurnToRun};
+use crate::{PostMessage, Posted, StoreError};
 
 /// A post waiting in a lane.
 #[derive(Clone)]
@@ -38,13 +39,6 @@ pub(crate) struct Waiting {
 /// What a post of the batch gets: its answer, or `None` when it must run
 /// on its own (the procedure needed a fact the batch did not read).
 pub(crate) type Answer = Option<R<Posted>>;
-
-/// A message stored under an idempotency key the batch uses.
-struct StoredMessage {
-    entry: Entry,
-    requested: Option<String>,
-    disposition: String,
-}
 
 /// A turn row to insert.
 struct NewTurn {
@@ -73,10 +67,10 @@ pub(crate) async fn post_all(
         let id = p.req.session_id;
         let k = match index.get(&id) {
             Some(&k) => Some(k),
-            None => match c.remembered(id) {
+            // The lane locked (and so remembers) every session of the batch
+            // that exists; no other row may be written here.
+            None => match remembered_row(c, id) {
                 Some(row) => {
-                    let mut row = row.clone();
-                    row.flow.cancelling = None;
                     rows.push(row);
                     index.insert(id, rows.len() - 1);
                     Some(rows.len() - 1)
@@ -125,10 +119,6 @@ pub(crate) async fn post_all(
         let Some(k) = session_of[i] else { continue };
         let key = p.req.idempotency_key.as_deref();
         let found = key.and_then(|key| stored.get(&(p.req.session_id, key.to_owned())));
-        let same = |m: &StoredMessage| {
-            m.entry.content.as_deref() == Some(p.req.content.as_str())
-                && m.requested.as_deref() == p.req.policy.map(Policy::as_str)
-        };
         batch.push(BatchPost {
             session: k,
             post: Post {
@@ -143,7 +133,7 @@ pub(crate) async fn post_all(
             request: &requests[i],
             stored: match found {
                 None => Stored::None,
-                Some(m) if same(m) => Stored::Same,
+                Some(m) if m.is(&p.req) => Stored::Same,
                 Some(_) => Stored::Different,
             },
         });
@@ -173,12 +163,12 @@ pub(crate) async fn post_all(
             Outcome::Replay => {
                 let key = p.req.idempotency_key.clone().unwrap_or_default();
                 match stored.get(&(p.req.session_id, key)) {
-                    Some(m) => replay(m),
+                    Some(m) => m.replay(),
                     None => Err(StoreError::Internal("a replay of nothing stored".into()).into()),
                 }
             }
             Outcome::ReplayOf(earlier) => match &answers[of_batch[earlier]] {
-                Some(Ok(first)) => Ok(replayed(first)),
+                Some(Ok(first)) => Ok(replayed(first.entry.clone(), first.disposition)),
                 _ => Err(StoreError::Internal("a replay of a post not accepted".into()).into()),
             },
             Outcome::Accepted(a) => {
@@ -267,21 +257,7 @@ impl Writes {
                 // already `running` under the new lease.
                 if let (true, Some(l)) = (p.run_here, &lease) {
                     running = Some(l.epoch);
-                    begun = Some(TurnToRun {
-                        turn: Turn {
-                            id: start.turn,
-                            session_id: s.id,
-                            status: TurnStatus::Running,
-                            input: start.input,
-                            started_at: Timestamp(now),
-                            ended_at: None,
-                            reason: None,
-                        },
-                        agent: s.agent.clone(),
-                        inputs: vec![entry.clone()],
-                        agent_session: s.agent_session.clone(),
-                        permission: s.permission,
-                    });
+                    begun = Some(begun_turn(s, now, start, &entry));
                 }
             }
             committed.push(self.turn(s, now, start, running)?);
@@ -341,50 +317,11 @@ async fn stored_messages(
         pairs.join(", ")
     );
     for row in c.fetch_all(&sql, &args).await? {
-        let entry = entry_row(&row)?;
         let key: Option<String> = row.get("idempotency_key")?;
-        let message = StoredMessage {
-            entry,
-            requested: row.get("requested_policy")?,
-            disposition: row
-                .get::<Option<String>>("disposition")?
-                .unwrap_or_default(),
-        };
+        let message = StoredMessage::from_row(&row)?;
         found.insert((message.entry.session_id, key.unwrap_or_default()), message);
     }
     Ok(found)
-}
-
-/// The answer to a retry of a stored message.
-fn replay(m: &StoredMessage) -> R<Posted> {
-    let disposition =
-        serde_json::from_str(&m.disposition).map_err(|_| corrupt("disposition", &m.disposition))?;
-    Ok(Posted {
-        entry: m.entry.clone(),
-        disposition,
-        replayed: true,
-        committed: Vec::new(),
-        lease: None,
-        cancel: None,
-        begun: None,
-        steer: None,
-        pending_until: None,
-    })
-}
-
-/// The answer to a retry of a post accepted earlier in the batch.
-fn replayed(first: &Posted) -> Posted {
-    Posted {
-        entry: first.entry.clone(),
-        disposition: first.disposition,
-        replayed: true,
-        committed: Vec::new(),
-        lease: None,
-        cancel: None,
-        begun: None,
-        steer: None,
-        pending_until: None,
-    }
 }
 
 /// The `INSERT` of `count` entries, with placeholders from `$(from + 1)`.
