@@ -384,6 +384,54 @@ mod tests {
         })
     }
 
+    /// A write holding its session's lane: every write queued meanwhile
+    /// waits for it and forms the next batch with the others.
+    struct Hold {
+        open: oneshot::Sender<()>,
+        held: tokio::task::JoinHandle<Reply<i64>>,
+    }
+
+    /// Holds `session`'s lane with a write (which stores `insert` in the
+    /// scratch table, if given) once it runs.
+    async fn hold(lanes: &Lanes, session: SessionId, insert: Option<&'static str>) -> Hold {
+        let (open, gate) = oneshot::channel::<()>();
+        let (started, running) = oneshot::channel::<()>();
+        let gate = Arc::new(tokio::sync::Mutex::new(Some((started, gate))));
+        let body: Body<i64> = Arc::new(move |c: &mut Conn, _now| {
+            let gate = gate.clone();
+            Box::pin(async move {
+                if let Some((started, g)) = gate.lock().await.take() {
+                    let _ = started.send(());
+                    let _ = g.await;
+                }
+                if let Some(v) = insert {
+                    c.execute("INSERT INTO scratch (v) VALUES ($1)", &args![v])
+                        .await?;
+                }
+                Ok(0)
+            })
+        });
+        let lanes2 = lanes.clone();
+        let held = tokio::spawn(async move { lanes2.write(session, body).await });
+        running.await.expect("the holding write runs");
+        Hold { open, held }
+    }
+
+    impl Hold {
+        /// Lets the lane go once `queued` writes wait in it (the lane has
+        /// only this one queue); the holding write must have committed.
+        async fn release(self, lanes: &Lanes, queued: usize) {
+            while LANE_DEPTH - lanes.lanes[0].capacity() < queued {
+                tokio::task::yield_now().await;
+            }
+            self.open.send(()).expect("the holding write waits");
+            assert!(matches!(
+                self.held.await.expect("joined"),
+                Reply::Done(Ok(0))
+            ));
+        }
+    }
+
     #[tokio::test]
     async fn a_refused_write_fails_alone_and_its_batch_commits() {
         let Some(url) = baton_testkit::pg::database_url("the PostgreSQL lanes") else {
@@ -429,27 +477,11 @@ mod tests {
 
         // The first write holds the lane until the others are queued behind
         // it, so they form the next batch together.
-        let (open, gate) = tokio::sync::oneshot::channel::<()>();
-        let (started, running) = tokio::sync::oneshot::channel::<()>();
-        let gate = Arc::new(tokio::sync::Mutex::new(Some((started, gate))));
-        let first: Body<i64> = Arc::new(move |c: &mut Conn, _now| {
-            let gate = gate.clone();
-            Box::pin(async move {
-                if let Some((started, g)) = gate.lock().await.take() {
-                    let _ = started.send(());
-                    let _ = g.await;
-                }
-                c.execute("INSERT INTO scratch (v) VALUES ('first')", &[])
-                    .await?;
-                Ok(0)
-            })
-        });
+        let first = hold(&lanes, session, Some("first")).await;
         let spawn = |b: Body<i64>| {
             let lanes = lanes.clone();
             tokio::spawn(async move { lanes.write(session, b).await })
         };
-        let first = spawn(first);
-        running.await.expect("the first write runs");
         let rest: Vec<_> = [
             body(session, "ok-1", 1, "ok"),
             body(session, "refused", 100, "refuse"),
@@ -460,11 +492,7 @@ mod tests {
         .map(spawn)
         .collect();
         // All four queued (the first write's batch still holds the lane).
-        while LANE_DEPTH - lanes.lanes[0].capacity() < 4 {
-            tokio::task::yield_now().await;
-        }
-        open.send(()).expect("the first write waits");
-        assert!(matches!(first.await.expect("joined"), Reply::Done(Ok(0))));
+        first.release(&lanes, 4).await;
         let mut got = Vec::new();
         for r in rest {
             got.push(r.await.expect("joined"));
@@ -545,24 +573,7 @@ mod tests {
         let lanes = Lanes::start(&pool, 1, crate::CommitStats::default(), cfg);
 
         // A write holds the lane until every post is queued behind it.
-        let (open, gate) = tokio::sync::oneshot::channel::<()>();
-        let (started, running) = tokio::sync::oneshot::channel::<()>();
-        let gate = Arc::new(tokio::sync::Mutex::new(Some((started, gate))));
-        let first: Body<i64> = Arc::new(move |_c: &mut Conn, _now| {
-            let gate = gate.clone();
-            Box::pin(async move {
-                if let Some((started, g)) = gate.lock().await.take() {
-                    let _ = started.send(());
-                    let _ = g.await;
-                }
-                Ok(0)
-            })
-        });
-        let holder = {
-            let lanes = lanes.clone();
-            tokio::spawn(async move { lanes.write(session, first).await })
-        };
-        running.await.expect("the holder runs");
+        let holder = hold(&lanes, session, None).await;
         let post = |owner: &str, content: &str, policy: Option<Policy>, key: Option<&str>| {
             let lanes = lanes.clone();
             let req = crate::PostMessage {
@@ -595,11 +606,7 @@ mod tests {
             post("o", "full", None, None),
             post("someone else", "x", None, None),
         ];
-        while LANE_DEPTH - lanes.lanes[0].capacity() < posts.len() {
-            tokio::task::yield_now().await;
-        }
-        open.send(()).expect("the holder waits");
-        assert!(matches!(holder.await.expect("joined"), Reply::Done(Ok(0))));
+        holder.release(&lanes, posts.len()).await;
         let mut got = Vec::new();
         for p in posts {
             got.push(p.await.expect("joined"));
@@ -686,25 +693,11 @@ mod tests {
         );
 
         for (code, retry) in [("P0001", false), ("40001", true)] {
-            let (open, gate) = tokio::sync::oneshot::channel::<()>();
-            let (started, running) = tokio::sync::oneshot::channel::<()>();
-            let gate = Arc::new(tokio::sync::Mutex::new(Some((started, gate))));
-            let holder: Body<i64> = Arc::new(move |_c: &mut Conn, _now| {
-                let gate = gate.clone();
-                Box::pin(async move {
-                    if let Some((started, g)) = gate.lock().await.take() {
-                        let _ = started.send(());
-                        let _ = g.await;
-                    }
-                    Ok(0)
-                })
-            });
+            let holder = hold(&lanes, session, None).await;
             let spawn = |b: Body<i64>| {
                 let lanes = lanes.clone();
                 tokio::spawn(async move { lanes.write(session, b).await })
             };
-            let holder = spawn(holder);
-            running.await.expect("the holder runs");
             let fail: &'static str = if retry { "fail:40001" } else { "fail:P0001" };
             let rest: Vec<_> = [
                 body(session, "ok-1", 1, "ok"),
@@ -714,11 +707,7 @@ mod tests {
             .into_iter()
             .map(spawn)
             .collect();
-            while LANE_DEPTH - lanes.lanes[0].capacity() < 3 {
-                tokio::task::yield_now().await;
-            }
-            open.send(()).expect("the holder waits");
-            assert!(matches!(holder.await.expect("joined"), Reply::Done(Ok(0))));
+            holder.release(&lanes, 3).await;
             for r in rest {
                 match (r.await.expect("joined"), retry) {
                     (Reply::Alone, true) => {}
