@@ -740,7 +740,7 @@ pub(crate) async fn wait_quiet(
 
 const LOCAL: &str = "local";
 
-struct Http {
+pub(crate) struct Http {
     base: String,
     client: reqwest::Client,
 }
@@ -770,7 +770,7 @@ impl Http {
         Ok((status, v))
     }
 
-    async fn create(&self, message: Option<&str>) -> anyhow::Result<SessionId> {
+    pub(crate) async fn create(&self, message: Option<&str>) -> anyhow::Result<SessionId> {
         let body = match message {
             Some(m) => json!({ "policy": "queue", "message": m }),
             None => json!({ "policy": "queue" }),
@@ -833,6 +833,11 @@ impl Server {
     /// The server's base URL.
     pub(crate) fn base(&self) -> &str {
         &self.http.base
+    }
+
+    /// A client of the server.
+    pub(crate) fn http(&self) -> &Http {
+        &self.http
     }
 
     /// A server built by `App::build` from `cfg`, on loopback.

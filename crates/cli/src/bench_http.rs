@@ -173,26 +173,12 @@ async fn load(server: &Server, args: &HttpBenchArgs, window: Duration) -> anyhow
         .build()
         .context("building the HTTP client")?;
     let mut ids = Vec::with_capacity(args.sessions);
-    for chunk in (0..args.sessions).collect::<Vec<_>>().chunks(32) {
-        let creates = chunk.iter().map(|_| {
-            let (client, base) = (client.clone(), base.clone());
-            async move {
-                let r = client
-                    .post(format!("{base}/v1/sessions"))
-                    .json(&json!({ "policy": "queue", "message": "/hang" }))
-                    .send()
-                    .await
-                    .context("creating a session")?;
-                if r.status() != reqwest::StatusCode::CREATED {
-                    bail!("creating a session: {}", r.status());
-                }
-                let v: serde_json::Value = r.json().await.context("reading a created session")?;
-                Ok::<String, anyhow::Error>(v["id"].as_str().unwrap_or_default().to_owned())
-            }
-        });
+    while ids.len() < args.sessions {
+        let n = (args.sessions - ids.len()).min(32);
+        let creates = (0..n).map(|_| server.http().create(Some("/hang")));
         ids.extend(futures_util::future::try_join_all(creates).await?);
     }
-    let ids: Arc<[String]> = ids.into();
+    let ids: Arc<[baton_core::SessionId]> = ids.into();
     // Warm every connection, so no measured post pays a connect.
     let warm = (0..args.connections).map(|_| client.get(format!("{base}/healthz")).send());
     futures_util::future::try_join_all(warm)
